@@ -1,0 +1,128 @@
+"""The registry's JSON documents as pydantic models.
+
+`manifest.json` describes one immutable version; `model.json` holds the model-level serving
+settings (batching, routing, version policy) that may change while a server runs. Both are
+plain JSON so that anyone can read a registry with the standard library alone; these models
+only validate and give names to the fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# KServe v2 datatypes the registry accepts in a signature.
+DATATYPES = (
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+)
+
+Kind = Literal["classify", "sequence", "tokens", "sample", "denoise"]
+Format = Literal["onnx", "torchscript"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorSpec(_Strict):
+    """One named tensor of a signature, as KServe v2 metadata shows it."""
+
+    name: str
+    datatype: Literal[DATATYPES]  # type: ignore[valid-type]
+    # -1 marks a variable dimension; the first dimension is the batch when the model batches
+    shape: list[int]
+
+
+class Signature(_Strict):
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class ParityReport(_Strict):
+    """Export checked against eager at publish time (and again by the server at load)."""
+
+    format: Format
+    # largest absolute difference between the artifact and eager over every checked shape
+    max_abs_error: float
+    # the bound the check used; passed = max_abs_error <= tolerance
+    tolerance: float
+    passed: bool
+    # input shapes that were run (the exporter can freeze a dimension marked dynamic)
+    shapes_checked: list[list[int]] = Field(default_factory=list)
+
+
+class Lineage(_Strict):
+    """Where a version came from: enough to retrain it."""
+
+    training_config: dict[str, Any] = Field(default_factory=dict)
+    dataset: str = ""
+    dataset_split: str = ""
+    dataset_sha256: str = ""
+    seed: int | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    code_revision: str | None = None
+    created_at: str = ""
+
+
+class Manifest(_Strict):
+    """manifest.json of one version. `name`, `version` and `files` are written by publish."""
+
+    name: str | None = None
+    version: int | None = None
+    family: str
+    kind: Kind
+    # which artifact the server runs
+    format: Format
+    # every artifact present, format -> file name (model.onnx, model.ts)
+    artifacts: dict[str, str]
+    # relative path -> sha256 hex of every file in the version except manifest.json
+    files: dict[str, str] = Field(default_factory=dict)
+    signature: Signature
+    # class labels, index -> label, for classifiers
+    labels: list[str] = Field(default_factory=list)
+    # sampling defaults for token and sample kinds (later families)
+    generation: dict[str, Any] = Field(default_factory=dict)
+    # file name of the tokenizer for token kinds
+    tokenizer: str | None = None
+    # golden inputs and outputs (safetensors: "input.<name>", "output.<name>"), replayed at load
+    golden: str | None = "golden.safetensors"
+    lineage: Lineage = Field(default_factory=Lineage)
+    parity: list[ParityReport] = Field(default_factory=list)
+
+
+class Batching(_Strict):
+    max_batch_size: int = Field(32, ge=1)
+    max_queue_delay_ms: float = Field(2.0, ge=0)
+    # requests waiting beyond this are refused with 429
+    max_queue_size: int = Field(1024, ge=1)
+
+
+class Routing(_Strict):
+    # alias -> version number
+    aliases: dict[str, int] = Field(default_factory=dict)
+    # alias -> weight, used when a request names no version
+    split: dict[str, int] = Field(default_factory=dict)
+    # request header whose hash pins a caller to one alias of the split
+    sticky_key: str | None = None
+    shadow: dict[str, Any] | None = None
+
+
+class VersionPolicy(_Strict):
+    """Which versions a server loads (Triton's version_policy); aliased versions always load."""
+
+    policy: Literal["latest", "all", "specific"] = "latest"
+    num_versions: int = Field(1, ge=1)       # for "latest"
+    versions: list[int] = Field(default_factory=list)  # for "specific"
+
+
+class ModelConfig(_Strict):
+    """model.json: model-level settings, replaced atomically while servers watch it."""
+
+    name: str
+    family: str
+    kind: Kind
+    batching: Batching = Field(default_factory=Batching)
+    routing: Routing = Field(default_factory=Routing)
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
