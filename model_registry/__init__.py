@@ -1,0 +1,43 @@
+"""zooserve's model registry: versioned, hashed model folders with aliases and traffic splits.
+
+Standard library and pydantic only; see DESIGN.md section 3 for the on-disk contract.
+"""
+
+from .errors import IntegrityError, InvalidName, NotFound, RegistryError
+from .manifest import (
+    Batching,
+    Lineage,
+    Manifest,
+    ModelConfig,
+    ParityReport,
+    Routing,
+    Signature,
+    TensorSpec,
+    VersionPolicy,
+)
+from .names import is_valid_name, validate_alias, validate_name
+from .store import MANIFEST, MODEL_CONFIG, Registry, dump_json, sha256_file
+
+__all__ = [
+    "MANIFEST",
+    "MODEL_CONFIG",
+    "Batching",
+    "IntegrityError",
+    "InvalidName",
+    "Lineage",
+    "Manifest",
+    "ModelConfig",
+    "NotFound",
+    "ParityReport",
+    "Registry",
+    "RegistryError",
+    "Routing",
+    "Signature",
+    "TensorSpec",
+    "VersionPolicy",
+    "dump_json",
+    "is_valid_name",
+    "sha256_file",
+    "validate_alias",
+    "validate_name",
+]

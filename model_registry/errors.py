@@ -1,0 +1,28 @@
+"""Exceptions raised by the registry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class RegistryError(Exception):
+    """Base class of every error the registry raises."""
+
+
+class InvalidName(RegistryError, ValueError):
+    """A model or alias name that the registry refuses."""
+
+
+class NotFound(RegistryError, LookupError):
+    """An unknown model, version or alias."""
+
+
+class IntegrityError(RegistryError):
+    """A version whose files do not match its manifest; `problems` lists one line per bad file."""
+
+    def __init__(self, message: str, problems: Iterable[str] = ()):
+        self.problems = list(problems)
+        text = message if not self.problems else message + "\n" + "\n".join(
+            f"  - {p}" for p in self.problems
+        )
+        super().__init__(text)

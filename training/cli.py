@@ -1,0 +1,88 @@
+"""`zooserve train`, `zooserve export` and `zooserve demo`."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from training import export
+from training.families import FAMILIES
+
+# (registry name, family, preset) published by `zooserve demo`
+DEMO_MODELS = [
+    ("mlp-digits", "mlp", "tiny"),
+    ("resnet-digits", "resnet", "tiny"),
+]
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.train import train
+
+    torch.set_num_threads(args.threads)
+    metrics = train(args.family, args.preset, args.out)
+    print(f"checkpoint written to {args.out}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    manifest = export.package(args.checkpoint, args.out, tuple(args.formats), args.serve_format)
+    for report in manifest.parity:
+        print(f"{report.format}: max abs error vs eager {report.max_abs_error:.3g} (tolerance {report.tolerance})")
+    print(f"publishable folder written to {args.out}")
+    return 0
+
+
+def demo(registry_root: str | Path, threads: int = 1, progress: bool = True) -> dict[str, int]:
+    """Train, export and publish every demo model; returns name -> version."""
+    from model_registry import Registry
+    from training.train import train
+
+    torch.set_num_threads(threads)
+    registry = Registry(registry_root)
+    published = {}
+    for name, family, preset in DEMO_MODELS:
+        with tempfile.TemporaryDirectory(prefix=f"zooserve-{name}-") as tmp:
+            ckpt, pkg = Path(tmp) / "checkpoint", Path(tmp) / "package"
+            print(f"[demo] training {name} ({family}, preset {preset})", flush=True)
+            metrics = train(family, preset, ckpt, progress=progress)
+            export.package(ckpt, pkg)
+            published[name] = registry.publish(name, pkg)
+            print(f"[demo] published {name} version {published[name]}: "
+                  f"test accuracy {metrics.get('test_accuracy', float('nan')):.3f}", flush=True)
+    return published
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from model_registry.cli import resolve_root
+
+    demo(resolve_root(args.registry), threads=args.threads)
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add `train`, `export` and `demo` to the zooserve CLI."""
+    p = sub.add_parser("train", help="train a family preset into a checkpoint folder")
+    p.add_argument("family", choices=sorted(FAMILIES), help="model family")
+    p.add_argument("--preset", default="tiny", help="named size from the family's PRESETS")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX/TorchScript and check parity with eager")
+    p.add_argument("checkpoint", help="checkpoint folder (from `zooserve train`) or registry version folder")
+    p.add_argument("--out", required=True, help="publishable folder to write")
+    p.add_argument("--formats", nargs="+", default=["onnx", "torchscript"], choices=sorted(export.ARTIFACTS),
+                   help="artifacts to export")
+    p.add_argument("--serve-format", default="onnx", choices=sorted(export.ARTIFACTS),
+                   help="which artifact the server runs")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("demo", help="train, export and publish every demo model (tiny presets)")
+    p.add_argument("--registry", default=None, help="registry root (default: $ZOOSERVE_REGISTRY or ./registry)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.set_defaults(func=_demo)

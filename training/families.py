@@ -1,0 +1,42 @@
+"""The family table: name -> module with the DESIGN section 2 contract (lazy imports)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from types import ModuleType
+from typing import Any
+
+FAMILIES = {
+    "mlp": "training.models.mlp",
+    "resnet": "training.models.resnet",
+}
+
+
+def family_module(name: str) -> ModuleType:
+    """The module of a family; ValueError names the known ones."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}; known: {', '.join(sorted(FAMILIES))}")
+    return importlib.import_module(FAMILIES[name])
+
+
+def make_config(family: str, preset: str | None = None, **overrides: Any):
+    """Config of a family from a preset name plus field overrides."""
+    module = family_module(family)
+    fields: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in module.PRESETS:
+            raise ValueError(f"unknown preset {preset!r} for {family}; known: {', '.join(module.PRESETS)}")
+        fields.update(module.PRESETS[preset])
+    fields.update(overrides)
+    return module.Config(**fields)
+
+
+def config_from_dict(family: str, values: dict[str, Any]):
+    """Rebuild a Config from config.json; unknown keys are an error, not silently dropped."""
+    module = family_module(family)
+    known = {f.name for f in dataclasses.fields(module.Config)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"config.json for {family} has unknown fields: {sorted(unknown)}")
+    return module.Config(**values)
