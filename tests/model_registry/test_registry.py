@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -348,26 +348,31 @@ def test_verify_refuses_unsafe_manifest_path(reg: Registry, src: Path) -> None:
 
 # ---- concurrency ---------------------------------------------------------------------------
 
-def _publish_worker(root: str, src: str, barrier, results) -> None:
-    barrier.wait(timeout=60)
-    results.put(Registry(root).publish("digits", src))
+# Each publisher is a separate Python process; they wait for a "go" file so they race for real.
+PUBLISHER = """
+import os, sys, time
+from model_registry import Registry
+root, src, go = sys.argv[1:4]
+while not os.path.exists(go):
+    time.sleep(0.001)
+print(Registry(root).publish("digits", src))
+"""
 
 
 def test_concurrent_publishers_get_distinct_versions(tmp_path: Path) -> None:
-    ctx = multiprocessing.get_context("spawn")
     root = tmp_path / "registry"
+    go = tmp_path / "go"
     sources = [make_source(tmp_path / f"src{i}", payload=f"payload-{i}".encode() * 1000) for i in range(6)]
-    barrier = ctx.Barrier(6)
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_publish_worker, args=(str(root), str(s), barrier, results)) for s in sources]
+    procs = [subprocess.Popen([sys.executable, "-c", PUBLISHER, str(root), str(s), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+             for s in sources]
+    time.sleep(1.0)   # let every interpreter start and wait on the go file
+    go.touch()
+    versions = []
     for p in procs:
-        p.start()
-    versions = [results.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    results.close()
-    results.join_thread()
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        versions.append(int(out.strip()))
     reg = Registry(root)
     assert sorted(versions) == [1, 2, 3, 4, 5, 6]
     assert reg.versions("digits") == [1, 2, 3, 4, 5, 6]

@@ -26,6 +26,9 @@ class Config:
     n_classes: int = 10
     input_scale: float = 16.0
 
+    def __post_init__(self):
+        self.blocks_per_stage = tuple(self.blocks_per_stage)   # config.json stores a list
+
 
 PRESETS = {
     "tiny": dict(width=32, blocks_per_stage=(1, 1)),

@@ -1,0 +1,304 @@
+"""KServe v2 / Open Inference Protocol routes, with the Triton extensions the stock
+`tritonclient.http` uses (binary tensors, model configuration, statistics, repository).
+
+The infer route is the hot path: the body is read once, decoded by hand (`serve.v2_codec`),
+queued on the version's batcher and encoded once; no per-request pydantic model touches tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from serve import __version__
+from serve.api.deps import admin_only, read_body, repository_of, settings_of
+from serve.batching import Closed, DeadlineExceeded, QueueFull
+from serve.errors import ServeError, unavailable
+from serve.repository import LoadedVersion, State
+from serve.v2_codec import V2Error, decode_infer_request, encode_infer_response
+
+log = logging.getLogger("zooserve.http")
+router = APIRouter()
+
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics", "parameters",
+              "schedule_policy"]
+PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
+# the JSON body of the infer route, for the OpenAPI document (decoding is by hand, not by this schema)
+INFER_BODY_SCHEMA = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["inputs"],
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": {"type": "object"},
+            "inputs": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name", "shape", "datatype"],
+                       "properties": {"name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                                      "datatype": {"type": "string"}, "parameters": {"type": "object"},
+                                      "data": {"type": "array"}}}},
+            "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
+                        "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}}}},
+        }}}}},
+    "responses": {"200": {"description": "inference response (JSON, or JSON + binary tensors)"}},
+}
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers)
+
+
+# ---- health and server metadata -------------------------------------------------------------
+
+@router.get("/v2/health/live", summary="Liveness")
+async def live() -> Response:
+    return _json({"live": True})
+
+
+@router.get("/v2/health/ready", summary="Readiness: start-up load done and not draining")
+async def ready(request: Request) -> Response:
+    repo = repository_of(request)
+    if getattr(request.app.state, "draining", False):
+        raise unavailable("server is shutting down")
+    if not repo.loaded:
+        raise unavailable("models are still loading")
+    return _json({"ready": True})
+
+
+@router.get("/v2", summary="Server metadata")
+async def server_metadata() -> Response:
+    return _json({"name": "zooserve", "version": __version__, "extensions": EXTENSIONS})
+
+
+# ---- per-model metadata, readiness, config, stats -------------------------------------------
+
+def _metadata(repo, lv: LoadedVersion, versioned: bool) -> dict:
+    manifest = lv.engine.manifest
+    ready = [str(v) for v, x in sorted(repo.tables[lv.name].items()) if x.state == State.READY]
+    sig = manifest.signature
+    return {
+        "name": lv.name,
+        "versions": [str(lv.version)] if versioned else ready,
+        "platform": PLATFORMS[manifest.format],
+        "inputs": [s.model_dump() for s in sig.inputs],
+        "outputs": [s.model_dump() for s in sig.outputs],
+        "parameters": {"family": manifest.family, "kind": manifest.kind, "labels": manifest.labels},
+    }
+
+
+@router.get("/v2/models/{model}", summary="Model metadata (default version)")
+async def model_metadata(request: Request, model: str) -> Response:
+    repo = repository_of(request)
+    lv = repo.resolve(model, None)
+    return _json(_metadata(repo, lv, False), headers={"x-model-version": str(lv.version)})
+
+
+@router.get("/v2/models/{model}/versions/{version}", summary="Model metadata (a version number or alias)")
+async def version_metadata(request: Request, model: str, version: str) -> Response:
+    repo = repository_of(request)
+    lv = repo.resolve(model, version)
+    return _json(_metadata(repo, lv, True), headers={"x-model-version": str(lv.version)})
+
+
+async def _model_ready(request: Request, model: str, version: str | None) -> Response:
+    lv = repository_of(request).resolve(model, version)   # 404 unknown, 503 not ready
+    return _json({"name": model, "version": str(lv.version), "ready": True})
+
+
+@router.get("/v2/models/{model}/ready", summary="Model readiness")
+async def model_ready(request: Request, model: str) -> Response:
+    return await _model_ready(request, model, None)
+
+
+@router.get("/v2/models/{model}/versions/{version}/ready", summary="Version readiness")
+async def version_ready(request: Request, model: str, version: str) -> Response:
+    return await _model_ready(request, model, version)
+
+
+def _config(repo, lv: LoadedVersion) -> dict:
+    """Triton's ModelConfig as protobuf-JSON (snake_case, integer dims without the batch dim)."""
+    manifest, cfg = lv.engine.manifest, repo.configs[lv.name]
+
+    def tensor(s) -> dict:
+        return {"name": s.name, "data_type": f"TYPE_{'STRING' if s.datatype == 'BYTES' else s.datatype}",
+                "dims": s.shape[1:]}
+    policy = cfg.version_policy
+    version_policy = ({"latest": {"num_versions": policy.num_versions}} if policy.policy == "latest" else
+                      {"all": {}} if policy.policy == "all" else {"specific": {"versions": policy.versions}})
+    return {
+        "name": lv.name,
+        "platform": PLATFORMS[manifest.format],
+        "backend": "onnxruntime" if manifest.format == "onnx" else "pytorch",
+        "max_batch_size": cfg.batching.max_batch_size,
+        "input": [tensor(s) for s in manifest.signature.inputs],
+        "output": [tensor(s) for s in manifest.signature.outputs],
+        "dynamic_batching": {"max_queue_delay_microseconds": int(cfg.batching.max_queue_delay_ms * 1000),
+                             "default_queue_policy": {"max_queue_size": cfg.batching.max_queue_size}},
+        "version_policy": version_policy,
+        "model_transaction_policy": {"decoupled": False},
+        "parameters": {"routing": {"string_value": orjson.dumps(cfg.routing.model_dump()).decode()}},
+    }
+
+
+@router.get("/v2/models/{model}/config", summary="Model configuration (Triton extension)")
+async def model_config(request: Request, model: str) -> Response:
+    repo = repository_of(request)
+    return _json(_config(repo, repo.resolve(model, None)))
+
+
+@router.get("/v2/models/{model}/versions/{version}/config", summary="Version configuration (Triton extension)")
+async def version_config(request: Request, model: str, version: str) -> Response:
+    repo = repository_of(request)
+    return _json(_config(repo, repo.resolve(model, version)))
+
+
+def _stats(lv: LoadedVersion) -> dict:
+    s = lv.engine.stats()
+
+    def d(count: int, ns: int) -> dict:
+        return {"count": count, "ns": ns}
+    return {
+        "name": lv.name, "version": str(lv.version), "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count, "execution_count": s.execution_count,
+        "inference_stats": {"success": d(s.success_count, s.success_ns), "fail": d(s.fail_count, s.fail_ns),
+                            "queue": d(s.queue_count, s.queue_ns), "compute_input": d(0, 0),
+                            "compute_infer": d(s.compute_count, s.compute_ns), "compute_output": d(0, 0),
+                            "cache_hit": d(0, 0), "cache_miss": d(0, 0)},
+        "batch_stats": [{"batch_size": size, "compute_input": d(0, 0), "compute_infer": d(n, ns),
+                         "compute_output": d(0, 0)} for size, (n, ns) in sorted(s.batch_stats.items())],
+    }
+
+
+@router.get("/v2/models/stats", summary="Statistics of every loaded version (Triton extension)")
+async def all_stats(request: Request) -> Response:
+    repo = repository_of(request)
+    rows = [_stats(lv) for t in repo.tables.values() for lv in t.values() if lv.engine is not None]
+    return _json({"model_stats": rows})
+
+
+@router.get("/v2/models/{model}/stats", summary="Statistics of a model's default version")
+async def model_stats(request: Request, model: str) -> Response:
+    return _json({"model_stats": [_stats(repository_of(request).resolve(model, None))]})
+
+
+@router.get("/v2/models/{model}/versions/{version}/stats", summary="Statistics of one version")
+async def version_stats(request: Request, model: str, version: str) -> Response:
+    return _json({"model_stats": [_stats(repository_of(request).resolve(model, version))]})
+
+
+# ---- inference (the hot path) ---------------------------------------------------------------
+
+def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    if not encoding or encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ServeError(415, f"Content-Encoding {encoding!r} is not supported; use gzip or deflate")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ServeError(400, f"body is not valid {encoding}: {exc}") from exc
+    if len(out) > limit:
+        raise ServeError(413, f"decompressed body exceeds the {limit}-byte limit")
+    return out
+
+
+async def _infer(request: Request, model: str, version: str | None) -> Response:
+    started = time.perf_counter()
+    lv = repository_of(request).resolve(model, version)
+    engine, settings = lv.engine, settings_of(request)
+    status = 500
+    try:
+        headers = request.headers
+        body = _decompress(await read_body(request, settings.max_body_bytes), headers.get("content-encoding"),
+                           settings.max_body_bytes)
+        header_length = headers.get("inference-header-content-length")
+        sig, cfg = engine.manifest.signature, repository_of(request).configs[model]
+        req = decode_infer_request(body, header_length, sig.inputs, sig.outputs,
+                                   cfg.batching.max_batch_size, settings.allow_non_finite)
+        timeout_us = req.parameters.get("timeout")
+        timeout_s = timeout_us / 1e6 if isinstance(timeout_us, (int, float)) and timeout_us > 0 \
+            else settings.request_timeout_s
+        outputs = await engine.infer(req.inputs, req.batch_size, started + timeout_s)
+        payload, extra = encode_infer_response(model, str(lv.version), req.id, outputs, req.outputs,
+                                               {s.name: s.datatype for s in sig.outputs})
+        status = 200
+        extra["x-model-version"] = str(lv.version)
+        media = extra.pop("content-type", None) or extra.pop("Content-Type", "application/json")
+        return Response(payload, media_type=media, headers=extra)
+    except V2Error as exc:
+        status = exc.status
+        raise ServeError(exc.status, exc.message) from None
+    except ServeError as exc:
+        status = exc.status
+        raise
+    except QueueFull as exc:
+        status = 429
+        raise ServeError(429, f"model {model!r} queue is full; retry later",
+                         {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from None
+    except DeadlineExceeded as exc:
+        status = 504
+        raise ServeError(504, f"deadline exceeded: {exc}") from None
+    except Closed as exc:
+        status = 503
+        raise ServeError(503, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - the model failed on this request; the server stays up
+        log.exception("inference failed for %s/%s", model, lv.version)
+        raise ServeError(500, f"inference failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        engine.metrics.request_done(status, time.perf_counter() - started)
+
+
+@router.post("/v2/models/{model}/infer", summary="Inference on the default version (stable alias, else newest)",
+             openapi_extra=INFER_BODY_SCHEMA)
+async def infer(request: Request, model: str) -> Response:
+    return await _infer(request, model, None)
+
+
+@router.post("/v2/models/{model}/versions/{version}/infer", summary="Inference on a version number or alias",
+             openapi_extra=INFER_BODY_SCHEMA)
+async def infer_version(request: Request, model: str, version: str) -> Response:
+    return await _infer(request, model, version)
+
+
+# ---- repository (Triton extension) ----------------------------------------------------------
+
+@router.post("/v2/repository/index", summary="Every model of the registry and the state of its versions")
+async def repository_index(request: Request) -> Response:
+    return _json(repository_of(request).index())
+
+
+async def _load_body(request: Request) -> None:
+    body = await read_body(request, settings_of(request).max_body_bytes)
+    if not body.strip():
+        return
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ServeError(400, f"malformed JSON: {exc}") from None
+    params = parsed.get("parameters", {}) if isinstance(parsed, dict) else None
+    if not isinstance(params, dict):
+        raise ServeError(400, "body must be a JSON object with an optional 'parameters' object")
+    unsupported = [k for k in params if k == "config" or k.startswith("file:")]
+    if unsupported:
+        raise ServeError(400, f"parameters {unsupported} are not supported: publish to the registry and load")
+
+
+@router.post("/v2/repository/models/{model}/load", summary="(Re)load a model from the registry (admin)")
+async def load(request: Request, model: str) -> Response:
+    admin_only(request)
+    await _load_body(request)
+    await repository_of(request).load_model(model)
+    return _json({})
+
+
+@router.post("/v2/repository/models/{model}/unload", summary="Drain and unload a model (admin)")
+async def unload(request: Request, model: str) -> Response:
+    admin_only(request)
+    await _load_body(request)
+    await repository_of(request).unload_model(model)
+    return _json({})

@@ -1,0 +1,206 @@
+"""Dynamic batching for stateless models (Triton's dynamic batcher, two knobs).
+
+Requests queue on the event loop; one collector task cuts a batch when `max_batch_size` rows
+are waiting or the oldest request has waited `max_queue_delay_ms`, concatenates the inputs,
+runs the batch on the engine's own thread (ONNX Runtime and torch release the GIL) and
+scatters the output rows back. Requests that arrive while a batch executes grow the next one.
+
+Refusals never touch the model: a full queue raises `QueueFull` (HTTP 429 with Retry-After),
+a request whose deadline passed before its batch started raises `DeadlineExceeded` (504), and
+a batcher that is closing raises `Closed` (503). A failing batch fails only its own requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+RunBatch = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class QueueFull(Exception):
+    """The bounded queue is full; retry after `retry_after_s`."""
+
+    def __init__(self, retry_after_s: float):
+        super().__init__(f"queue full, retry after {retry_after_s:.3f}s")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its batch ran; it was not computed."""
+
+
+class Closed(Exception):
+    """The batcher is shutting down and takes no new requests."""
+
+
+@dataclass
+class _Pending:
+    inputs: dict[str, np.ndarray]       # each (rows, ...)
+    rows: int
+    future: asyncio.Future
+    enqueued: float                     # perf_counter at submit
+    deadline: float | None              # perf_counter after which it must not run
+
+
+@dataclass
+class BatchRecord:
+    """What one execution did, for the metrics recorder."""
+
+    rows: int
+    compute_s: float
+    queue_waits: list[float] = field(default_factory=list)
+
+
+class DynamicBatcher:
+    """Collects requests into batches and runs them one at a time on a dedicated thread."""
+
+    def __init__(self, run_batch: RunBatch, max_batch_size: int, max_queue_delay_ms: float,
+                 max_queue_size: int, on_batch: Callable[[BatchRecord], None] | None = None,
+                 name: str = "batcher"):
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self.on_batch = on_batch
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self._in_flight = 0                # requests taken off the queue and not yet answered
+        self._rows_queued = 0              # sum of rows in the queue
+        self._mean_batch_s = 0.001         # running estimate, for Retry-After
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Queued plus executing requests."""
+        return len(self._queue) + self._in_flight
+
+    def start(self) -> None:
+        """Start the collector task on the running loop."""
+        self._task = asyncio.get_running_loop().create_task(self._collect_forever())
+
+    async def submit(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Queue one request of `rows` rows and wait for its outputs (each `(rows, ...)`)."""
+        if self._closing:
+            raise Closed("model is shutting down")
+        if len(self._queue) >= self.max_queue_size:
+            batches_ahead = len(self._queue) / self.max_batch_size + 1
+            raise QueueFull(retry_after_s=batches_ahead * self._mean_batch_s)
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(inputs, rows, future, time.perf_counter(), deadline))
+        self._rows_queued += rows
+        self._wakeup.set()
+        return await future
+
+    async def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new requests, let queued and running ones finish (up to the timeout), then stop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
+            except asyncio.TimeoutError:
+                self._task.cancel()
+        while self._queue:
+            item = self._queue.popleft()
+            self._rows_queued -= item.rows
+            if not item.future.done():
+                item.future.set_exception(Closed("model was unloaded before this request ran"))
+        self._executor.shutdown(wait=True)
+
+    async def _collect_forever(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._wait_for_batch()
+            batch = self._take_batch()
+            if batch:
+                await self._execute(batch)
+
+    async def _wait_for_batch(self) -> None:
+        """Wait until a full batch is queued or the oldest request has waited the delay."""
+        close_at = self._queue[0].enqueued + self.max_queue_delay_s
+        while not self._closing and self._rows_queued < self.max_batch_size:
+            remaining = close_at - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Pending]:
+        """Pop requests in arrival order while they fit; expired or cancelled ones are answered here."""
+        batch: list[_Pending] = []
+        rows, now = 0, time.perf_counter()
+        while self._queue and rows + self._queue[0].rows <= self.max_batch_size:
+            item = self._queue.popleft()
+            self._rows_queued -= item.rows
+            if item.future.done():              # the client went away
+                continue
+            if item.deadline is not None and now > item.deadline:
+                item.future.set_exception(DeadlineExceeded("deadline passed while queued; not computed"))
+                continue
+            batch.append(item)
+            rows += item.rows
+        return batch
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        self._in_flight = len(batch)
+        names = batch[0].inputs.keys()
+        if len(batch) == 1:
+            joined = batch[0].inputs
+        else:
+            joined = {n: np.concatenate([p.inputs[n] for p in batch]) for n in names}
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self.run_batch, joined)
+        except Exception as exc:  # noqa: BLE001 - the batch's requests get the error, the batcher lives on
+            await self._execute_one_by_one(batch, exc)
+            self._in_flight = 0
+            return
+        compute_s = time.perf_counter() - started
+        self._mean_batch_s = 0.8 * self._mean_batch_s + 0.2 * compute_s
+        offset = 0
+        for p in batch:
+            if not p.future.done():
+                p.future.set_result({n: o[offset:offset + p.rows] for n, o in outputs.items()})
+            offset += p.rows
+        self._in_flight = 0
+        if self.on_batch is not None:
+            self.on_batch(BatchRecord(offset, compute_s, [started - p.enqueued for p in batch]))
+
+    async def _execute_one_by_one(self, batch: list[_Pending], batch_error: Exception) -> None:
+        """A batch failed: run its requests alone so that one poisoned request fails only itself."""
+        if len(batch) == 1:
+            if not batch[0].future.done():
+                batch[0].future.set_exception(batch_error)
+            return
+        loop = asyncio.get_running_loop()
+        for p in batch:
+            try:
+                result = await loop.run_in_executor(self._executor, self.run_batch, p.inputs)
+            except Exception as exc:  # noqa: BLE001
+                if not p.future.done():
+                    p.future.set_exception(exc)
+                continue
+            if not p.future.done():
+                p.future.set_result(result)

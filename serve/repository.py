@@ -1,0 +1,187 @@
+"""The server's view of the registry: which versions are loaded, their state, and resolution
+of a request's (model, version-or-alias) to an engine.
+
+Loading verifies every hash, opens the runtime and replays the golden pair; a version that
+fails any step is UNAVAILABLE with the reason, and whatever was serving keeps serving. A reload
+loads new versions beside the old ones, swaps the table, then drains the versions it dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from enum import Enum
+
+from model_registry import ModelConfig, NotFound, Registry, RegistryError
+from serve.engines.stateless import StatelessEngine
+from serve.errors import ServeError, not_found, unavailable
+from serve.metrics import Metrics
+from serve.runtimes import open_runtime
+from serve.settings import ServeSettings
+
+log = logging.getLogger("zooserve.repository")
+
+# kinds served by the stateless engine; later issues add sequence, tokens and denoise engines
+STATELESS_KINDS = {"classify"}
+
+
+class State(str, Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNLOADING = "UNLOADING"
+
+
+@dataclass
+class LoadedVersion:
+    name: str
+    version: int
+    state: State
+    reason: str = ""
+    engine: StatelessEngine | None = None
+
+
+def versions_to_load(cfg: ModelConfig, available: list[int]) -> list[int]:
+    """The version policy applied to what the registry holds; aliased versions always load."""
+    policy = cfg.version_policy
+    if policy.policy == "all":
+        chosen = set(available)
+    elif policy.policy == "specific":
+        chosen = set(policy.versions) & set(available)
+    else:
+        chosen = set(available[-policy.num_versions:])
+    chosen |= {v for v in cfg.routing.aliases.values() if v in available}
+    return sorted(chosen)
+
+
+class ModelRepository:
+    def __init__(self, registry: Registry, settings: ServeSettings, metrics: Metrics):
+        self.registry, self.settings, self.metrics = registry, settings, metrics
+        self.tables: dict[str, dict[int, LoadedVersion]] = {}
+        self.configs: dict[str, ModelConfig] = {}
+        self.loaded = False      # the start-up load pass has finished
+
+    async def load_all(self) -> None:
+        """Load every model of the registry (start-up)."""
+        for name in self.registry.models():
+            await self.load_model(name)
+        self.loaded = True
+
+    async def load_model(self, name: str) -> None:
+        """(Re)load one model: new versions come up beside the old, then the old ones drain."""
+        try:
+            cfg = self.registry.model_config(name)
+            wanted = versions_to_load(cfg, self.registry.versions(name))
+        except RegistryError as exc:
+            raise not_found(str(exc)) from exc
+        old = self.tables.get(name, {})
+        new: dict[int, LoadedVersion] = {}
+        for version in wanted:
+            if version in old and old[version].state == State.READY:
+                new[version] = old[version]
+                continue
+            new[version] = await asyncio.to_thread(self._open_version, cfg, version)
+            if new[version].engine is not None:
+                new[version].engine.start()
+        self.configs[name], self.tables[name] = cfg, new
+        for version, lv in old.items():
+            if new.get(version) is not lv:
+                await self._close_version(lv)
+
+    async def unload_model(self, name: str) -> None:
+        """Stop routing to the model, drain its in-flight requests, release it."""
+        if name not in self.tables:
+            raise not_found(f"model {name!r} is not loaded")
+        table = self.tables.pop(name)
+        self.configs.pop(name, None)
+        for lv in table.values():
+            await self._close_version(lv)
+
+    async def close(self) -> None:
+        for name in list(self.tables):
+            await self.unload_model(name)
+
+    def _open_version(self, cfg: ModelConfig, version: int) -> LoadedVersion:
+        """Verify, open and golden-check one version (runs in a worker thread)."""
+        name = cfg.name
+        model_metrics = self.metrics.for_model(name, version)
+        model_metrics.ready.set(0)
+        try:
+            self.registry.verify(name, version)
+            manifest = self.registry.manifest(name, version)
+            if manifest.kind not in STATELESS_KINDS:
+                raise RuntimeError(f"kind {manifest.kind!r} has no engine in this server yet")
+            vdir = self.registry.version_dir(name, version)
+            runtime = open_runtime(vdir, manifest.format, manifest.artifacts[manifest.format],
+                                   [s.name for s in manifest.signature.inputs],
+                                   [s.name for s in manifest.signature.outputs],
+                                   self.settings.intra_op_threads, self.settings.device)
+            engine = StatelessEngine(name, version, manifest, runtime, cfg.batching, model_metrics)
+            error = engine.check_golden(vdir)
+        except Exception as exc:  # noqa: BLE001 - any failure makes this version unavailable, not the server
+            log.error("version %s/%s refused: %s", name, version, exc)
+            return LoadedVersion(name, version, State.UNAVAILABLE, reason=f"{type(exc).__name__}: {exc}")
+        log.info("loaded %s/%s (%s on %s, golden max abs error %.3g)", name, version, manifest.format,
+                 runtime.device, error)
+        model_metrics.ready.set(1)
+        return LoadedVersion(name, version, State.READY, engine=engine)
+
+    async def _close_version(self, lv: LoadedVersion) -> None:
+        if lv.engine is None:
+            return
+        lv.state = State.UNLOADING
+        model_metrics = lv.engine.metrics
+        await lv.engine.close(self.settings.drain_timeout_s)
+        model_metrics.remove()
+
+    def resolve(self, name: str, ref: str | None) -> LoadedVersion:
+        """The version a request means: a number, an alias, or (none) `stable` else the newest ready."""
+        table = self.tables.get(name)
+        if table is None:
+            raise not_found(f"unknown model {name!r}; served models: {', '.join(sorted(self.tables)) or 'none'}")
+        aliases = self.configs[name].routing.aliases
+        if ref is None or ref == "":
+            if "stable" in aliases:
+                version = aliases["stable"]
+            else:
+                ready = [v for v, lv in table.items() if lv.state == State.READY]
+                if not ready:
+                    raise unavailable(f"model {name!r} has no ready version")
+                version = max(ready)
+        elif ref.isdigit():
+            version = int(ref)
+        elif ref in aliases:
+            version = aliases[ref]
+        else:
+            raise not_found(f"model {name!r} has no version or alias {ref!r}; aliases: "
+                            f"{', '.join(sorted(aliases)) or 'none'}")
+        lv = table.get(version)
+        if lv is None:
+            raise not_found(f"version {version} of model {name!r} is not loaded; loaded: "
+                            f"{', '.join(map(str, sorted(table))) or 'none'}")
+        if lv.state != State.READY:
+            raise ServeError(503, f"version {version} of model {name!r} is {lv.state.value}: {lv.reason}")
+        return lv
+
+    def index(self) -> list[dict]:
+        """Triton's repository index: every model of the registry, with each loaded version's state."""
+        rows: list[dict] = []
+        for name in self.registry.models():
+            table = self.tables.get(name)
+            if not table:
+                rows.append({"name": name})
+                continue
+            for version, lv in sorted(table.items()):
+                row = {"name": name, "version": str(version), "state": lv.state.value}
+                if lv.reason:
+                    row["reason"] = lv.reason
+                rows.append(row)
+        return rows
+
+    @property
+    def in_flight(self) -> int:
+        return sum(lv.engine.in_flight for t in self.tables.values() for lv in t.values() if lv.engine)
+
+
+__all__ = ["ModelRepository", "LoadedVersion", "State", "NotFound", "versions_to_load"]

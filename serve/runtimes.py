@@ -1,0 +1,90 @@
+"""Runtimes: what executes an exported artifact. One interface, chosen by the manifest's format.
+
+ONNX Runtime is primary (CUDA provider first when present, else CPU; the chosen provider is
+confirmed with `session.get_providers()` because a missing CUDA library falls back silently).
+TorchScript is second: deprecated in torch 2.13, so it stays behind this interface, where a
+`torch.export`/AOTInductor runtime can replace it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger("zooserve.runtime")
+
+
+class Runtime(Protocol):
+    format: str
+    device: str          # "cuda" or "cpu": where it really runs
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Execute one batch; inputs and outputs keyed by signature name."""
+        ...
+
+
+class OnnxRuntime:
+    format = "onnx"
+
+    def __init__(self, path: Path, output_names: list[str], threads: int = 1, device: str = "auto"):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        wanted = ["CPUExecutionProvider"]
+        if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            wanted.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), options, providers=wanted)
+        self.providers = self.session.get_providers()
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        if device == "cuda" and self.device != "cuda":
+            raise RuntimeError(f"CUDA was required but ONNX Runtime runs on {self.providers}")
+        if wanted[0] != self.providers[0]:
+            log.warning("ONNX Runtime fell back from %s to %s for %s", wanted[0], self.providers[0], path)
+        self.output_names = output_names
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(self.output_names, inputs)
+        return dict(zip(self.output_names, outs))
+
+
+class TorchScriptRuntime:
+    format = "torchscript"
+
+    def __init__(self, path: Path, input_names: list[str], output_names: list[str], device: str = "auto"):
+        import torch
+
+        self._torch = torch
+        cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+        if device == "cuda" and not cuda:
+            raise RuntimeError("CUDA was required but torch sees no GPU")
+        self.device = "cuda" if cuda else "cpu"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        self.input_names, self.output_names = input_names, output_names
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            args = [torch.from_numpy(inputs[n]).to(self.device) for n in self.input_names]
+            outs = self.module(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        return {n: o.cpu().numpy() for n, o in zip(self.output_names, outs)}
+
+
+def open_runtime(version_dir: Path, fmt: str, artifact: str, input_names: list[str], output_names: list[str],
+                 threads: int = 1, device: str = "auto") -> Runtime:
+    """The runtime for `fmt` over `version_dir/artifact`."""
+    path = version_dir / artifact
+    if fmt == "onnx":
+        return OnnxRuntime(path, output_names, threads, device)
+    if fmt == "torchscript":
+        return TorchScriptRuntime(path, input_names, output_names, device)
+    raise ValueError(f"no runtime for format {fmt!r}")

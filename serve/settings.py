@@ -1,0 +1,33 @@
+"""Server settings: ZOOSERVE_* environment variables, overridden by `zooserve serve` flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ZOOSERVE_", extra="ignore")
+
+    registry: Path = Field(Path("registry"), description="registry root to serve")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU")
+    # one intra-op thread per session: on small shared CPUs more threads are slower, not faster
+    intra_op_threads: int = Field(1, ge=1)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    request_timeout_s: float = Field(30.0, gt=0, description="default deadline of a queued request (504 after)")
+    allow_non_finite: bool = Field(False, description="accept NaN/Inf in float inputs")
+    admin_token: str | None = Field(None, description="bearer token for repository load/unload; unset = off")
+    drain_timeout_s: float = Field(30.0, ge=0, description="how long shutdown and unload wait for accepted work")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token_not_trivial(cls, v: str | None) -> str | None:
+        if v is not None and len(v) < 8:
+            raise ValueError("admin_token must be at least 8 characters")
+        return v

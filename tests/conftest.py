@@ -1,0 +1,112 @@
+"""Shared fixtures: a demo registry trained once per session, and real servers on free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_registry(tmp_path_factory) -> Path:
+    """`zooserve demo` into a session folder (trains mlp-digits and resnet-digits, ~30 s). Read-only for tests."""
+    import torch
+
+    from training.cli import demo
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("demo") / "registry"
+    demo(root, threads=1, progress=False)
+    return root
+
+
+@pytest.fixture
+def registry_copy(demo_registry, tmp_path) -> Path:
+    """A private copy of the demo registry that a test may change."""
+    dst = tmp_path / "registry"
+    shutil.copytree(demo_registry, dst)
+    return dst
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A real `zooserve serve` subprocess on a loopback port."""
+
+    def __init__(self, registry: Path, extra_args: list[str] | None = None, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = registry.parent / f"server-{self.port}.log"
+        cmd = [sys.executable, "-m", "serve.cli", "serve", "--registry", str(registry), "--port", str(self.port),
+               "--threads", "1", *(extra_args or [])]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready in {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@contextmanager
+def running_server(registry: Path, extra_args: list[str] | None = None,
+                   env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    server = ServerProcess(registry, extra_args, env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_registry) -> Iterator[ServerProcess]:
+    """One server over the demo registry, shared by a test module (admin token set)."""
+    with running_server(demo_registry, ["--admin-token", "test-admin-token"]) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """`with start_server(registry, extra_args) as server:` runs a real server for the block."""
+    return running_server

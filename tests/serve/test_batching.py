@@ -1,0 +1,155 @@
+"""The dynamic batcher with a recording fake model: batching, bounds, deadlines, poisoned batches."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serve.batching import Closed, DeadlineExceeded, DynamicBatcher, QueueFull
+
+
+class RecordingModel:
+    """Doubles its input; records the rows of every executed batch; can be slowed or poisoned."""
+
+    def __init__(self, delay_s: float = 0.0):
+        self.batch_rows: list[int] = []
+        self.delay_s = delay_s
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, inputs):
+        self.release.wait(10)
+        x = inputs["x"]
+        self.batch_rows.append(len(x))
+        if np.isnan(x).any():
+            raise ValueError("poisoned row")
+        time.sleep(self.delay_s)
+        return {"y": x * 2}
+
+
+def rows(n: int, value: float = 1.0) -> dict[str, np.ndarray]:
+    return {"x": np.full((n, 3), value, dtype=np.float32)}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_run_as_one_batch_and_get_their_own_rows():
+    model = RecordingModel()
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch_size=16, max_queue_delay_ms=50, max_queue_size=100)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(rows(1, float(i)), 1) for i in range(5)))
+        await batcher.close()
+        return results
+    results = run(main())
+    assert model.batch_rows == [5]
+    for i, out in enumerate(results):
+        np.testing.assert_array_equal(out["y"], np.full((1, 3), 2.0 * i))
+
+
+def test_batches_are_cut_at_max_batch_size_and_multi_row_requests_stay_whole():
+    model = RecordingModel()
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch_size=4, max_queue_delay_ms=20, max_queue_size=100)
+        batcher.start()
+        outs = await asyncio.gather(*(batcher.submit(rows(n), n) for n in (3, 2, 2, 1, 4)))
+        await batcher.close()
+        return outs
+    outs = run(main())
+    assert [len(o["y"]) for o in outs] == [3, 2, 2, 1, 4]
+    assert all(r <= 4 for r in model.batch_rows) and sum(model.batch_rows) == 12
+    assert model.batch_rows == [3, 4, 1, 4]   # arrival order kept: (3) (2+2) (1; 4 does not fit) (4)
+
+
+def test_requests_arriving_while_a_batch_runs_grow_the_next_batch():
+    model = RecordingModel(delay_s=0.05)
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch_size=32, max_queue_delay_ms=0, max_queue_size=100)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(rows(1), 1))
+        await asyncio.sleep(0.01)          # the first batch (of 1) is running now
+        rest = [asyncio.ensure_future(batcher.submit(rows(1), 1)) for _ in range(6)]
+        await asyncio.gather(first, *rest)
+        await batcher.close()
+    run(main())
+    assert model.batch_rows == [1, 6]
+
+
+def test_full_queue_is_refused_with_a_retry_hint():
+    model = RecordingModel()
+    model.release.clear()                  # the model blocks, so the queue fills
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=2)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(rows(1), 1))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(batcher.submit(rows(1), 1)) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull) as info:
+            await batcher.submit(rows(1), 1)
+        model.release.set()
+        await asyncio.gather(running, *queued)   # nothing accepted is lost
+        await batcher.close()
+        return info.value
+    err = run(main())
+    assert err.retry_after_s > 0
+
+
+def test_expired_request_is_answered_504_without_computing():
+    model = RecordingModel()
+    model.release.clear()
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=10)
+        batcher.start()
+        blocker = asyncio.ensure_future(batcher.submit(rows(1), 1))
+        await asyncio.sleep(0.05)
+        late = asyncio.ensure_future(batcher.submit(rows(1, 7.0), 1, deadline=time.perf_counter() + 0.01))
+        await asyncio.sleep(0.05)
+        model.release.set()
+        await blocker
+        with pytest.raises(DeadlineExceeded):
+            await late
+        await batcher.close()
+    run(main())
+    assert model.batch_rows == [1]         # the expired request never reached the model
+
+
+def test_a_poisoned_request_fails_alone():
+    model = RecordingModel()
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch_size=8, max_queue_delay_ms=30, max_queue_size=10)
+        batcher.start()
+        futures = [batcher.submit(rows(1, float("nan") if i == 2 else 1.0), 1) for i in range(5)]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.close()
+        return results
+    results = run(main())
+    assert isinstance(results[2], ValueError)
+    assert all(isinstance(r, dict) for i, r in enumerate(results) if i != 2)
+
+
+def test_close_drains_accepted_work_then_refuses():
+    model = RecordingModel(delay_s=0.02)
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch_size=2, max_queue_delay_ms=0, max_queue_size=10)
+        batcher.start()
+        accepted = [asyncio.ensure_future(batcher.submit(rows(1), 1)) for _ in range(5)]
+        await asyncio.sleep(0)
+        await batcher.close(drain_timeout_s=5)
+        with pytest.raises(Closed):
+            await batcher.submit(rows(1), 1)
+        return await asyncio.gather(*accepted)
+    assert len(run(main())) == 5
