@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -24,6 +25,10 @@ def _serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
                             access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
                             log_level=settings.log_level)
+    # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was in place
+    # before it started; with the default one that kills the process (exit -15) after a clean
+    # drain. A no-op handler there makes a drained shutdown exit 0, as supervisors expect.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()
     return 0
 

@@ -84,6 +84,11 @@ class ModelRepository:
             new[version] = await asyncio.to_thread(self._open_version, cfg, version)
             if new[version].engine is not None:
                 new[version].engine.start()
+        if any(lv.state != State.READY for v, lv in new.items() if old.get(v) is not lv):
+            # a new version failed: whatever was serving keeps serving beside it
+            for version, lv in old.items():
+                if version not in new and lv.state == State.READY:
+                    new[version] = lv
         self.configs[name], self.tables[name] = cfg, new
         for version, lv in old.items():
             if new.get(version) is not lv:
@@ -147,7 +152,8 @@ class ModelRepository:
             else:
                 ready = [v for v, lv in table.items() if lv.state == State.READY]
                 if not ready:
-                    raise unavailable(f"model {name!r} has no ready version")
+                    states = "; ".join(f"version {v} is {lv.state.value}: {lv.reason}" for v, lv in sorted(table.items()))
+                    raise unavailable(f"model {name!r} has no ready version ({states or 'no versions'})")
                 version = max(ready)
         elif ref.isdigit():
             version = int(ref)

@@ -90,6 +90,14 @@ def _metadata(repo, lv: LoadedVersion, versioned: bool) -> dict:
     }
 
 
+@router.get("/v2/models/stats", summary="Statistics of every loaded version (Triton extension)")
+async def all_stats(request: Request) -> Response:
+    repo = repository_of(request)
+    # declared before /v2/models/{model} so that "stats" is not taken for a model name
+    rows = [_stats(lv) for t in repo.tables.values() for lv in t.values() if lv.engine is not None]
+    return _json({"model_stats": rows})
+
+
 @router.get("/v2/models/{model}", summary="Model metadata (default version)")
 async def model_metadata(request: Request, model: str) -> Response:
     repo = repository_of(request)
@@ -171,13 +179,6 @@ def _stats(lv: LoadedVersion) -> dict:
         "batch_stats": [{"batch_size": size, "compute_input": d(0, 0), "compute_infer": d(n, ns),
                          "compute_output": d(0, 0)} for size, (n, ns) in sorted(s.batch_stats.items())],
     }
-
-
-@router.get("/v2/models/stats", summary="Statistics of every loaded version (Triton extension)")
-async def all_stats(request: Request) -> Response:
-    repo = repository_of(request)
-    rows = [_stats(lv) for t in repo.tables.values() for lv in t.values() if lv.engine is not None]
-    return _json({"model_stats": rows})
 
 
 @router.get("/v2/models/{model}/stats", summary="Statistics of a model's default version")
