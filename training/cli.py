@@ -37,7 +37,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def demo(registry_root: str | Path, threads: int = 1, progress: bool = True) -> dict[str, int]:
-    """Train, export and publish every demo model; returns name -> version."""
+    """Train, export and publish every demo model (alias `stable` on it); returns name -> version."""
     from model_registry import Registry
     from training.train import train
 
@@ -51,6 +51,7 @@ def demo(registry_root: str | Path, threads: int = 1, progress: bool = True) -> 
             metrics = train(family, preset, ckpt, progress=progress)
             export.package(ckpt, pkg)
             published[name] = registry.publish(name, pkg)
+            registry.set_alias(name, "stable", published[name])
             print(f"[demo] published {name} version {published[name]}: "
                   f"test accuracy {metrics.get('test_accuracy', float('nan')):.3f}", flush=True)
     return published
