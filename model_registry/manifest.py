@@ -94,7 +94,7 @@ class Manifest(_Strict):
 
 class Batching(_Strict):
     max_batch_size: int = Field(32, ge=1)
-    max_queue_delay_ms: float = Field(2.0, ge=0)
+    max_queue_delay_ms: float = Field(0.5, ge=0)
     # requests waiting beyond this are refused with 429
     max_queue_size: int = Field(1024, ge=1)
 

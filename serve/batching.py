@@ -63,20 +63,26 @@ class DynamicBatcher:
 
     def __init__(self, run_batch: RunBatch, max_batch_size: int, max_queue_delay_ms: float,
                  max_queue_size: int, on_batch: Callable[[BatchRecord], None] | None = None,
-                 name: str = "batcher"):
+                 name: str = "batcher", inline_below_ms: float = 0.2):
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
         self.on_batch = on_batch
         self._queue: deque[_Pending] = deque()
-        self._wakeup = asyncio.Event()
+        # the collector sleeps on this future: woken by any submit when idle, by a full batch
+        # (or closing) while it holds a batch window open
+        self._waiter: asyncio.Future | None = None
+        self._wake_on_any = True
+        # batches that run faster than this (running mean) execute on the event loop itself:
+        # the hop to the thread and back costs more CPU than such a model (bench/classify.py)
+        self.inline_below_s = inline_below_ms / 1000.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._task: asyncio.Task | None = None
         self._closing = False
         self._in_flight = 0                # requests taken off the queue and not yet answered
         self._rows_queued = 0              # sum of rows in the queue
-        self._mean_batch_s = 0.001         # running estimate, for Retry-After
+        self._mean_batch_s = 0.001         # running mean of batch compute time (Retry-After, inline choice)
 
     @property
     def queue_depth(self) -> int:
@@ -101,13 +107,30 @@ class DynamicBatcher:
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(inputs, rows, future, time.perf_counter(), deadline))
         self._rows_queued += rows
-        self._wakeup.set()
+        if self._wake_on_any or self._rows_queued >= self.max_batch_size:
+            self._wake()
         return await future
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _sleep(self, timeout: float | None, wake_on_any: bool) -> None:
+        """Sleep until woken (see `_waiter`) or `timeout` seconds pass."""
+        loop = asyncio.get_running_loop()
+        self._waiter, self._wake_on_any = loop.create_future(), wake_on_any
+        timer = loop.call_later(timeout, self._wake) if timeout is not None else None
+        try:
+            await self._waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._waiter, self._wake_on_any = None, False
 
     async def close(self, drain_timeout_s: float = 30.0) -> None:
         """Refuse new requests, let queued and running ones finish (up to the timeout), then stop."""
         self._closing = True
-        self._wakeup.set()
+        self._wake()
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
@@ -125,8 +148,7 @@ class DynamicBatcher:
             if not self._queue:
                 if self._closing:
                     return
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                await self._sleep(None, wake_on_any=True)
                 continue
             await self._wait_for_batch()
             batch = self._take_batch()
@@ -135,16 +157,9 @@ class DynamicBatcher:
 
     async def _wait_for_batch(self) -> None:
         """Wait until a full batch is queued or the oldest request has waited the delay."""
-        close_at = self._queue[0].enqueued + self.max_queue_delay_s
-        while not self._closing and self._rows_queued < self.max_batch_size:
-            remaining = close_at - time.perf_counter()
-            if remaining <= 0:
-                return
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except asyncio.TimeoutError:
-                return
+        remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.perf_counter()
+        if remaining > 0 and not self._closing and self._rows_queued < self.max_batch_size:
+            await self._sleep(remaining, wake_on_any=False)
 
     def _take_batch(self) -> list[_Pending]:
         """Pop requests in arrival order while they fit; expired or cancelled ones are answered here."""
@@ -172,7 +187,10 @@ class DynamicBatcher:
             joined = {n: np.concatenate([p.inputs[n] for p in batch]) for n in names}
         loop = asyncio.get_running_loop()
         try:
-            outputs = await loop.run_in_executor(self._executor, self.run_batch, joined)
+            if self._mean_batch_s < self.inline_below_s:
+                outputs = self.run_batch(joined)
+            else:
+                outputs = await loop.run_in_executor(self._executor, self.run_batch, joined)
         except Exception as exc:  # noqa: BLE001 - the batch's requests get the error, the batcher lives on
             await self._execute_one_by_one(batch, exc)
             self._in_flight = 0

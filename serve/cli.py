@@ -21,7 +21,6 @@ def _serve(args: argparse.Namespace) -> int:
     }.items() if v is not None}
     settings = ServeSettings(**overrides)
     logs.configure(settings.log_level)
-    _set_torch_threads(settings.intra_op_threads)
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
                             access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
                             log_level=settings.log_level)
@@ -31,15 +30,6 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()
     return 0
-
-
-def _set_torch_threads(threads: int) -> None:
-    """TorchScript runs on torch's pool: one thread by default (2 shared cores thrash with 2)."""
-    try:
-        import torch
-    except ImportError:
-        return
-    torch.set_num_threads(threads)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,9 +57,22 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("zooserve_queue_depth", "Requests waiting for a batch", labels, registry=r)
         self.model_ready = Gauge("zooserve_model_ready", "1 when the version serves, else 0", labels, registry=r)
+        # token engines (vLLM's vocabulary)
+        self.ttft = Histogram("zooserve_time_to_first_token_seconds", "Arrival to first generated token",
+                              labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("zooserve_inter_token_latency_seconds", "Time between two tokens of one sequence",
+                             labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("zooserve_prompt_tokens", "Prompt tokens prefilled", labels, registry=r)
+        self.generated_tokens = Counter("zooserve_generated_tokens", "Tokens generated", labels, registry=r)
+        self.requests_running = Gauge("zooserve_requests_running", "Sequences holding a state slot", labels, registry=r)
+        self.requests_waiting = Gauge("zooserve_requests_waiting", "Sequences waiting for a slot", labels, registry=r)
+        self.slots_used = Gauge("zooserve_state_slots_used_ratio", "Share of state slots in use", labels, registry=r)
 
     def for_model(self, model: str, version: int | str) -> "ModelMetrics":
         return ModelMetrics(self, model, str(version))
+
+    def for_token_model(self, model: str, version: int | str) -> "TokenMetrics":
+        return TokenMetrics(self, model, str(version))
 
     def exposition(self) -> bytes:
         """Prometheus text format of every metric."""
@@ -124,7 +137,8 @@ class ModelMetrics:
         """Drop this version's series (after unload), so dashboards do not show a ghost."""
         m, lv = self._metrics, self._labels
         for family in (m.request_duration, m.queue_duration, m.compute_duration, m.inference_count,
-                       m.execution_count, m.batch_size, m.queue_depth, m.model_ready):
+                       m.execution_count, m.batch_size, m.queue_depth, m.model_ready, m.ttft, m.itl,
+                       m.prompt_tokens, m.generated_tokens, m.requests_running, m.requests_waiting, m.slots_used):
             try:
                 family.remove(*lv)
             except KeyError:
@@ -134,3 +148,46 @@ class ModelMetrics:
                 m.requests.remove(*lv, key)
             except KeyError:
                 pass
+
+
+class TokenMetrics(ModelMetrics):
+    """What a token engine records, from its own thread (prometheus_client is thread-safe)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str):
+        super().__init__(metrics, model, version)
+        lv = (model, version)
+        self._ttft, self._itl = metrics.ttft.labels(*lv), metrics.itl.labels(*lv)
+        self._prompt_tokens = metrics.prompt_tokens.labels(*lv)
+        self._generated_tokens = metrics.generated_tokens.labels(*lv)
+        self._running, self._waiting = metrics.requests_running.labels(*lv), metrics.requests_waiting.labels(*lv)
+        self._slots_used = metrics.slots_used.labels(*lv)
+
+    def scheduler_state(self, running: int, waiting: int, rows: int) -> None:
+        self._running.set(running)
+        self._waiting.set(waiting)
+        self._slots_used.set(running / rows)
+        self.queue_depth.set(waiting)
+
+    def step_done(self, rows: int, seconds: float) -> None:
+        """One model step over `rows` sequences."""
+        self.batch_done(rows, seconds, [])
+
+    def admitted(self, prompt_tokens: int, queued_s: float) -> None:
+        """A sequence got a slot after `queued_s` and prefilled its prompt."""
+        self._queue_duration.observe(queued_s)
+        self._prompt_tokens.inc(prompt_tokens)
+        self.stats.queue_count += 1
+        self.stats.queue_ns += int(queued_s * 1e9)
+
+    def token_emitted(self, stream, now: float, arrival: float) -> None:
+        """A token reached a sequence's stream: time to first token, else inter-token latency."""
+        if stream.last_token_at is None:
+            self._ttft.observe(now - arrival)
+        else:
+            self._itl.observe(now - stream.last_token_at)
+        stream.last_token_at = now
+        self._generated_tokens.inc()
+
+    def finished(self, finish_reason: str, seconds: float) -> None:
+        """A sequence ended; an abort (client gone) counts as status 499."""
+        self.request_done(499 if finish_reason == "abort" else 200, seconds)

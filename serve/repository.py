@@ -12,9 +12,13 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
+from pathlib import Path
 
 from model_registry import ModelConfig, NotFound, Registry, RegistryError
+from serve.engines.factory import make_token_engine
 from serve.engines.stateless import StatelessEngine
+from serve.golden import check_golden
 from serve.errors import ServeError, not_found, unavailable
 from serve.metrics import Metrics
 from serve.runtimes import open_runtime
@@ -22,8 +26,8 @@ from serve.settings import ServeSettings
 
 log = logging.getLogger("zooserve.repository")
 
-# kinds served by the stateless engine; later issues add sequence, tokens and denoise engines
-STATELESS_KINDS = {"classify"}
+# kinds with an engine; later issues add sequence and denoise engines
+ENGINE_KINDS = {"classify", "tokens"}
 
 
 class State(str, Enum):
@@ -39,7 +43,7 @@ class LoadedVersion:
     version: int
     state: State
     reason: str = ""
-    engine: StatelessEngine | None = None
+    engine: Any = None           # StatelessEngine | TokenEngine when READY
 
 
 def versions_to_load(cfg: ModelConfig, available: list[int]) -> list[int]:
@@ -110,27 +114,33 @@ class ModelRepository:
     def _open_version(self, cfg: ModelConfig, version: int) -> LoadedVersion:
         """Verify, open and golden-check one version (runs in a worker thread)."""
         name = cfg.name
-        model_metrics = self.metrics.for_model(name, version)
-        model_metrics.ready.set(0)
         try:
             self.registry.verify(name, version)
             manifest = self.registry.manifest(name, version)
-            if manifest.kind not in STATELESS_KINDS:
+            if manifest.kind not in ENGINE_KINDS:
                 raise RuntimeError(f"kind {manifest.kind!r} has no engine in this server yet")
             vdir = self.registry.version_dir(name, version)
             runtime = open_runtime(vdir, manifest.format, manifest.artifacts[manifest.format],
                                    [s.name for s in manifest.signature.inputs],
                                    [s.name for s in manifest.signature.outputs],
                                    self.settings.intra_op_threads, self.settings.device)
-            engine = StatelessEngine(name, version, manifest, runtime, cfg.batching, model_metrics)
-            error = engine.check_golden(vdir)
+            error = check_golden(manifest, runtime, vdir)
+            engine = self._make_engine(cfg, version, manifest, runtime, vdir)
         except Exception as exc:  # noqa: BLE001 - any failure makes this version unavailable, not the server
             log.error("version %s/%s refused: %s", name, version, exc)
+            self.metrics.for_model(name, version).ready.set(0)
             return LoadedVersion(name, version, State.UNAVAILABLE, reason=f"{type(exc).__name__}: {exc}")
-        log.info("loaded %s/%s (%s on %s, golden max abs error %.3g)", name, version, manifest.format,
-                 runtime.device, error)
-        model_metrics.ready.set(1)
+        log.info("loaded %s/%s (%s %s on %s, golden max abs error %.3g)", name, version, manifest.kind,
+                 manifest.format, runtime.device, error)
+        engine.metrics.ready.set(1)
         return LoadedVersion(name, version, State.READY, engine=engine)
+
+    def _make_engine(self, cfg: ModelConfig, version: int, manifest, runtime, vdir: Path):
+        if manifest.kind == "tokens":
+            return make_token_engine(cfg.name, version, manifest, runtime, vdir, self.settings,
+                                     self.metrics.for_token_model(cfg.name, version))
+        return StatelessEngine(cfg.name, version, manifest, runtime, cfg.batching,
+                               self.metrics.for_model(cfg.name, version))
 
     async def _close_version(self, lv: LoadedVersion) -> None:
         if lv.engine is None:

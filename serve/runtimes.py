@@ -57,9 +57,11 @@ class OnnxRuntime:
 class TorchScriptRuntime:
     format = "torchscript"
 
-    def __init__(self, path: Path, input_names: list[str], output_names: list[str], device: str = "auto"):
-        import torch
+    def __init__(self, path: Path, input_names: list[str], output_names: list[str], threads: int = 1,
+                 device: str = "auto"):
+        import torch   # imported only when a TorchScript version is served
 
+        torch.set_num_threads(threads)   # one pool per process; 2 shared cores thrash with 2 threads
         self._torch = torch
         cuda = device in ("auto", "cuda") and torch.cuda.is_available()
         if device == "cuda" and not cuda:
@@ -86,5 +88,5 @@ def open_runtime(version_dir: Path, fmt: str, artifact: str, input_names: list[s
     if fmt == "onnx":
         return OnnxRuntime(path, output_names, threads, device)
     if fmt == "torchscript":
-        return TorchScriptRuntime(path, input_names, output_names, device)
+        return TorchScriptRuntime(path, input_names, output_names, threads, device)
     raise ValueError(f"no runtime for format {fmt!r}")

@@ -106,6 +106,10 @@ class TokenScheduler:
             self._by_id.pop(request_id)
         request.status = status
 
+    def get(self, request_id: str) -> TokenRequest | None:
+        """A request that is waiting or running."""
+        return self._by_id.get(request_id)
+
     def has_requests(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -23,6 +23,9 @@ class ServeSettings(BaseSettings):
     allow_non_finite: bool = Field(False, description="accept NaN/Inf in float inputs")
     admin_token: str | None = Field(None, description="bearer token for repository load/unload; unset = off")
     drain_timeout_s: float = Field(30.0, ge=0, description="how long shutdown and unload wait for accepted work")
+    # token engines: state slots (concurrent sequences) and the longest sequence a slot holds
+    max_num_seqs: int = Field(64, ge=1, description="sequences a token engine runs at once; the rest wait")
+    max_model_len: int | None = Field(None, ge=2, description="token slot length; default: the model's context")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("admin_token")

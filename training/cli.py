@@ -6,10 +6,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
-
-from training import export
 from training.families import FAMILIES
+
+# torch is imported inside the commands: `zooserve serve` builds this parser too and must not
+# pay for torch (import time, and ~200k objects for the garbage collector to walk).
+FORMATS = ("onnx", "torchscript")
 
 # (registry name, family, preset) published by `zooserve demo`
 DEMO_MODELS = [
@@ -19,6 +20,8 @@ DEMO_MODELS = [
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch
+
     from training.train import train
 
     torch.set_num_threads(args.threads)
@@ -28,6 +31,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from training import export
+
     torch.set_num_threads(args.threads)
     manifest = export.package(args.checkpoint, args.out, tuple(args.formats), args.serve_format)
     for report in manifest.parity:
@@ -38,7 +45,10 @@ def _export(args: argparse.Namespace) -> int:
 
 def demo(registry_root: str | Path, threads: int = 1, progress: bool = True) -> dict[str, int]:
     """Train, export and publish every demo model (alias `stable` on it); returns name -> version."""
+    import torch
+
     from model_registry import Registry
+    from training import export
     from training.train import train
 
     torch.set_num_threads(threads)
@@ -76,9 +86,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX/TorchScript and check parity with eager")
     p.add_argument("checkpoint", help="checkpoint folder (from `zooserve train`) or registry version folder")
     p.add_argument("--out", required=True, help="publishable folder to write")
-    p.add_argument("--formats", nargs="+", default=["onnx", "torchscript"], choices=sorted(export.ARTIFACTS),
+    p.add_argument("--formats", nargs="+", default=["onnx", "torchscript"], choices=FORMATS,
                    help="artifacts to export")
-    p.add_argument("--serve-format", default="onnx", choices=sorted(export.ARTIFACTS),
+    p.add_argument("--serve-format", default="onnx", choices=FORMATS,
                    help="which artifact the server runs")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.set_defaults(func=_export)

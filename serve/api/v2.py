@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.routing import Route
 
 from serve import __version__
 from serve.api.deps import admin_only, read_body, repository_of, settings_of
@@ -252,6 +253,17 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
         raise ServeError(500, f"inference failed: {type(exc).__name__}: {exc}") from None
     finally:
         engine.metrics.request_done(status, time.perf_counter() - started)
+
+
+async def _fast_infer(request: Request) -> Response:
+    params = request.path_params
+    return await _infer(request, params["model"], params.get("version"))
+
+
+def fast_routes() -> list[Route]:
+    """The infer routes as plain Starlette routes (mounted before everything else)."""
+    return [Route("/v2/models/{model}/infer", _fast_infer, methods=["POST"]),
+            Route("/v2/models/{model}/versions/{version}/infer", _fast_infer, methods=["POST"])]
 
 
 @router.post("/v2/models/{model}/infer", summary="Inference on the default version (stable alias, else newest)",

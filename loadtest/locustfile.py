@@ -1,0 +1,142 @@
+"""Locust load test for zooserve: one user class per model family served.
+
+    loadtest/run.sh [HOST_URL] [USERS] [DURATION]          # headless, bounded, CSV under loadtest/results/
+    .venv/bin/locust -f loadtest/locustfile.py --host http://127.0.0.1:8000     # web UI
+
+Families so far:
+  ClassifierUser  KServe v2 infer on the digit classifiers, a real sklearn digit per request.
+
+Adding a family (token streaming, generators, ...) = one more `ZooserveUser` subclass with its own
+`weight`, environment knobs and `@task`s; checks go through `ZooserveUser.post_json`, which fails
+a request on any non-200 (429 included, with the server's message and Retry-After) and on a body
+that is not JSON or fails the family's `check`. Pick classes on the command line
+(`locust -f loadtest/locustfile.py ClassifierUser`) or with `weight`.
+
+Environment:
+  ZOOSERVE_LOADTEST_MODELS  classifier models with optional weights, "name[:weight],..."
+                            (default "mlp-digits:3,resnet-digits:1")
+  ZOOSERVE_LOADTEST_WAIT    seconds each user waits between requests (default 0: closed loop)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Any, Callable
+
+from locust import FastHttpUser, constant, task
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+# ---- configuration --------------------------------------------------------------------------
+
+def weighted_names(env_var: str, default: str) -> list[tuple[str, float]]:
+    """Parse "a:3,b,c:0.5" from `env_var` (else `default`) into [(name, weight), ...]."""
+    items = []
+    for part in os.environ.get(env_var, default).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, weight = part.partition(":")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"{env_var}: weight of {name!r} is not a number: {weight!r}") from None
+        if w < 0:
+            raise ValueError(f"{env_var}: weight of {name!r} is negative")
+        items.append((name.strip(), w))
+    if not items or not any(w > 0 for _, w in items):
+        raise ValueError(f"{env_var} names no model with a positive weight")
+    return items
+
+
+def wait_seconds() -> float:
+    return float(os.environ.get("ZOOSERVE_LOADTEST_WAIT", "0"))
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+_digit_bodies: list[bytes] | None = None
+
+
+def digit_bodies() -> list[bytes]:
+    """KServe v2 JSON bodies, one per real sklearn digit (values 0..16, shape [1, 1, 8, 8]); built once."""
+    global _digit_bodies
+    if _digit_bodies is None:
+        from sklearn.datasets import load_digits
+
+        images = load_digits().images.reshape(-1, 64)
+        _digit_bodies = [json.dumps({"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                                  "data": [float(v) for v in img]}]}).encode()
+                         for img in images]
+    return _digit_bodies
+
+
+# ---- users ----------------------------------------------------------------------------------
+
+class ZooserveUser(FastHttpUser):
+    """Shared plumbing for every family: a JSON POST whose failures carry the server's reason."""
+
+    abstract = True
+    wait_time = constant(wait_seconds())
+
+    def post_json(self, path: str, body: bytes, name: str, check: Callable[[Any], str | None]) -> None:
+        """POST `body` to `path` (stats grouped under `name`); `check(parsed)` returns an error or None."""
+        with self.client.post(path, data=body, headers=JSON_HEADERS, name=name, catch_response=True) as resp:
+            if resp.status_code != 200:
+                resp.failure(describe_error(resp))
+                return
+            try:
+                parsed = resp.json()
+            except (ValueError, TypeError) as exc:
+                resp.failure(f"200 with a body that is not JSON: {exc}")
+                return
+            problem = check(parsed)
+            if problem:
+                resp.failure(problem)
+            else:
+                resp.success()
+
+
+def describe_error(resp) -> str:
+    """One line for a non-200: status, the server's {"error": ...} message, Retry-After on a 429."""
+    status = resp.status_code
+    if not status:                           # connection refused/reset: no HTTP status at all
+        return f"no response: {getattr(resp, 'error', None)!r}"
+    try:
+        message = resp.json().get("error", "")
+    except Exception:  # noqa: BLE001 - not JSON: show the start of the text
+        message = (resp.text or "")[:200]
+    if status == 429:
+        return f"429 queue full (Retry-After {resp.headers.get('Retry-After')}): {message}"
+    return f"HTTP {status}: {message}"
+
+
+class ClassifierUser(ZooserveUser):
+    """Digit classifiers (family "classify"): one real digit per request, logits [1, 10] expected."""
+
+    weight = 1
+    models = weighted_names("ZOOSERVE_LOADTEST_MODELS", "mlp-digits:3,resnet-digits:1")
+
+    def on_start(self) -> None:
+        self.bodies = digit_bodies()
+        self.names = [m for m, _ in self.models]
+        self.weights = [w for _, w in self.models]
+
+    @task
+    def infer(self) -> None:
+        model = random.choices(self.names, self.weights)[0]
+        self.post_json(f"/v2/models/{model}/infer", random.choice(self.bodies),
+                       name=f"/v2/models/{model}/infer", check=check_logits)
+
+
+def check_logits(parsed: Any) -> str | None:
+    try:
+        shape = parsed["outputs"][0]["shape"]
+    except (KeyError, IndexError, TypeError):
+        return f"no outputs[0].shape in the response: {str(parsed)[:200]}"
+    if shape != [1, 10]:
+        return f"outputs[0].shape is {shape}, expected [1, 10]"
+    return None

@@ -1,0 +1,275 @@
+"""The token engine: continuous (iteration-level) batching for autoregressive models.
+
+    plan = scheduler.schedule()          # books: who prefills, who decodes, which rows move or free
+    logits = runner.execute(plan)        # the model's step function over the KV slots
+    tokens = each request's sampler      # per-request generator: same seed, same text, any batch
+    finished = scheduler.update_from_output(plan, tokens)
+
+The loop runs on the engine's own thread (ONNX Runtime releases the GIL); requests arrive
+through a thread-safe inbox between steps and their events go back to the asyncio loop once per
+step. A request whose client went away is aborted and its row is freed at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import numpy as np
+
+from model_registry import Manifest
+from serve.batching import Closed, QueueFull
+from serve.engines.kv_slots import KVSlots
+from serve.metrics import EngineStats, TokenMetrics
+from serve.runtimes import Runtime
+from serve.scheduler import FINISH_REASON, RequestStatus, StepPlan, TokenRequest, TokenScheduler
+from training.sampling import Sampled, Sampler, SamplingParams
+
+log = logging.getLogger("zooserve.tokens")
+
+
+@dataclass
+class GenerationRequest:
+    """What the API asks of the engine for one sequence."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)      # stop strings (excluded from the text)
+    ignore_eos: bool = False
+
+
+@dataclass
+class TokenEvent:
+    """One sampled token as the client sees it."""
+
+    token: int | None            # None on a closing event that carries no token
+    text: str                    # new text since the previous event (may be "" while a char is incomplete)
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None   # "stop" | "length" | "abort" on the last event
+
+
+class _Stream:
+    """Engine-side companion of a request: sampler, detokenizer, stop strings, event sink."""
+
+    def __init__(self, req: GenerationRequest, tokenizer, loop: asyncio.AbstractEventLoop, sink: asyncio.Queue):
+        self.sampler = Sampler(req.params)
+        self.decoder = tokenizer.decode_stream()
+        self.stop = req.stop
+        self.hold = max((len(s) for s in req.stop), default=1) - 1   # chars held back: may start a stop string
+        self.text = ""          # everything decoded so far
+        self.sent = 0           # chars of `text` already emitted
+        self.loop, self.sink = loop, sink
+        self.last_token_at: float | None = None
+
+    def add_token(self, token: int) -> bool:
+        """Decode one token; True when a stop string now ends the text (which is cut before it)."""
+        self.text += self.decoder.step(token)
+        for s in self.stop:
+            cut = self.text.find(s, max(0, self.sent - len(s)))
+            if cut >= 0:
+                self.text = self.text[:cut]
+                return True
+        return False
+
+    def delta(self, final: bool) -> str:
+        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+
+class TokenRunner:
+    """Executes a StepPlan: the model's step over the KV slots; returns last-position logits."""
+
+    def __init__(self, runtime: Runtime, slots: KVSlots):
+        self.runtime, self.slots = runtime, slots
+
+    def apply_moves(self, plan: StepPlan) -> None:
+        for src, dst in plan.moves:
+            self.slots.move(src, dst)
+        if plan.freed_rows:
+            self.slots.reset_rows(plan.freed_rows)
+
+    def execute(self, plan: StepPlan) -> dict[str, np.ndarray]:
+        """request id -> logits (V,) of its last fed position."""
+        out: dict[str, np.ndarray] = {}
+        if plan.decode:
+            n = len(plan.decode)
+            k, v, start = self.slots.views(0, n)
+            ids = np.array([[r.output_ids[-1]] for r in plan.decode], np.int64)     # (n, 1)
+            res = self.runtime.run({"ids": ids, "start": start, "cache_k": k, "cache_v": v})
+            self.slots.append_one(n, res["new_k"], res["new_v"])
+            logits = res["logits"]                                                  # (n, 1, V)
+            for i, r in enumerate(plan.decode):
+                out[r.request_id] = logits[i, 0]
+        if plan.prefill:
+            first = plan.prefill[0].row
+            lengths = [len(r.prompt_ids) for r in plan.prefill]
+            ids = np.zeros((len(lengths), max(lengths)), np.int64)                  # right-padded prompts
+            for i, r in enumerate(plan.prefill):
+                ids[i, : lengths[i]] = r.prompt_ids
+            s = self.slots
+            empty = np.zeros((len(lengths), *s.k.shape[1:3], 1, s.k.shape[4]), s.k.dtype)   # start=0 masks it
+            res = self.runtime.run({"ids": ids, "start": np.zeros(len(lengths), np.int64),
+                                    "cache_k": empty, "cache_v": empty})
+            s.write_prefill(first, res["new_k"], res["new_v"], lengths)
+            for i, r in enumerate(plan.prefill):
+                out[r.request_id] = res["logits"][i, lengths[i] - 1]
+        return out
+
+
+class TokenEngine:
+    """One (model, version) of kind `tokens`: scheduler + runner + samplers on one thread."""
+
+    def __init__(self, name: str, version: int, manifest: Manifest, runtime: Runtime, tokenizer,
+                 slots: KVSlots, metrics: TokenMetrics, max_waiting: int = 1024):
+        self.name, self.version, self.manifest = name, version, manifest
+        self.tokenizer, self.metrics = tokenizer, metrics
+        self.max_len = slots.max_len
+        self.scheduler = TokenScheduler(max_rows=slots.rows, max_len=slots.max_len)
+        self.runner = TokenRunner(runtime, slots)
+        self.max_waiting = max_waiting
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._pending = 0          # submitted, not yet finished
+
+    # ---- asyncio side -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop_forever, name=f"{self.name}-{self.version}", daemon=True)
+        self._thread.start()
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
+        """Queue one sequence; yields its events step by step until the last one (finish_reason set)."""
+        if self._closing:
+            raise Closed("model is shutting down")
+        if self._pending >= self.scheduler.max_rows + self.max_waiting:
+            raise QueueFull(retry_after_s=1.0)
+        loop = asyncio.get_running_loop()
+        sink: asyncio.Queue = asyncio.Queue()
+        request = TokenRequest(f"{self.name}-{next(self._ids)}", list(req.prompt_ids), req.max_tokens,
+                               frozenset() if req.ignore_eos else frozenset({self.tokenizer.eos_id}))
+        request.payload = _Stream(req, self.tokenizer, loop, sink)
+        self._refuse_impossible(request)
+        self._pending += 1
+        self._inbox.put(("add", request))
+        finished = False
+        try:
+            while not finished:
+                events = await sink.get()
+                if isinstance(events, BaseException):
+                    raise events
+                finished = events[-1].finish_reason is not None
+                yield events
+        finally:
+            self._pending -= 1
+            if not finished:                       # the consumer went away: free the row next step
+                self._inbox.put(("abort", request.request_id))
+
+    def _refuse_impossible(self, request: TokenRequest) -> None:
+        """Refuse at once what could never run (the scheduler would say the same, later)."""
+        if not request.prompt_ids:
+            raise ValueError("empty prompt")
+        if len(request.prompt_ids) + request.max_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
+                             f"exceeds the context of {self.max_len} tokens")
+
+    def stats(self) -> EngineStats:
+        return self.metrics.stats
+
+    @property
+    def in_flight(self) -> int:
+        return self._pending
+
+    async def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new requests, let running ones finish (up to the timeout), stop the thread."""
+        self._closing = True
+        deadline = time.monotonic() + drain_timeout_s
+        while self._pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self._inbox.put(("stop", None))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    # ---- engine thread ------------------------------------------------------------------------
+    def _loop_forever(self) -> None:
+        while True:
+            if not self._take_inbox(block=not self.scheduler.has_requests()):
+                self._fail_everything(Closed("model was unloaded"))
+                return
+            try:
+                self._step()
+            except Exception as exc:  # noqa: BLE001 - fail what ran, keep the engine alive
+                log.exception("token step failed for %s/%s", self.name, self.version)
+                self._fail_running(exc)
+
+    def _take_inbox(self, block: bool) -> bool:
+        """Apply queued adds and aborts; False on stop."""
+        while True:
+            try:
+                kind, item = self._inbox.get(block=block, timeout=None)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "stop":
+                return False
+            if kind == "add":
+                self.scheduler.add_request(item)
+            elif kind == "abort":
+                request = self.scheduler.get(item)
+                if request is not None and not request.status.is_finished:
+                    self.scheduler.finish(item, RequestStatus.FINISHED_ABORTED)
+                    self.metrics.finished("abort", time.perf_counter() - request.arrival)
+
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        self.runner.apply_moves(plan)
+        self.metrics.scheduler_state(self.scheduler.num_running, self.scheduler.num_waiting, self.scheduler.max_rows)
+        if plan.empty:
+            return
+        started = time.perf_counter()
+        logits = self.runner.execute(plan)
+        sampled: dict[str, Sampled] = {}
+        for request in (*plan.decode, *plan.prefill):
+            sampled[request.request_id] = request.payload.sampler.sample(logits[request.request_id])
+        self.scheduler.update_from_output(plan, {i: s.token for i, s in sampled.items()})
+        now = time.perf_counter()
+        self.metrics.step_done(len(plan.decode) + len(plan.prefill), now - started)
+        for request in plan.prefill:
+            self.metrics.admitted(len(request.prompt_ids), started - request.arrival)
+        for request in (*plan.decode, *plan.prefill):
+            self._emit(request, sampled[request.request_id], now)
+
+    def _emit(self, request: TokenRequest, sample: Sampled, now: float) -> None:
+        if request.status == RequestStatus.FINISHED_ABORTED:
+            return
+        stream: _Stream = request.payload
+        kept = sample.token not in request.stop_token_ids     # an end-of-text token is not part of the text
+        if kept and stream.add_token(sample.token):
+            self.scheduler.finish(request.request_id, RequestStatus.FINISHED_STOPPED)
+        finish = FINISH_REASON[request.status] if request.status.is_finished else None
+        event = TokenEvent(sample.token if kept else None, stream.delta(final=finish is not None),
+                           sample.logprob if kept else None, sample.top if kept else [], finish)
+        self.metrics.token_emitted(stream, now, request.arrival)
+        if finish is not None:
+            self.metrics.finished(finish, now - request.arrival)
+        stream.loop.call_soon_threadsafe(stream.sink.put_nowait, [event])
+
+    def _fail_running(self, exc: Exception) -> None:
+        for request in list(self.scheduler.running):
+            self.scheduler.finish(request.request_id, RequestStatus.FINISHED_ABORTED)
+            stream: _Stream = request.payload
+            stream.loop.call_soon_threadsafe(stream.sink.put_nowait, RuntimeError(f"generation failed: {exc}"))
+
+    def _fail_everything(self, exc: Exception) -> None:
+        for request in [*self.scheduler.running, *self.scheduler.waiting]:
+            stream: _Stream = request.payload
+            stream.loop.call_soon_threadsafe(stream.sink.put_nowait, exc)
