@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_registry import Registry
 from serve import __version__
-from serve.api import ops, v2
+from serve.api import openai, ops, v2
 from serve.errors import ServeError
 from serve.metrics import Metrics
 from serve.repository import ModelRepository
@@ -59,6 +59,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app.router.routes.extend(v2.fast_routes())
     app.include_router(v2.router)
     app.include_router(ops.router)
+    app.include_router(openai.router)
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> Response:

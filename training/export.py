@@ -26,6 +26,7 @@ from training.families import family_module
 
 ARTIFACTS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 GOLDEN = "golden.safetensors"
+TOKENIZER = "tokenizer.json"
 MAX_BATCH = 4096
 TOLERANCE = 1e-4
 # batch sizes every artifact is run at; 2 is the traced shape, the others prove the axis is dynamic
@@ -117,6 +118,51 @@ def _signature(model: torch.nn.Module, example: tuple[torch.Tensor, ...], output
             "outputs": [spec(n, t) for n, t in zip(output_names, outs)]}
 
 
+def _check(report: dict) -> dict:
+    if not report["passed"]:
+        raise ParityError(f"{report['format']} export differs from eager by {report['max_abs_error']:.3g} "
+                          f"(tolerance {report['tolerance']})")
+    return report
+
+
+def _export_stateless(model, make_inputs, output_names, out: Path, formats) -> tuple[list, dict, dict]:
+    """Classifier-style models: forward(inputs) with a dynamic batch axis."""
+    example = make_inputs(PARITY_BATCHES[0])
+    reports = []
+    for fmt in formats:
+        path = out / ARTIFACTS[fmt]
+        if fmt == "onnx":
+            export_onnx(model, example, output_names, path)
+            run = onnx_runner(path)
+        else:
+            export_torchscript(model, example, path)
+            run = torchscript_runner(path)
+        reports.append(_check(check_parity(model, run, make_inputs, fmt)))
+    golden_in = make_inputs(3)
+    with torch.no_grad():
+        golden_out = _outputs(model(*golden_in))
+    tensors = {f"input.{n}": t.numpy() for n, t in zip(input_names(model), golden_in)}
+    tensors.update({f"output.{n}": t.numpy() for n, t in zip(output_names, golden_out)})
+    return reports, _signature(model, example, output_names), tensors
+
+
+def _export_token_model(fam, model, config, out: Path, formats) -> tuple[list, dict, dict]:
+    """Token models: the KV-cache step function, checked by prefill + decode against the full forward."""
+    from training import export_tokens as tok
+
+    reports = []
+    for fmt in formats:
+        path = out / ARTIFACTS[fmt]
+        if fmt == "onnx":
+            tok.export_step_onnx(fam, model, config, path)
+            run = tok.onnx_step_runner(path)
+        else:
+            tok.export_step_torchscript(fam, model, config, path)
+            run = tok.torchscript_step_runner(path, fam)
+        reports.append(_check(tok.check_token_parity(model, config, run, fmt)))
+    return reports, tok.signature(fam, config), tok.golden(fam, model, config)
+
+
 def package(checkpoint_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = ("onnx", "torchscript"),
             serve_format: str = "onnx") -> Manifest:
     """Export, check parity, and write a publishable folder; ParityError if any format fails."""
@@ -133,36 +179,24 @@ def package(checkpoint_dir: str | Path, out_dir: str | Path, formats: tuple[str,
     def make_inputs(batch: int) -> tuple[torch.Tensor, ...]:
         return fam.example_inputs(config, batch)
 
-    example = make_inputs(PARITY_BATCHES[0])
-    reports = []
-    for fmt in formats:
-        path = out / ARTIFACTS[fmt]
-        if fmt == "onnx":
-            export_onnx(model, example, output_names, path)
-            run = onnx_runner(path)
-        else:
-            export_torchscript(model, example, path)
-            run = torchscript_runner(path)
-        report = check_parity(model, run, make_inputs, fmt)
-        if not report["passed"]:
-            raise ParityError(f"{fmt} export differs from eager by {report['max_abs_error']:.3g} "
-                              f"(tolerance {TOLERANCE})")
-        reports.append(report)
-
-    golden_in = make_inputs(3)
-    with torch.no_grad():
-        golden_out = _outputs(model(*golden_in))
-    tensors = {f"input.{n}": t.numpy() for n, t in zip(input_names(model), golden_in)}
-    tensors.update({f"output.{n}": t.numpy() for n, t in zip(output_names, golden_out)})
+    if fam.KIND == "tokens":
+        reports, signature, tensors = _export_token_model(fam, model, config, out, formats)
+        extra_files = [name for name in (TOKENIZER,) if (src / name).exists()]
+        generation = {"max_model_len": config.block_size}
+    else:
+        reports, signature, tensors = _export_stateless(model, make_inputs, output_names, out, formats)
+        extra_files, generation = [], {}
     save_file(tensors, str(out / GOLDEN))
-    for name in (checkpoint.WEIGHTS, checkpoint.CONFIG):
+    for name in (checkpoint.WEIGHTS, checkpoint.CONFIG, *extra_files):
         shutil.copyfile(src / name, out / name)
 
     manifest = Manifest(
         family=family, kind=fam.KIND, format=serve_format,
         artifacts={f: ARTIFACTS[f] for f in formats},
-        signature=_signature(model, example, output_names),
+        signature=signature,
         labels=meta.get("labels", []),
+        generation=generation,
+        tokenizer=TOKENIZER if TOKENIZER in extra_files else None,
         golden=GOLDEN,
         lineage=meta.get("lineage", {}),
         parity=reports,

@@ -65,6 +65,7 @@ class _Stream:
         self.stop = req.stop
         self.hold = max((len(s) for s in req.stop), default=1) - 1   # chars held back: may start a stop string
         self.text = ""          # everything decoded so far
+        self.cut = False        # a stop string ended the text
         self.sent = 0           # chars of `text` already emitted
         self.loop, self.sink = loop, sink
         self.last_token_at: float | None = None
@@ -75,11 +76,13 @@ class _Stream:
         for s in self.stop:
             cut = self.text.find(s, max(0, self.sent - len(s)))
             if cut >= 0:
-                self.text = self.text[:cut]
+                self.text, self.cut = self.text[:cut], True
                 return True
         return False
 
     def delta(self, final: bool) -> str:
+        if final and not self.cut:
+            self.text += self.decoder.flush()       # an incomplete character at the very end
         end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
         out, self.sent = self.text[self.sent:end], end
         return out

@@ -1,0 +1,350 @@
+"""OpenAI-compatible routes for token models: /v1/models, /v1/completions, /v1/chat/completions.
+
+`model` is `name`, `name:version` or `name@alias`. Every prompt is checked against the
+context before anything is queued, so a bad request gets a 400 (OpenAI's error object) and
+never reaches the engine. `n` choices and list prompts become independent sequences in the
+engine's continuous batch; `stream: true` answers with server-sent events ending in
+`data: [DONE]`. A client that disconnects aborts its sequences (their slots free next step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from serve.api.deps import read_body, repository_of, settings_of
+from serve.batching import Closed, QueueFull
+from serve.engines.tokens import GenerationRequest, TokenEngine, TokenEvent
+from serve.errors import ServeError
+from serve.openai_protocol import ChatCompletionRequest, CompletionRequest
+from serve.repository import State
+from training.sampling import SamplingParams
+
+router = APIRouter(prefix="/v1")
+
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 499: "client_closed_request", 503: "service_unavailable", 500: "server_error"}
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers or {}
+
+    def response(self) -> Response:
+        body = {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.status}}
+        return Response(orjson.dumps(body), status_code=self.status, media_type="application/json",
+                        headers=self.headers)
+
+
+def _sse(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+# ---- shared plumbing --------------------------------------------------------------------------
+
+async def _parse(request: Request, model: type[BaseModel]):
+    body = await read_body(request, settings_of(request).max_body_bytes)
+    try:
+        return model.model_validate(orjson.loads(body))
+    except orjson.JSONDecodeError as exc:
+        raise OpenAIError(400, f"malformed JSON: {exc}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        raise OpenAIError(400, f"{param}: {first['msg']}", param) from None
+
+
+def _engine_for(request: Request, model: str) -> tuple[TokenEngine, int]:
+    """Resolve `name`, `name:version` or `name@alias` to a token engine."""
+    name, ref = model, None
+    if "@" in model:
+        name, ref = model.split("@", 1)
+    elif ":" in model:
+        name, ref = model.split(":", 1)
+    try:
+        lv = repository_of(request).resolve(name, ref)
+    except ServeError as exc:
+        raise OpenAIError(exc.status, exc.message, "model") from None
+    if not isinstance(lv.engine, TokenEngine):
+        raise OpenAIError(400, f"model {name!r} is a {lv.engine.manifest.kind!r} model; the OpenAI API serves "
+                               "token models (use /v2/models/{name}/infer)", "model")
+    return lv.engine, lv.version
+
+
+def _check_prompt(engine: TokenEngine, ids: list[int], max_tokens: int | None, default_tokens: int | None) -> int:
+    """The max_tokens this prompt gets, or a 400 naming what does not fit."""
+    if not ids:
+        raise OpenAIError(400, "prompt is empty after tokenization", "prompt")
+    if len(ids) >= engine.max_len:
+        raise OpenAIError(400, f"prompt is {len(ids)} tokens; the context of this model is {engine.max_len} "
+                               "(prompt + at least one generated token must fit)", "prompt")
+    room = engine.max_len - len(ids)
+    if max_tokens is None:
+        return min(room, default_tokens) if default_tokens else room
+    if max_tokens > room:
+        raise OpenAIError(400, f"max_tokens {max_tokens} + prompt {len(ids)} tokens exceeds the context of "
+                               f"{engine.max_len} tokens", "max_tokens")
+    return max_tokens
+
+
+def _sampling(body, seed_offset: int, logprobs: int | None) -> SamplingParams:
+    seed = None if body.seed is None else body.seed + seed_offset
+    return SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=seed,
+                          logprobs=logprobs)
+
+
+@dataclass
+class Choice:
+    """What one sequence produced, accumulated from its events."""
+
+    index: int
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    tops: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, event: TokenEvent) -> None:
+        self.text += event.text
+        if event.token is not None:
+            self.tokens.append(event.token)
+            self.logprobs.append(event.logprob)
+            self.tops.append(event.top)
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+
+
+async def _fan_out(engine: TokenEngine, jobs: list[GenerationRequest]) -> AsyncIterator[tuple[int, list[TokenEvent]]]:
+    """Run every job in the engine at once; yields (job index, events) as they come."""
+    inbox: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, job: GenerationRequest) -> None:
+        try:
+            async for events in engine.generate(job):
+                await inbox.put((index, events))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await inbox.put((index, exc))
+            return
+        await inbox.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(jobs)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await inbox.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise _engine_error(item)
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()                # a consumer that left aborts its sequences
+
+
+def _engine_error(exc: BaseException) -> OpenAIError:
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, QueueFull):
+        return OpenAIError(429, "too many requests waiting; retry later", headers={"Retry-After": "1"})
+    if isinstance(exc, Closed):
+        return OpenAIError(503, str(exc))
+    if isinstance(exc, ValueError):
+        return OpenAIError(400, str(exc))
+    return OpenAIError(500, f"generation failed: {exc}")
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(request: Request, engine: TokenEngine, jobs: list[GenerationRequest]) -> list[Choice] | None:
+    """Run jobs to the end; None when the client disconnected first (everything aborted)."""
+    choices = [Choice(i) for i in range(len(jobs))]
+
+    async def run() -> None:
+        async for index, events in _fan_out(engine, jobs):
+            for event in events:
+                choices[index].add(event)
+
+    work, watcher = asyncio.ensure_future(run()), asyncio.ensure_future(_until_disconnect(request))
+    done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if work not in done:
+        work.cancel()
+        return None
+    watcher.cancel()
+    work.result()
+    return choices
+
+
+def _usage(prompt_tokens: int, choices_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": choices_tokens,
+            "total_tokens": prompt_tokens + choices_tokens}
+
+
+async def _guarded(request: Request, handler) -> Response:
+    """Errors of /v1 routes in OpenAI's error shape."""
+    try:
+        return await handler()
+    except OpenAIError as exc:
+        return exc.response()
+    except ServeError as exc:
+        return OpenAIError(exc.status, exc.message, headers=exc.headers).response()
+
+
+# ---- routes -----------------------------------------------------------------------------------
+
+@router.get("/models", summary="Token models, as `name` and `name:version`")
+async def list_models(request: Request) -> Response:
+    repo = repository_of(request)
+    data = []
+    for name, table in sorted(repo.tables.items()):
+        ready = [(v, lv) for v, lv in sorted(table.items()) if lv.state == State.READY and isinstance(lv.engine, TokenEngine)]
+        if not ready:
+            continue
+        created = int(time.time())
+        data.append({"id": name, "object": "model", "created": created, "owned_by": "zooserve",
+                     "max_model_len": ready[-1][1].engine.max_len})
+        data += [{"id": f"{name}:{v}", "object": "model", "created": created, "owned_by": "zooserve",
+                  "parent": name, "max_model_len": lv.engine.max_len} for v, lv in ready]
+    return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+
+@router.post("/completions", summary="Text completion (OpenAI-compatible; `stream: true` for SSE)")
+async def completions(request: Request) -> Response:
+    async def handle() -> Response:
+        body: CompletionRequest = await _parse(request, CompletionRequest)
+        engine, version = _engine_for(request, body.model)
+        prompts = [engine.tokenizer.encode(p) for p in body.prompt]
+        max_tokens = [_check_prompt(engine, ids, body.max_tokens, None) for ids in prompts]
+        jobs = [GenerationRequest(ids, mt, _sampling(body, i, body.logprobs), body.stop, body.ignore_eos)
+                for ids, mt in zip(prompts, max_tokens) for i in range(body.n)]
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": body.model}
+        headers = {"x-model-version": str(version)}
+        prompt_tokens = sum(len(p) for p in prompts)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream_completions(engine, jobs, meta, body.logprobs is not None,
+                                                         include_usage, prompt_tokens),
+                                     media_type="text/event-stream", headers=headers)
+        choices = await _collect(request, engine, jobs)
+        if choices is None:
+            return Response(status_code=499)
+        out = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                "logprobs": _completion_logprobs(engine, c) if body.logprobs is not None else None} for c in choices]
+        payload = {**meta, "choices": out, "usage": _usage(prompt_tokens, sum(len(c.tokens) for c in choices))}
+        return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
+    return await _guarded(request, handle)
+
+
+@router.post("/chat/completions", summary="Chat completion (OpenAI-compatible; `stream: true` for SSE)")
+async def chat_completions(request: Request) -> Response:
+    async def handle() -> Response:
+        body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+        engine, version = _engine_for(request, body.model)
+        try:
+            text = engine.tokenizer.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+        except ValueError as exc:
+            raise OpenAIError(400, str(exc), "messages") from None
+        ids = engine.tokenizer.encode(text)
+        max_tokens = _check_prompt(engine, ids, body.max_completion_tokens or body.max_tokens, None)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        jobs = [GenerationRequest(ids, max_tokens, _sampling(body, i, logprobs), body.stop, body.ignore_eos)
+                for i in range(body.n)]
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        headers = {"x-model-version": str(version)}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream_chat(engine, jobs, meta, body.logprobs, include_usage, len(ids)),
+                                     media_type="text/event-stream", headers=headers)
+        choices = await _collect(request, engine, jobs)
+        if choices is None:
+            return Response(status_code=499)
+        out = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason,
+                "logprobs": {"content": _chat_logprobs(engine, c)} if body.logprobs else None} for c in choices]
+        payload = {**meta, "object": "chat.completion", "choices": out,
+                   "usage": _usage(len(ids), sum(len(c.tokens) for c in choices))}
+        return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
+    return await _guarded(request, handle)
+
+
+# ---- streaming --------------------------------------------------------------------------------
+
+async def _stream_completions(engine, jobs, meta, with_logprobs, include_usage, prompt_tokens) -> AsyncIterator[bytes]:
+    generated = 0
+    try:
+        async for index, events in _fan_out(engine, jobs):
+            for event in events:
+                generated += event.token is not None
+                choice = Choice(index)
+                choice.add(event)
+                lp = _completion_logprobs(engine, choice) if with_logprobs else None
+                yield _sse({**meta, "choices": [{"index": index, "text": event.text, "logprobs": lp,
+                                                 "finish_reason": event.finish_reason}]})
+        if include_usage:
+            yield _sse({**meta, "choices": [], "usage": _usage(prompt_tokens, generated)})
+    except OpenAIError as exc:
+        yield _sse({"error": {"message": exc.message, "type": ERROR_TYPES.get(exc.status), "code": exc.status}})
+    yield b"data: [DONE]\n\n"
+
+
+async def _stream_chat(engine, jobs, meta, with_logprobs, include_usage, prompt_tokens) -> AsyncIterator[bytes]:
+    chunk = {**meta, "object": "chat.completion.chunk"}
+    for i in range(len(jobs)):      # the role comes first, once per choice
+        yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}]})
+    generated = 0
+    try:
+        async for index, events in _fan_out(engine, jobs):
+            for event in events:
+                generated += event.token is not None
+                choice = Choice(index)
+                choice.add(event)
+                lp = {"content": _chat_logprobs(engine, choice)} if with_logprobs else None
+                delta = {"content": event.text} if event.text or event.finish_reason is None else {}
+                yield _sse({**chunk, "choices": [{"index": index, "delta": delta, "logprobs": lp,
+                                                  "finish_reason": event.finish_reason}]})
+        if include_usage:
+            yield _sse({**chunk, "choices": [], "usage": _usage(prompt_tokens, generated)})
+    except OpenAIError as exc:
+        yield _sse({"error": {"message": exc.message, "type": ERROR_TYPES.get(exc.status), "code": exc.status}})
+    yield b"data: [DONE]\n\n"
+
+
+# ---- logprobs in OpenAI's two shapes ------------------------------------------------------------
+
+def _token_text(engine: TokenEngine, token: int) -> str:
+    return engine.tokenizer.decode([token])
+
+
+def _completion_logprobs(engine: TokenEngine, c: Choice) -> dict:
+    offsets, at = [], 0
+    texts = [_token_text(engine, t) for t in c.tokens]
+    for t in texts:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": texts, "token_logprobs": c.logprobs,
+            "top_logprobs": [{_token_text(engine, t): lp for t, lp in top} for top in c.tops],
+            "text_offset": offsets}
+
+
+def _chat_logprobs(engine: TokenEngine, c: Choice) -> list[dict]:
+    def entry(token: int, logprob: float | None) -> dict:
+        raw = engine.tokenizer.token_bytes(token) or b""
+        return {"token": _token_text(engine, token), "logprob": logprob, "bytes": list(raw)}
+    return [{**entry(t, lp), "top_logprobs": [entry(tt, tlp) for tt, tlp in top]}
+            for t, lp, top in zip(c.tokens, c.logprobs, c.tops)]
