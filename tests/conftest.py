@@ -28,8 +28,29 @@ def demo_registry(tmp_path_factory) -> Path:
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("demo") / "registry"
-    demo(root, threads=1, progress=False)
+    demo(root, threads=1, progress=False, only=["mlp-digits", "resnet-digits"])
     return root
+
+
+@pytest.fixture(scope="session")
+def token_registry(tmp_path_factory, demo_registry) -> Path:
+    """decoder-tiny and decoder-moe-tiny, briefly trained on the real corpus (a real tokenizer,
+    real export and parity), plus mlp-digits; aliases `stable` -> 1. Read-only for tests."""
+    import torch
+
+    from model_registry import Registry
+    from training import export
+    from training.lm import train_decoder
+
+    torch.set_num_threads(1)
+    work = tmp_path_factory.mktemp("tokens")
+    registry = Registry(work / "registry")
+    for name, preset in (("decoder-tiny", "tiny"), ("decoder-moe-tiny", "tiny-moe")):
+        train_decoder(preset, work / name / "checkpoint", steps=40, progress=False, block_size=128)
+        export.package(work / name / "checkpoint", work / name / "package")
+        registry.set_alias(name, "stable", registry.publish(name, work / name / "package"))
+    registry.publish("mlp-digits", demo_registry / "mlp-digits" / "1")
+    return registry.root
 
 
 @pytest.fixture

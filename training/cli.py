@@ -16,6 +16,8 @@ FORMATS = ("onnx", "torchscript")
 DEMO_MODELS = [
     ("mlp-digits", "mlp", "tiny"),
     ("resnet-digits", "resnet", "tiny"),
+    ("decoder-tiny", "decoder", "tiny"),
+    ("decoder-moe-tiny", "decoder", "tiny-moe"),
 ]
 
 
@@ -43,7 +45,8 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo(registry_root: str | Path, threads: int = 1, progress: bool = True) -> dict[str, int]:
+def demo(registry_root: str | Path, threads: int = 1, progress: bool = True,
+         only: list[str] | None = None) -> dict[str, int]:
     """Train, export and publish every demo model (alias `stable` on it); returns name -> version."""
     import torch
 
@@ -55,6 +58,8 @@ def demo(registry_root: str | Path, threads: int = 1, progress: bool = True) -> 
     registry = Registry(registry_root)
     published = {}
     for name, family, preset in DEMO_MODELS:
+        if only is not None and name not in only:
+            continue
         with tempfile.TemporaryDirectory(prefix=f"zooserve-{name}-") as tmp:
             ckpt, pkg = Path(tmp) / "checkpoint", Path(tmp) / "package"
             print(f"[demo] training {name} ({family}, preset {preset})", flush=True)
@@ -62,15 +67,17 @@ def demo(registry_root: str | Path, threads: int = 1, progress: bool = True) -> 
             export.package(ckpt, pkg)
             published[name] = registry.publish(name, pkg)
             registry.set_alias(name, "stable", published[name])
-            print(f"[demo] published {name} version {published[name]}: "
-                  f"test accuracy {metrics.get('test_accuracy', float('nan')):.3f}", flush=True)
+            quality = (f"test accuracy {metrics['test_accuracy']:.3f}" if "test_accuracy" in metrics else
+                       f"held-out perplexity {metrics['val_perplexity']:.1f} "
+                       f"(unigram baseline {metrics['unigram_val_perplexity']:.1f})")
+            print(f"[demo] published {name} version {published[name]}: {quality}", flush=True)
     return published
 
 
 def _demo(args: argparse.Namespace) -> int:
     from model_registry.cli import resolve_root
 
-    demo(resolve_root(args.registry), threads=args.threads)
+    demo(resolve_root(args.registry), threads=args.threads, only=args.only)
     return 0
 
 
@@ -96,4 +103,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train, export and publish every demo model (tiny presets)")
     p.add_argument("--registry", default=None, help="registry root (default: $ZOOSERVE_REGISTRY or ./registry)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--only", nargs="+", default=None, choices=[m[0] for m in DEMO_MODELS],
+                   help="publish only these demo models")
     p.set_defaults(func=_demo)

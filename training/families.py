@@ -10,6 +10,7 @@ from typing import Any
 FAMILIES = {
     "mlp": "training.models.mlp",
     "resnet": "training.models.resnet",
+    "decoder": "training.models.decoder",
 }
 
 

@@ -14,7 +14,7 @@ from training import checkpoint, data, loop
 from training.families import family_module, make_config
 
 # which dataset each family trains on
-DATASETS = {"mlp": "digits", "resnet": "digits"}
+DATASETS = {"mlp": "digits", "resnet": "digits", "decoder": "text"}
 
 
 def code_revision() -> str | None:
@@ -63,4 +63,8 @@ def train(family: str, preset: str, out_dir: str | Path, progress: bool = True) 
     """Train `family` at `preset` into `out_dir`."""
     if DATASETS.get(family) == "digits":
         return train_classifier(family, preset, out_dir, progress=progress)
+    if DATASETS.get(family) == "text":
+        from training.lm import train_token_family
+
+        return train_token_family(family, preset, out_dir, progress=progress)
     raise ValueError(f"no training recipe for family {family!r}")
