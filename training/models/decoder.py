@@ -115,13 +115,22 @@ class Attention(nn.Module):
         k = self.k(x).view(B, T, self.n_kv_head, self.hd).transpose(1, 2)   # (B, KV, T, hd)
         v = self.v(x).view(B, T, self.n_kv_head, self.hd).transpose(1, 2)   # (B, KV, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = k, v
-        if past_k is not None:
-            keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)   # (B, KV, S+T, hd)
         g = self.n_head // self.n_kv_head              # query head h reads KV head h // g
-        keys, values = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)   # (B, H, S+T, hd)
+        # Grouped attention without copying the cache: the g query heads of one KV head become
+        # g*T query rows against that head's keys, and cached and new keys are scored
+        # separately, so the (large) cache is never expanded to H heads or concatenated with
+        # the new keys (that data movement was most of a decode step in ONNX Runtime).
+        qg = q.reshape(B, self.n_kv_head, g * T, self.hd) * self.hd**-0.5   # (B, KV, g*T, hd)
+        scores = qg @ k.transpose(-1, -2)                                   # (B, KV, g*T, T)
+        if past_k is not None:
+            scores = torch.cat([qg @ past_k.transpose(-1, -2), scores], dim=-1)   # (B, KV, g*T, S+T)
+        mask = mask.unsqueeze(2).expand(-1, -1, g, -1, -1).reshape(mask.shape[0], 1, g * T, -1)
         # Every query sees at least itself, so no row of the mask is all False (no NaN).
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)   # (B, H, T, hd)
+        p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)        # (B, KV, g*T, S+T)
+        y = p[..., -T:] @ v                                                 # (B, KV, g*T, hd)
+        if past_k is not None:
+            y = y + p[..., :-T] @ past_v
+        y = y.reshape(B, self.n_head, T, self.hd)                           # (B, H, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, -1)), k, v
 
 
