@@ -36,9 +36,17 @@ class KVSlots:
         """Forget rows; their stale data stays but is masked by length 0."""
         self.lengths[rows] = 0
 
-    def views(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(k, v, lengths) of rows start..stop-1, without copying k and v."""
-        return self.k[start:stop], self.v[start:stop], self.lengths[start:stop].copy()
+    def window(self, n: int, bucket: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(k, v, lengths) of rows 0..n-1, cut to the positions those rows hold (rounded up to
+        `bucket`, so ONNX Runtime sees few distinct shapes). Attention cost grows with the
+        positions handed over, so a cut copy beats the full view whenever rows are much
+        shorter than max_len (bench/tokens.py); at full length the views go uncopied."""
+        lengths = self.lengths[:n].copy()
+        span = min(self.max_len, max(bucket, -(-int(lengths.max()) // bucket) * bucket))
+        if span >= self.max_len:
+            return self.k[:n], self.v[:n], lengths
+        return (np.ascontiguousarray(self.k[:n, :, :, :span]), np.ascontiguousarray(self.v[:n, :, :, :span]),
+                lengths)
 
     def append_one(self, n: int, new_k: np.ndarray, new_v: np.ndarray) -> None:
         """Decode: rows 0..n-1 each gain one token; new_k, new_v (n, L, KV, 1, hd)."""

@@ -88,6 +88,12 @@ class _Stream:
         return out
 
 
+def _deliver(deliveries: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
+    """On the event loop: hand each stream its event."""
+    for sink, event in deliveries:
+        sink.put_nowait([event])
+
+
 class TokenRunner:
     """Executes a StepPlan: the model's step over the KV slots; returns last-position logits."""
 
@@ -105,7 +111,7 @@ class TokenRunner:
         out: dict[str, np.ndarray] = {}
         if plan.decode:
             n = len(plan.decode)
-            k, v, start = self.slots.views(0, n)
+            k, v, start = self.slots.window(n)
             ids = np.array([[r.output_ids[-1]] for r in plan.decode], np.int64)     # (n, 1)
             res = self.runtime.run({"ids": ids, "start": start, "cache_k": k, "cache_v": v})
             self.slots.append_one(n, res["new_k"], res["new_v"])
@@ -147,6 +153,7 @@ class TokenEngine:
 
     # ---- asyncio side -------------------------------------------------------------------------
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._loop_forever, name=f"{self.name}-{self.version}", daemon=True)
         self._thread.start()
 
@@ -248,12 +255,14 @@ class TokenEngine:
         self.metrics.step_done(len(plan.decode) + len(plan.prefill), now - started)
         for request in plan.prefill:
             self.metrics.admitted(len(request.prompt_ids), started - request.arrival)
-        for request in (*plan.decode, *plan.prefill):
-            self._emit(request, sampled[request.request_id], now)
+        deliveries = [self._emit(r, sampled[r.request_id], now) for r in (*plan.decode, *plan.prefill)]
+        # one hop to the event loop per step, not per sequence (each hop is a wake-up syscall)
+        self._loop.call_soon_threadsafe(_deliver, [d for d in deliveries if d is not None])
 
-    def _emit(self, request: TokenRequest, sample: Sampled, now: float) -> None:
+    def _emit(self, request: TokenRequest, sample: Sampled, now: float) -> tuple[asyncio.Queue, TokenEvent] | None:
+        """The event this token makes for its stream (None for an aborted request)."""
         if request.status == RequestStatus.FINISHED_ABORTED:
-            return
+            return None
         stream: _Stream = request.payload
         kept = sample.token not in request.stop_token_ids     # an end-of-text token is not part of the text
         if kept and stream.add_token(sample.token):
@@ -264,7 +273,7 @@ class TokenEngine:
         self.metrics.token_emitted(stream, now, request.arrival)
         if finish is not None:
             self.metrics.finished(finish, now - request.arrival)
-        stream.loop.call_soon_threadsafe(stream.sink.put_nowait, [event])
+        return stream.sink, event
 
     def _fail_running(self, exc: Exception) -> None:
         for request in list(self.scheduler.running):
