@@ -127,7 +127,7 @@ def zooserve_cmd() -> list[str]:
 def build_registry(root: Path) -> None:
     print(f"[bench] building the demo registry in {root} (trains two small models, ~30 s) ...", flush=True)
     started = time.perf_counter()
-    proc = subprocess.run([*zooserve_cmd(), "demo", "--registry", str(root)], cwd=REPO_ROOT,
+    proc = subprocess.run([*zooserve_cmd(), "demo", "--registry", str(root), "--only", "mlp-digits", "resnet-digits"], cwd=REPO_ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:])
