@@ -4,7 +4,9 @@
     .venv/bin/locust -f loadtest/locustfile.py --host http://127.0.0.1:8000     # web UI
 
 Families so far:
-  ClassifierUser  KServe v2 infer on the digit classifiers, a real sklearn digit per request.
+  ClassifierUser        KServe v2 infer on the digit classifiers, a real sklearn digit per request.
+  StreamingTokenUser    OpenAI /v1/completions with stream: true on the decoders; reports time to
+                        first token ("ttft ...") and the whole stream as separate entries.
 
 Adding a family (token streaming, generators, ...) = one more `ZooserveUser` subclass with its own
 `weight`, environment knobs and `@task`s; checks go through `ZooserveUser.post_json`, which fails
@@ -15,6 +17,8 @@ that is not JSON or fails the family's `check`. Pick classes on the command line
 Environment:
   ZOOSERVE_LOADTEST_MODELS  classifier models with optional weights, "name[:weight],..."
                             (default "mlp-digits:3,resnet-digits:1")
+  ZOOSERVE_LOADTEST_TOKEN_MODELS  token models with optional weights (default "decoder-tiny:1,decoder-moe-tiny:1")
+  ZOOSERVE_LOADTEST_MAX_TOKENS    max_tokens per completion (default 32)
   ZOOSERVE_LOADTEST_WAIT    seconds each user waits between requests (default 0: closed loop)
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from typing import Any, Callable
 
 from locust import FastHttpUser, constant, task
@@ -140,3 +145,61 @@ def check_logits(parsed: Any) -> str | None:
     if shape != [1, 10]:
         return f"outputs[0].shape is {shape}, expected [1, 10]"
     return None
+
+
+PROMPTS = ["ROMEO.", "JULIET. O Romeo, Romeo!", "HAMLET. To be, or not to be", "KING LEAR.",
+           "Enter the Ghost.", "FIRST CITIZEN. Before we proceed any further, hear me speak."]
+
+
+class StreamingTokenUser(ZooserveUser):
+    """Token models: a streaming completion; fails on a non-200, an error event or a missing [DONE]."""
+
+    weight = 1
+    models = weighted_names("ZOOSERVE_LOADTEST_TOKEN_MODELS", "decoder-tiny:1,decoder-moe-tiny:1")
+    max_tokens = int(os.environ.get("ZOOSERVE_LOADTEST_MAX_TOKENS", "32"))
+
+    def on_start(self) -> None:
+        self.names = [m for m, _ in self.models]
+        self.weights = [w for _, w in self.models]
+
+    @task
+    def stream_completion(self) -> None:
+        model = random.choices(self.names, self.weights)[0]
+        body = json.dumps({"model": model, "prompt": random.choice(PROMPTS), "max_tokens": self.max_tokens,
+                           "temperature": 0.8, "stream": True}).encode()
+        started = time.perf_counter()
+        with self.client.post("/v1/completions", data=body, headers=JSON_HEADERS, stream=True,
+                              name=f"/v1/completions {model} (stream)", catch_response=True) as resp:
+            if resp.status_code != 200:
+                resp.failure(describe_error(resp))
+                return
+            problem, first = read_sse(resp.stream, started)
+            if first is not None:
+                self.environment.events.request.fire(request_type="SSE", name=f"ttft {model}",
+                                                     response_time=first * 1000, response_length=0,
+                                                     exception=None, context={})
+            if problem:
+                resp.failure(problem)
+            else:
+                resp.success()
+
+
+def read_sse(stream, started: float) -> tuple[str | None, float | None]:
+    """Read server-sent events to [DONE]; (problem or None, seconds to the first text chunk)."""
+    first, buffer, done = None, b"", False
+    for chunk in iter(lambda: stream.read(4096), b""):
+        buffer += chunk
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            if not event.startswith(b"data: "):
+                continue
+            payload = event[6:]
+            if payload == b"[DONE]":
+                done = True
+                continue
+            parsed = json.loads(payload)
+            if "error" in parsed:
+                return f"error event: {parsed['error']}", first
+            if first is None and parsed.get("choices") and parsed["choices"][0].get("text"):
+                first = time.perf_counter() - started
+    return (None if done else "stream ended without data: [DONE]"), first

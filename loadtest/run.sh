@@ -7,7 +7,8 @@
 # Writes loadtest/results/<UTC timestamp>_{stats,stats_history,failures,exceptions}.csv and, when
 # loadtest/plot.py exists and matplotlib is importable, <timestamp>.png (req/s, p50/p95 over time).
 # Exits with locust's status: non-zero when any request failed or locust itself failed.
-# Knobs: ZOOSERVE_LOADTEST_MODELS, ZOOSERVE_LOADTEST_WAIT (see loadtest/locustfile.py),
+# Knobs: ZOOSERVE_LOADTEST_MODELS, ZOOSERVE_LOADTEST_TOKEN_MODELS, ZOOSERVE_LOADTEST_WAIT (see
+#        loadtest/locustfile.py), ZOOSERVE_LOADTEST_OUT (results folder, default loadtest/results),
 #        SPAWN_RATE (users started per second; default all at once), LOCUST_ARGS (extra flags).
 set -euo pipefail
 
@@ -26,8 +27,9 @@ fi
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
-OUT="loadtest/results/$STAMP"
-mkdir -p loadtest/results
+RESULTS="${ZOOSERVE_LOADTEST_OUT:-loadtest/results}"
+OUT="$RESULTS/$STAMP"
+mkdir -p "$RESULTS"
 
 echo "run.sh: $USERS users for $DURATION against $HOST -> ${OUT}_*.csv"
 set +e
