@@ -242,4 +242,7 @@ def test_token_model_v2_metadata_and_lineage(token_server, token_registry):
     reports = {r["format"]: r for r in manifest["parity"]}
     assert reports["onnx"]["passed"] and reports["onnx"]["max_abs_error"] <= 1e-4
     metrics = manifest["lineage"]["metrics"]
-    assert np.isfinite(metrics["val_loss"]) and "unigram_val_loss" in metrics
+    # 150 steps already beat a unigram model of the training text on held-out plays by > 0.5 nats/token
+    # (the full `tiny` recipe reaches 3.87 against 5.95: docs/benchmarks.md)
+    assert metrics["val_loss"] < metrics["unigram_val_loss"] - 0.5
+    assert np.isclose(metrics["val_perplexity"], np.exp(metrics["val_loss"]))
