@@ -53,10 +53,6 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app = FastAPI(title="zooserve", version=__version__, lifespan=lifespan,
                   description="One server for every model family: KServe v2 and (for token models) OpenAI.",
                   **_NO_TELEMETRY)
-    # The hot path first, as plain Starlette routes: FastAPI's per-request dependency solving and
-    # a walk past every other route cost more CPU than decoding the tensors (bench/classify.py).
-    # The FastAPI declarations of the same handlers stay below for the OpenAPI document.
-    app.router.routes.extend(v2.fast_routes())
     app.include_router(v2.router)
     app.include_router(ops.router)
     app.include_router(openai.router)
@@ -76,7 +72,28 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         return _error(400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
 
-    return app
+    return InferFastPath(app)
+
+
+class InferFastPath:
+    """ASGI front: the two infer routes go straight to their handler; everything else to FastAPI.
+
+    FastAPI's per-request machinery (route walk, dependency solving, five middlewares) cost more
+    CPU than decoding the tensors and running the model (bench/classify.py, py-spy). The FastAPI
+    declarations of the same handler stay in the app for the OpenAPI document."""
+
+    def __init__(self, app: FastAPI):
+        self.app = app
+        self.state = app.state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/infer"):
+            match = v2.INFER_PATH.fullmatch(scope["path"])
+            if match is not None:
+                scope["app"] = self.app
+                await v2.fast_infer(scope, receive, send, match["model"], match["version"], _error)
+                return
+        await self.app(scope, receive, send)
 
 
 # FastAPI >= 0.165 wraps every request in native OpenTelemetry unless told not to.

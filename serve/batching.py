@@ -1,7 +1,8 @@
 """Dynamic batching for stateless models (Triton's dynamic batcher, two knobs).
 
 Requests queue on the event loop; one collector task cuts a batch when `max_batch_size` rows
-are waiting or the oldest request has waited `max_queue_delay_ms`, concatenates the inputs,
+are waiting or the oldest request has waited `max_queue_delay_ms` (a window that opens only under
+load: a lone request after a batch of one runs at once), concatenates the inputs,
 runs the batch on the engine's own thread (ONNX Runtime and torch release the GIL) and
 scatters the output rows back. Requests that arrive while a batch executes grow the next one.
 
@@ -82,6 +83,7 @@ class DynamicBatcher:
         self._closing = False
         self._in_flight = 0                # requests taken off the queue and not yet answered
         self._rows_queued = 0              # sum of rows in the queue
+        self._last_batch_requests = 0      # requests in the previous batch (1 = no load to batch)
         self._mean_batch_s = 0.001         # running mean of batch compute time (Retry-After, inline choice)
 
     @property
@@ -157,6 +159,8 @@ class DynamicBatcher:
 
     async def _wait_for_batch(self) -> None:
         """Wait until a full batch is queued or the oldest request has waited the delay."""
+        if self._last_batch_requests <= 1 and len(self._queue) == 1:
+            return      # no load: a window would only add latency (it opens again once batches form)
         remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.perf_counter()
         if remaining > 0 and not self._closing and self._rows_queued < self.max_batch_size:
             await self._sleep(remaining, wake_on_any=False)
@@ -179,6 +183,7 @@ class DynamicBatcher:
 
     async def _execute(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
+        self._last_batch_requests = len(batch)
         self._in_flight = len(batch)
         names = batch[0].inputs.keys()
         if len(batch) == 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import zlib
 from typing import Any
@@ -16,7 +17,6 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.routing import Route
 
 from serve import __version__
 from serve.api.deps import admin_only, read_body, repository_of, settings_of
@@ -255,15 +255,17 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
         engine.metrics.request_done(status, time.perf_counter() - started)
 
 
-async def _fast_infer(request: Request) -> Response:
-    params = request.path_params
-    return await _infer(request, params["model"], params.get("version"))
+INFER_PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 
 
-def fast_routes() -> list[Route]:
-    """The infer routes as plain Starlette routes (mounted before everything else)."""
-    return [Route("/v2/models/{model}/infer", _fast_infer, methods=["POST"]),
-            Route("/v2/models/{model}/versions/{version}/infer", _fast_infer, methods=["POST"])]
+async def fast_infer(scope, receive, send, model: str, version: str | None, error_response) -> None:
+    """The infer handler as a bare ASGI call (see serve.app.InferFastPath); errors as JSON."""
+    request = Request(scope, receive)
+    try:
+        response = await _infer(request, model, version)
+    except ServeError as exc:
+        response = error_response(exc.status, exc.message, exc.headers)
+    await response(scope, receive, send)
 
 
 @router.post("/v2/models/{model}/infer", summary="Inference on the default version (stable alias, else newest)",
