@@ -284,45 +284,47 @@ async def chat_completions(request: Request) -> Response:
 
 # ---- streaming --------------------------------------------------------------------------------
 
-async def _stream_completions(engine, jobs, meta, with_logprobs, include_usage, prompt_tokens) -> AsyncIterator[bytes]:
+async def _stream(engine, jobs, base: dict, include_usage: bool, prompt_tokens: int,
+                  to_choice, preamble: list[dict]) -> AsyncIterator[bytes]:
+    """SSE chunks: `preamble`, one chunk per event (`to_choice(index, event)`), usage, [DONE]."""
+    for payload in preamble:
+        yield _sse(payload)
     generated = 0
     try:
         async for index, events in _fan_out(engine, jobs):
             for event in events:
                 generated += event.token is not None
-                choice = Choice(index)
-                choice.add(event)
-                lp = _completion_logprobs(engine, choice) if with_logprobs else None
-                yield _sse({**meta, "choices": [{"index": index, "text": event.text, "logprobs": lp,
-                                                 "finish_reason": event.finish_reason}]})
+                yield _sse({**base, "choices": [to_choice(index, event)]})
         if include_usage:
-            yield _sse({**meta, "choices": [], "usage": _usage(prompt_tokens, generated)})
+            yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, generated)})
     except OpenAIError as exc:
         yield _sse({"error": {"message": exc.message, "type": ERROR_TYPES.get(exc.status), "code": exc.status}})
     yield b"data: [DONE]\n\n"
 
 
-async def _stream_chat(engine, jobs, meta, with_logprobs, include_usage, prompt_tokens) -> AsyncIterator[bytes]:
-    chunk = {**meta, "object": "chat.completion.chunk"}
-    for i in range(len(jobs)):      # the role comes first, once per choice
-        yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}]})
-    generated = 0
-    try:
-        async for index, events in _fan_out(engine, jobs):
-            for event in events:
-                generated += event.token is not None
-                choice = Choice(index)
-                choice.add(event)
-                lp = {"content": _chat_logprobs(engine, choice)} if with_logprobs else None
-                delta = {"content": event.text} if event.text or event.finish_reason is None else {}
-                yield _sse({**chunk, "choices": [{"index": index, "delta": delta, "logprobs": lp,
-                                                  "finish_reason": event.finish_reason}]})
-        if include_usage:
-            yield _sse({**chunk, "choices": [], "usage": _usage(prompt_tokens, generated)})
-    except OpenAIError as exc:
-        yield _sse({"error": {"message": exc.message, "type": ERROR_TYPES.get(exc.status), "code": exc.status}})
-    yield b"data: [DONE]\n\n"
+def _stream_completions(engine, jobs, meta, with_logprobs, include_usage, prompt_tokens) -> AsyncIterator[bytes]:
+    def to_choice(index: int, event: TokenEvent) -> dict:
+        lp = _completion_logprobs(engine, _one(index, event)) if with_logprobs else None
+        return {"index": index, "text": event.text, "logprobs": lp, "finish_reason": event.finish_reason}
+    return _stream(engine, jobs, meta, include_usage, prompt_tokens, to_choice, [])
+
+
+def _stream_chat(engine, jobs, meta, with_logprobs, include_usage, prompt_tokens) -> AsyncIterator[bytes]:
+    base = {**meta, "object": "chat.completion.chunk"}
+    roles = [{**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                   "finish_reason": None}]} for i in range(len(jobs))]   # the role comes first
+
+    def to_choice(index: int, event: TokenEvent) -> dict:
+        lp = {"content": _chat_logprobs(engine, _one(index, event))} if with_logprobs else None
+        delta = {"content": event.text} if event.text or event.finish_reason is None else {}
+        return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": event.finish_reason}
+    return _stream(engine, jobs, base, include_usage, prompt_tokens, to_choice, roles)
+
+
+def _one(index: int, event: TokenEvent) -> Choice:
+    choice = Choice(index)
+    choice.add(event)
+    return choice
 
 
 # ---- logprobs in OpenAI's two shapes ------------------------------------------------------------
