@@ -126,6 +126,15 @@ class Choice:
 
 async def _fan_out(engine: TokenEngine, jobs: list[GenerationRequest]) -> AsyncIterator[tuple[int, list[TokenEvent]]]:
     """Run every job in the engine at once; yields (job index, events) as they come."""
+    if len(jobs) == 1:                 # the common case: no pump task and queue hop per token
+        try:
+            async for events in engine.generate(jobs[0]):
+                yield 0, events
+        except OpenAIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error
+            raise _engine_error(exc) from None
+        return
     inbox: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, job: GenerationRequest) -> None:
