@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from training import checkpoint, data, loop
-from training.families import FAMILIES, config_from_dict, family_module, make_config
+from training.families import config_from_dict, family_module, make_config
 
 CLASSIFIERS = ["mlp", "resnet"]
 
