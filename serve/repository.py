@@ -12,10 +12,10 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 from pathlib import Path
 
-from model_registry import ModelConfig, NotFound, Registry, RegistryError
+from model_registry import ModelConfig, Registry, RegistryError
+from serve.engines.base import Engine
 from serve.engines.factory import make_token_engine
 from serve.engines.stateless import StatelessEngine
 from serve.golden import check_golden
@@ -43,7 +43,7 @@ class LoadedVersion:
     version: int
     state: State
     reason: str = ""
-    engine: Any = None           # StatelessEngine | TokenEngine when READY
+    engine: Engine | None = None   # StatelessEngine or TokenEngine when READY
 
 
 def versions_to_load(cfg: ModelConfig, available: list[int]) -> list[int]:
@@ -200,4 +200,4 @@ class ModelRepository:
         return sum(lv.engine.in_flight for t in self.tables.values() for lv in t.values() if lv.engine)
 
 
-__all__ = ["ModelRepository", "LoadedVersion", "State", "NotFound", "versions_to_load"]
+__all__ = ["ModelRepository", "LoadedVersion", "State", "versions_to_load"]

@@ -203,7 +203,7 @@ def _usage(prompt_tokens: int, choices_tokens: int) -> dict:
             "total_tokens": prompt_tokens + choices_tokens}
 
 
-async def _guarded(request: Request, handler) -> Response:
+async def _guarded(handler) -> Response:
     """Errors of /v1 routes in OpenAI's error shape."""
     try:
         return await handler()
@@ -256,7 +256,7 @@ async def completions(request: Request) -> Response:
                 "logprobs": _completion_logprobs(engine, c) if body.logprobs is not None else None} for c in choices]
         payload = {**meta, "choices": out, "usage": _usage(prompt_tokens, sum(len(c.tokens) for c in choices))}
         return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
-    return await _guarded(request, handle)
+    return await _guarded(handle)
 
 
 @router.post("/chat/completions", summary="Chat completion (OpenAI-compatible; `stream: true` for SSE)")
@@ -288,7 +288,7 @@ async def chat_completions(request: Request) -> Response:
         payload = {**meta, "object": "chat.completion", "choices": out,
                    "usage": _usage(len(ids), sum(len(c.tokens) for c in choices))}
         return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
-    return await _guarded(request, handle)
+    return await _guarded(handle)
 
 
 # ---- streaming --------------------------------------------------------------------------------

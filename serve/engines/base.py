@@ -1,23 +1,26 @@
-"""What every engine offers the HTTP layer, whatever its execution pattern."""
+"""What every engine offers the repository and the HTTP layer, whatever its execution pattern.
+
+The request verb differs by pattern, so it is not part of this protocol: the stateless engine
+has `async infer(inputs, rows, deadline) -> outputs` (one answer per request), the token engine
+`generate(GenerationRequest) -> AsyncIterator[list[TokenEvent]]` (a stream of events).
+"""
 
 from __future__ import annotations
 
 from typing import Protocol
 
-import numpy as np
-
-from serve.metrics import EngineStats
+from model_registry import Manifest
+from serve.metrics import EngineStats, ModelMetrics
 
 
 class Engine(Protocol):
     name: str
     version: int
+    manifest: Manifest
+    metrics: ModelMetrics
 
     def start(self) -> None:
-        """Start background work on the running event loop."""
-
-    async def infer(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None) -> dict[str, np.ndarray]:
-        """Run one validated request; raises batching errors (QueueFull, DeadlineExceeded, Closed)."""
+        """Start background work; called on the running event loop."""
 
     def stats(self) -> EngineStats:
         """Cumulative counters for the statistics endpoint."""

@@ -58,7 +58,10 @@ def test_completion_non_streaming(client, model):
     out = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0)
     (choice,) = out.choices
     assert choice.finish_reason in ("length", "stop") and isinstance(choice.text, str)
-    assert out.usage.completion_tokens == (12 if choice.finish_reason == "length" else out.usage.completion_tokens)
+    if choice.finish_reason == "length":
+        assert out.usage.completion_tokens == 12
+    else:                                            # end-of-text sampled first: not counted, not in the text
+        assert out.usage.completion_tokens < 12
     assert out.usage.prompt_tokens > 3 and out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
 
 
@@ -151,7 +154,8 @@ def test_concurrent_mixed_requests_share_steps_and_metrics_show_it(aclient, toke
             return await asyncio.gather(*(one(i) for i in range(16)))
     results = asyncio.run(run())
     for i, chunks in enumerate(results):
-        assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason is None) + 1 >= 4 + 3 * i - 1
+        # one chunk per sampled token, the last one carrying the finish reason
+        assert sum(1 for c in chunks if c.choices) == 4 + 3 * i
         assert chunks[-1].choices[0].finish_reason == "length"
     after = httpx.get(f"{token_server.url}/metrics").text
     labels = {"model": "decoder-tiny", "version": "1"}
