@@ -90,8 +90,7 @@ class InferFastPath:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/infer"):
             match = v2.INFER_PATH.fullmatch(scope["path"])
             if match is not None:
-                scope["app"] = self.app
-                await v2.fast_infer(scope, receive, send, match["model"], match["version"], _error)
+                await v2.fast_infer(scope, receive, send, self.state, match["model"], match["version"])
                 return
         await self.app(scope, receive, send)
 

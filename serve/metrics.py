@@ -1,20 +1,30 @@
 """Prometheus metrics: the only module that imports prometheus_client.
 
-Engines keep plain counters in `EngineStats` (served by the v2 statistics endpoint) and report
-timings through a `ModelMetrics` recorder, whose label values are bound once per (model,
-version) so the hot path does no label lookups. Names follow DESIGN section 6.
+The hot path records into plain Python accumulators (`ModelMetrics`, one per (model, version),
+labels bound once); a collector turns them into Prometheus families when /metrics is scraped.
+Why not prometheus_client's own Counter/Histogram objects: a request touched about fifteen of
+them, each a few Python calls deep with its own lock, and that cost more server CPU than decoding
+the request (bench/classify.py, cProfile). prometheus_client still renders and names everything.
+
+Each `ModelMetrics` takes one lock per recording call, so the token engine's thread and the event
+loop can both record into the same series. Names follow DESIGN section 6.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the /metrics route)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LABELS = ["model", "version"]
 
 
 @dataclass
@@ -36,136 +46,207 @@ class EngineStats:
     batch_stats: dict[int, list[int]] = field(default_factory=dict)
 
 
+class HistogramValues:
+    """One histogram series: a count per bucket (`le` semantics) plus the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)     # the last slot is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip((*map(_le, self.bounds), "+Inf"), self.counts):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+class GaugeValue:
+    """A gauge series: set by its owner, or read from `set_function`'s callable at scrape."""
+
+    __slots__ = ("value", "function")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.function: Callable[[], float] | None = None
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def set_function(self, function: Callable[[], float]) -> None:
+        self.function = function
+
+    def get(self) -> float:
+        return float(self.function()) if self.function is not None else float(self.value)
+
+
+def _le(bound: float) -> str:
+    return str(float(bound))
+
+
+# name, help, kind ("counter" | "gauge" | "histogram"), attribute of ModelMetrics, token models only
+FAMILIES: list[tuple[str, str, str, str, bool]] = [
+    ("zooserve_requests", "Inference requests by outcome", "counter", "status_counts", False),
+    ("zooserve_request_duration_seconds", "End-to-end request time in the server", "histogram",
+     "request_duration", False),
+    ("zooserve_queue_duration_seconds", "Time a request waited for its batch", "histogram", "queue_duration", False),
+    ("zooserve_compute_duration_seconds", "Model execution time per batch", "histogram", "compute_duration", False),
+    ("zooserve_inference_count", "Rows inferred (batch-N request counts N)", "counter", "inference_count", False),
+    ("zooserve_execution_count", "Model executions (batches)", "counter", "execution_count", False),
+    ("zooserve_batch_size", "Rows per executed batch", "histogram", "batch_size", False),
+    ("zooserve_queue_depth", "Requests waiting for a batch", "gauge", "queue_depth", False),
+    ("zooserve_model_ready", "1 when the version serves, else 0", "gauge", "ready", False),
+    # token engines (vLLM's vocabulary)
+    ("zooserve_time_to_first_token_seconds", "Arrival to first generated token", "histogram", "ttft", True),
+    ("zooserve_inter_token_latency_seconds", "Time between two tokens of one sequence", "histogram", "itl", True),
+    ("zooserve_prompt_tokens", "Prompt tokens prefilled", "counter", "prompt_tokens", True),
+    ("zooserve_generated_tokens", "Tokens generated", "counter", "generated_tokens", True),
+    ("zooserve_requests_running", "Sequences holding a state slot", "gauge", "running", True),
+    ("zooserve_requests_waiting", "Sequences waiting for a slot", "gauge", "waiting", True),
+    ("zooserve_state_slots_used_ratio", "Share of state slots in use", "gauge", "slots_used", True),
+]
+
+
 class Metrics:
-    """All zooserve_* metric families on one CollectorRegistry (one per server)."""
+    """Every zooserve_* family, collected from the live `ModelMetrics` on one registry per server."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        labels = ("model", "version")
-        r = self.registry
-        self.requests = Counter("zooserve_requests", "Inference requests by outcome", (*labels, "status"), registry=r)
-        self.request_duration = Histogram("zooserve_request_duration_seconds", "End-to-end request time in the server",
-                                          labels, buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_duration = Histogram("zooserve_queue_duration_seconds", "Time a request waited for its batch",
-                                        labels, buckets=LATENCY_BUCKETS, registry=r)
-        self.compute_duration = Histogram("zooserve_compute_duration_seconds", "Model execution time per batch",
-                                          labels, buckets=LATENCY_BUCKETS, registry=r)
-        self.inference_count = Counter("zooserve_inference_count", "Rows inferred (batch-N request counts N)",
-                                       labels, registry=r)
-        self.execution_count = Counter("zooserve_execution_count", "Model executions (batches)", labels, registry=r)
-        self.batch_size = Histogram("zooserve_batch_size", "Rows per executed batch", labels,
-                                    buckets=BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("zooserve_queue_depth", "Requests waiting for a batch", labels, registry=r)
-        self.model_ready = Gauge("zooserve_model_ready", "1 when the version serves, else 0", labels, registry=r)
-        # token engines (vLLM's vocabulary)
-        self.ttft = Histogram("zooserve_time_to_first_token_seconds", "Arrival to first generated token",
-                              labels, buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("zooserve_inter_token_latency_seconds", "Time between two tokens of one sequence",
-                             labels, buckets=LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("zooserve_prompt_tokens", "Prompt tokens prefilled", labels, registry=r)
-        self.generated_tokens = Counter("zooserve_generated_tokens", "Tokens generated", labels, registry=r)
-        self.requests_running = Gauge("zooserve_requests_running", "Sequences holding a state slot", labels, registry=r)
-        self.requests_waiting = Gauge("zooserve_requests_waiting", "Sequences waiting for a slot", labels, registry=r)
-        self.slots_used = Gauge("zooserve_state_slots_used_ratio", "Share of state slots in use", labels, registry=r)
+        self._series: dict[tuple[str, str], ModelMetrics] = {}
+        self.registry.register(self)
 
     def for_model(self, model: str, version: int | str) -> "ModelMetrics":
-        return ModelMetrics(self, model, str(version))
+        return self._add(ModelMetrics(self, model, str(version)))
 
     def for_token_model(self, model: str, version: int | str) -> "TokenMetrics":
-        return TokenMetrics(self, model, str(version))
+        return self._add(TokenMetrics(self, model, str(version)))
+
+    def _add(self, series: "ModelMetrics"):
+        self._series[series.labels] = series
+        return series
+
+    def _forget(self, series: "ModelMetrics") -> None:
+        if self._series.get(series.labels) is series:
+            del self._series[series.labels]
 
     def exposition(self) -> bytes:
         """Prometheus text format of every metric."""
         return generate_latest(self.registry)
 
+    def collect(self) -> Iterator[Metric]:
+        """prometheus_client's collector protocol: one family per metric, one sample set per series."""
+        series = list(self._series.values())
+        for name, help_text, kind, attribute, token_only in FAMILIES:
+            rows = [s for s in series if not token_only or isinstance(s, TokenMetrics)]
+            if kind == "counter" and attribute == "status_counts":
+                family = CounterMetricFamily(name, help_text, labels=[*LABELS, "status"])
+                for s in rows:
+                    for status, count in sorted(s.status_counts.items()):
+                        family.add_metric([*s.labels, status], count)
+            elif kind == "counter":
+                family = CounterMetricFamily(name, help_text, labels=LABELS)
+                for s in rows:
+                    family.add_metric(list(s.labels), getattr(s, attribute))
+            elif kind == "gauge":
+                family = GaugeMetricFamily(name, help_text, labels=LABELS)
+                for s in rows:
+                    family.add_metric(list(s.labels), getattr(s, attribute).get())
+            else:
+                family = HistogramMetricFamily(name, help_text, labels=LABELS)
+                for s in rows:
+                    with s.lock:
+                        values: HistogramValues = getattr(s, attribute)
+                        buckets, total = values.cumulative(), values.sum
+                    family.add_metric(list(s.labels), buckets, total)
+            yield family
+
 
 class ModelMetrics:
-    """Metrics with (model, version) bound; what an engine and the HTTP layer call."""
+    """What an engine and the HTTP layer record for one (model, version)."""
 
     def __init__(self, metrics: Metrics, model: str, version: str):
+        self._metrics = metrics
+        self.labels = (model, version)
+        self.lock = threading.Lock()
         self.stats = EngineStats()
-        lv = (model, version)
-        self._metrics, self._labels = metrics, lv
-        self._status: dict[str, Counter] = {}
-        self._request_duration = metrics.request_duration.labels(*lv)
-        self._queue_duration = metrics.queue_duration.labels(*lv)
-        self._compute_duration = metrics.compute_duration.labels(*lv)
-        self._inference_count = metrics.inference_count.labels(*lv)
-        self._execution_count = metrics.execution_count.labels(*lv)
-        self._batch_size = metrics.batch_size.labels(*lv)
-        self.queue_depth = metrics.queue_depth.labels(*lv)
-        self.ready = metrics.model_ready.labels(*lv)
+        self.status_counts: dict[str, int] = {}
+        self.request_duration = HistogramValues(LATENCY_BUCKETS)
+        self.queue_duration = HistogramValues(LATENCY_BUCKETS)
+        self.compute_duration = HistogramValues(LATENCY_BUCKETS)
+        self.batch_size = HistogramValues(BATCH_BUCKETS)
+        self.inference_count = 0
+        self.execution_count = 0
+        self.queue_depth = GaugeValue()
+        self.ready = GaugeValue()
 
     def request_done(self, status: int, seconds: float) -> None:
         """One request answered with HTTP `status` after `seconds` in the server."""
         key = str(status)
-        counter = self._status.get(key)
-        if counter is None:
-            counter = self._status[key] = self._metrics.requests.labels(*self._labels, key)
-        counter.inc()
-        self._request_duration.observe(seconds)
         ns = int(seconds * 1e9)
-        if status == 200:
-            self.stats.success_count += 1
-            self.stats.success_ns += ns
-        else:
-            self.stats.fail_count += 1
-            self.stats.fail_ns += ns
+        with self.lock:
+            self.status_counts[key] = self.status_counts.get(key, 0) + 1
+            self.request_duration.observe(seconds)
+            s = self.stats
+            if status == 200:
+                s.success_count += 1
+                s.success_ns += ns
+            else:
+                s.fail_count += 1
+                s.fail_ns += ns
 
     def batch_done(self, rows: int, compute_s: float, queue_waits: list[float]) -> None:
         """One model execution over `rows` rows whose requests waited `queue_waits` seconds."""
-        self._compute_duration.observe(compute_s)
-        self._batch_size.observe(rows)
-        self._inference_count.inc(rows)
-        self._execution_count.inc()
-        for wait in queue_waits:
-            self._queue_duration.observe(wait)
-        s = self.stats
         ns = int(compute_s * 1e9)
-        s.inference_count += rows
-        s.execution_count += 1
-        s.compute_count += len(queue_waits)
-        s.compute_ns += ns
-        s.queue_count += len(queue_waits)
-        s.queue_ns += int(sum(queue_waits) * 1e9)
-        s.last_inference_ms = int(time.time() * 1000)
-        entry = s.batch_stats.setdefault(rows, [0, 0])
-        entry[0] += 1
-        entry[1] += ns
+        with self.lock:
+            self.compute_duration.observe(compute_s)
+            self.batch_size.observe(rows)
+            self.inference_count += rows
+            self.execution_count += 1
+            waited = 0.0
+            for wait in queue_waits:
+                self.queue_duration.observe(wait)
+                waited += wait
+            s = self.stats
+            s.inference_count += rows
+            s.execution_count += 1
+            s.compute_count += len(queue_waits)
+            s.compute_ns += ns
+            s.queue_count += len(queue_waits)
+            s.queue_ns += int(waited * 1e9)
+            s.last_inference_ms = int(time.time() * 1000)
+            entry = s.batch_stats.get(rows)
+            if entry is None:
+                entry = s.batch_stats[rows] = [0, 0]
+            entry[0] += 1
+            entry[1] += ns
 
     def remove(self) -> None:
         """Drop this version's series (after unload), so dashboards do not show a ghost."""
-        m, lv = self._metrics, self._labels
-        for family in (m.request_duration, m.queue_duration, m.compute_duration, m.inference_count,
-                       m.execution_count, m.batch_size, m.queue_depth, m.model_ready, m.ttft, m.itl,
-                       m.prompt_tokens, m.generated_tokens, m.requests_running, m.requests_waiting, m.slots_used):
-            try:
-                family.remove(*lv)
-            except KeyError:
-                pass
-        for key in self._status:
-            try:
-                m.requests.remove(*lv, key)
-            except KeyError:
-                pass
+        self._metrics._forget(self)
 
 
 class TokenMetrics(ModelMetrics):
-    """What a token engine records, from its own thread (prometheus_client is thread-safe)."""
+    """What a token engine records, mostly from its own thread."""
 
     def __init__(self, metrics: Metrics, model: str, version: str):
         super().__init__(metrics, model, version)
-        lv = (model, version)
-        self._ttft, self._itl = metrics.ttft.labels(*lv), metrics.itl.labels(*lv)
-        self._prompt_tokens = metrics.prompt_tokens.labels(*lv)
-        self._generated_tokens = metrics.generated_tokens.labels(*lv)
-        self._running, self._waiting = metrics.requests_running.labels(*lv), metrics.requests_waiting.labels(*lv)
-        self._slots_used = metrics.slots_used.labels(*lv)
+        self.ttft = HistogramValues(LATENCY_BUCKETS)
+        self.itl = HistogramValues(LATENCY_BUCKETS)
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.running, self.waiting, self.slots_used = GaugeValue(), GaugeValue(), GaugeValue()
 
     def scheduler_state(self, running: int, waiting: int, rows: int) -> None:
-        self._running.set(running)
-        self._waiting.set(waiting)
-        self._slots_used.set(running / rows)
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.slots_used.set(running / rows)
         self.queue_depth.set(waiting)
 
     def step_done(self, rows: int, seconds: float) -> None:
@@ -174,19 +255,21 @@ class TokenMetrics(ModelMetrics):
 
     def admitted(self, prompt_tokens: int, queued_s: float) -> None:
         """A sequence got a slot after `queued_s` and prefilled its prompt."""
-        self._queue_duration.observe(queued_s)
-        self._prompt_tokens.inc(prompt_tokens)
-        self.stats.queue_count += 1
-        self.stats.queue_ns += int(queued_s * 1e9)
+        with self.lock:
+            self.queue_duration.observe(queued_s)
+            self.prompt_tokens += prompt_tokens
+            self.stats.queue_count += 1
+            self.stats.queue_ns += int(queued_s * 1e9)
 
     def token_emitted(self, stream, now: float, arrival: float) -> None:
         """A token reached a sequence's stream: time to first token, else inter-token latency."""
-        if stream.last_token_at is None:
-            self._ttft.observe(now - arrival)
-        else:
-            self._itl.observe(now - stream.last_token_at)
+        with self.lock:
+            if stream.last_token_at is None:
+                self.ttft.observe(now - arrival)
+            else:
+                self.itl.observe(now - stream.last_token_at)
+            self.generated_tokens += 1
         stream.last_token_at = now
-        self._generated_tokens.inc()
 
     def finished(self, finish_reason: str, seconds: float) -> None:
         """A sequence ended; an abort (client gone) counts as status 499."""

@@ -209,29 +209,73 @@ def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
-async def _infer(request: Request, model: str, version: str | None) -> Response:
-    started = time.perf_counter()
-    lv = repository_of(request).resolve(model, version)
-    engine, settings = lv.engine, settings_of(request)
+def _header_values(raw_headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, str | None, str | None]:
+    """(content-length, content-encoding, inference-header-content-length) from ASGI headers
+    (names arrive lower-cased)."""
+    length = encoding = header_length = None
+    for name, value in raw_headers:
+        if name == b"content-length":
+            length = value
+        elif name == b"content-encoding":
+            encoding = value.decode("latin-1")
+        elif name == b"inference-header-content-length":
+            header_length = value.decode("latin-1")
+    return length, encoding, header_length
+
+
+async def _receive_body(receive, declared: bytes | None, limit: int) -> bytes | None:
+    """The whole body straight from ASGI `receive`, refused with 413 as soon as it is known to
+    exceed `limit` bytes; None when the client disconnected first."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ServeError(413, f"body of {int(declared)} bytes exceeds the {limit}-byte limit")
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        return None
+    body = message.get("body", b"")
+    if not message.get("more_body", False):
+        if len(body) > limit:
+            raise ServeError(413, f"body exceeds the {limit}-byte limit")
+        return body
+    chunks, size = [body], len(body)
+    while message.get("more_body", False):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ServeError(413, f"body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _infer(repo, settings, model: str, version: str | None, started: float, body_of,
+                 encoding: str | None, header_length: str | None) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+    """One v2 inference: (body, headers) of the 200 answer, ServeError otherwise, None when the
+    client went away before its body arrived. `body_of(limit)` reads the request body."""
+    lv = repo.resolve(model, version)
+    engine = lv.engine
     status = 500
     try:
-        headers = request.headers
-        body = _decompress(await read_body(request, settings.max_body_bytes), headers.get("content-encoding"),
-                           settings.max_body_bytes)
-        header_length = headers.get("inference-header-content-length")
-        sig, cfg = engine.manifest.signature, repository_of(request).configs[model]
+        body = await body_of(settings.max_body_bytes)
+        if body is None:
+            status = 499
+            return None
+        body = _decompress(body, encoding, settings.max_body_bytes)
+        sig, cfg = engine.manifest.signature, repo.configs[model]
         req = decode_infer_request(body, header_length, sig.inputs, sig.outputs,
                                    cfg.batching.max_batch_size, settings.allow_non_finite)
         timeout_us = req.parameters.get("timeout")
         timeout_s = timeout_us / 1e6 if isinstance(timeout_us, (int, float)) and timeout_us > 0 \
             else settings.request_timeout_s
         outputs = await engine.infer(req.inputs, req.batch_size, started + timeout_s)
-        payload, extra = encode_infer_response(model, str(lv.version), req.id, outputs, req.outputs,
+        version_text = str(lv.version)
+        payload, extra = encode_infer_response(model, version_text, req.id, outputs, req.outputs,
                                                {s.name: s.datatype for s in sig.outputs})
         status = 200
-        extra["x-model-version"] = str(lv.version)
-        media = extra.pop("content-type", None) or extra.pop("Content-Type", "application/json")
-        return Response(payload, media_type=media, headers=extra)
+        headers = [(b"content-type", extra.pop("Content-Type").encode()), (b"x-model-version", version_text.encode())]
+        headers.extend((k.lower().encode(), v.encode()) for k, v in extra.items())
+        return payload, headers
     except V2Error as exc:
         status = exc.status
         raise ServeError(exc.status, exc.message) from None
@@ -258,26 +302,50 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
 INFER_PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 
 
-async def fast_infer(scope, receive, send, model: str, version: str | None, error_response) -> None:
-    """The infer handler as a bare ASGI call (see serve.app.InferFastPath); errors as JSON."""
-    request = Request(scope, receive)
+async def fast_infer(scope, receive, send, state, model: str, version: str | None) -> None:
+    """The infer handler as a bare ASGI call (see serve.app.InferFastPath): headers read from the
+    scope, body from `receive`, the answer sent as two ASGI messages; errors as JSON."""
+    started = time.perf_counter()
+    length, encoding, header_length = _header_values(scope["headers"])
     try:
-        response = await _infer(request, model, version)
+        result = await _infer(state.repository, state.settings, model, version, started,
+                              lambda limit: _receive_body(receive, length, limit), encoding, header_length)
+        if result is None:
+            return                  # nobody to answer
+        status, (payload, headers) = 200, result
     except ServeError as exc:
-        response = error_response(exc.status, exc.message, exc.headers)
-    await response(scope, receive, send)
+        status, payload = exc.status, orjson.dumps({"error": exc.message})
+        headers = [(b"content-type", b"application/json"),
+                   *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
+    headers.append((b"content-length", str(len(payload)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _routed_infer(request: Request, model: str, version: str | None) -> Response:
+    """The same handler behind FastAPI's router (the OpenAPI document declares these routes; the
+    ASGI front answers them first)."""
+    started = time.perf_counter()
+    headers = request.headers
+    result = await _infer(repository_of(request), settings_of(request), model, version, started,
+                          lambda limit: read_body(request, limit), headers.get("content-encoding"),
+                          headers.get("inference-header-content-length"))
+    if result is None:
+        return Response(status_code=499)
+    payload, raw_headers = result
+    return Response(payload, headers={k.decode(): v.decode() for k, v in raw_headers})
 
 
 @router.post("/v2/models/{model}/infer", summary="Inference on the default version (stable alias, else newest)",
              openapi_extra=INFER_BODY_SCHEMA)
 async def infer(request: Request, model: str) -> Response:
-    return await _infer(request, model, None)
+    return await _routed_infer(request, model, None)
 
 
 @router.post("/v2/models/{model}/versions/{version}/infer", summary="Inference on a version number or alias",
              openapi_extra=INFER_BODY_SCHEMA)
 async def infer_version(request: Request, model: str, version: str) -> Response:
-    return await _infer(request, model, version)
+    return await _routed_infer(request, model, version)
 
 
 # ---- repository (Triton extension) ----------------------------------------------------------

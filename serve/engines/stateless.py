@@ -18,16 +18,15 @@ class StatelessEngine:
         self.batcher = DynamicBatcher(runtime.run, batching.max_batch_size, batching.max_queue_delay_ms,
                                       batching.max_queue_size, on_batch=self._record,
                                       name=f"{name}-{version}")
+        metrics.queue_depth.set_function(lambda: self.batcher.queue_depth)   # read at scrape
 
     def _record(self, batch: BatchRecord) -> None:
         self.metrics.batch_done(batch.rows, batch.compute_s, batch.queue_waits)
-        self.metrics.queue_depth.set(self.batcher.queue_depth)
 
     def start(self) -> None:
         self.batcher.start()
 
     async def infer(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None) -> dict[str, np.ndarray]:
-        self.metrics.queue_depth.set(self.batcher.queue_depth + 1)
         return await self.batcher.submit(inputs, rows, deadline)
 
     def stats(self) -> EngineStats:
