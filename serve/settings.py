@@ -26,6 +26,9 @@ class ServeSettings(BaseSettings):
     # token engines: state slots (concurrent sequences) and the longest sequence a slot holds
     max_num_seqs: int = Field(64, ge=1, description="sequences a token engine runs at once; the rest wait")
     max_model_len: int | None = Field(None, ge=2, description="token slot length; default: the model's context")
+    state_memory_mb: int = Field(2048, ge=1, description="memory a token engine may give its sequences' state "
+                                 "(KV cache at full context, or recurrent state); with max_num_seqs it bounds "
+                                 "how many sequences run at once")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("admin_token")

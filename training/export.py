@@ -148,6 +148,8 @@ def _export_stateless(model, make_inputs, output_names, out: Path, formats) -> t
 
 def _export_token_model(fam, model, config, out: Path, formats) -> tuple[list, dict, dict]:
     """Token models: the KV-cache step function, checked by prefill + decode against the full forward."""
+    if hasattr(fam, "STATE_NAMES"):               # constant-size recurrent state (mamba, the RNN LM)
+        return _export_recurrent_model(fam, model, config, out, formats)
     from training import export_tokens as tok
 
     reports = []
@@ -158,9 +160,35 @@ def _export_token_model(fam, model, config, out: Path, formats) -> tuple[list, d
             run = tok.onnx_step_runner(path)
         else:
             tok.export_step_torchscript(fam, model, config, path)
-            run = tok.torchscript_step_runner(path, fam)
+            run = tok.torchscript_step_runner(path, fam, config)
         reports.append(_check(tok.check_token_parity(model, config, run, fmt)))
     return reports, tok.signature(fam, config), tok.golden(fam, model, config)
+
+
+def _max_model_len(fam, config) -> int:
+    """Tokens a server may give one sequence: the training window for KV-cache models; a recurrent
+    state does not grow, so those get export_recurrent.MAX_MODEL_LEN."""
+    if hasattr(fam, "STATE_NAMES"):
+        from training.export_recurrent import MAX_MODEL_LEN
+        return MAX_MODEL_LEN
+    return config.block_size
+
+
+def _export_recurrent_model(fam, model, config, out: Path, formats) -> tuple[list, dict, dict]:
+    """Recurrent token models: the step with its state as inputs/outputs, checked the same way."""
+    from training import export_recurrent as rec
+
+    reports = []
+    for fmt in formats:
+        path = out / ARTIFACTS[fmt]
+        if fmt == "onnx":
+            rec.export_step_onnx(fam, model, config, path)
+            run = rec.onnx_step_runner(path)
+        else:
+            rec.export_step_torchscript(fam, model, config, path)
+            run = rec.torchscript_step_runner(path, fam)
+        reports.append(_check(rec.check_recurrent_parity(fam, model, config, run, fmt)))
+    return reports, rec.signature(fam, config), rec.golden(fam, model, config)
 
 
 def package(checkpoint_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = ("onnx", "torchscript"),
@@ -182,11 +210,13 @@ def package(checkpoint_dir: str | Path, out_dir: str | Path, formats: tuple[str,
     if fam.KIND == "tokens":
         reports, signature, tensors = _export_token_model(fam, model, config, out, formats)
         extra_files = [name for name in (TOKENIZER,) if (src / name).exists()]
-        generation = {"max_model_len": config.block_size}
+        generation = {"max_model_len": _max_model_len(fam, config)}
     else:
         reports, signature, tensors = _export_stateless(model, make_inputs, output_names, out, formats)
         extra_files, generation = [], {}
-    save_file(tensors, str(out / GOLDEN))
+    # safetensors writes an array's buffer as is: a non-contiguous view (a transposed K, say)
+    # would be stored scrambled, so every tensor is made C-contiguous first
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / GOLDEN))
     for name in (checkpoint.WEIGHTS, checkpoint.CONFIG, *extra_files):
         shutil.copyfile(src / name, out / name)
 

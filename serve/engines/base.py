@@ -31,3 +31,33 @@ class Engine(Protocol):
 
     async def close(self, drain_timeout_s: float) -> None:
         """Refuse new work, finish what was accepted, release the runtime."""
+
+
+class TokenState(Protocol):
+    """The per-row state a token engine keeps between steps (KV cache for decoders, constant-size
+    recurrent state for Mamba and the RNN LM), with the verbs the runner and scheduler need.
+    Rows being decoded are always 0..n-1 (the scheduler compacts them)."""
+
+    max_len: int        # tokens one row may hold (prompt + generated)
+
+    @property
+    def rows(self) -> int:
+        """Rows (sequences) it holds at most."""
+
+    def move(self, src: int, dst: int) -> None:
+        """Row src's state into row dst."""
+
+    def reset_rows(self, rows: list[int]) -> None:
+        """Forget these rows' state."""
+
+    def decode_feeds(self, n: int) -> dict:
+        """Step inputs, besides `ids`, for decoding one token on rows 0..n-1."""
+
+    def decode_done(self, n: int, outputs: dict) -> None:
+        """Take the step's new state for rows 0..n-1."""
+
+    def prefill_feeds(self, first_row: int, lengths: list[int]) -> dict:
+        """Step inputs, besides the right-padded `ids`, for prefilling fresh rows first_row.."""
+
+    def prefill_done(self, first_row: int, outputs: dict, lengths: list[int]) -> None:
+        """Take the prefill's state for rows first_row.. (prompt lengths `lengths`)."""

@@ -1,7 +1,7 @@
 """The token engine: continuous (iteration-level) batching for autoregressive models.
 
     plan = scheduler.schedule()          # books: who prefills, who decodes, which rows move or free
-    logits = runner.execute(plan)        # the model's step function over the KV slots
+    logits = runner.execute(plan)        # the model's step function over the state slots (KV cache or recurrent state)
     tokens = each request's sampler      # per-request generator: same seed, same text, any batch
     finished = scheduler.update_from_output(plan, tokens)
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from model_registry import Manifest
 from serve.batching import Closed, QueueFull
-from serve.engines.kv_slots import KVSlots
+from serve.engines.base import TokenState
 from serve.metrics import EngineStats, TokenMetrics
 from serve.runtimes import Runtime
 from serve.scheduler import FINISH_REASON, RequestStatus, StepPlan, TokenRequest, TokenScheduler
@@ -95,26 +95,26 @@ def _deliver(deliveries: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
 
 
 class TokenRunner:
-    """Executes a StepPlan: the model's step over the KV slots; returns last-position logits."""
+    """Executes a StepPlan: the model's step over the engine's state (KV slots or recurrent
+    state slots, see `serve.engines.base.TokenState`); returns last-position logits."""
 
-    def __init__(self, runtime: Runtime, slots: KVSlots):
-        self.runtime, self.slots = runtime, slots
+    def __init__(self, runtime: Runtime, state: TokenState):
+        self.runtime, self.state = runtime, state
 
     def apply_moves(self, plan: StepPlan) -> None:
         for src, dst in plan.moves:
-            self.slots.move(src, dst)
+            self.state.move(src, dst)
         if plan.freed_rows:
-            self.slots.reset_rows(plan.freed_rows)
+            self.state.reset_rows(plan.freed_rows)
 
     def execute(self, plan: StepPlan) -> dict[str, np.ndarray]:
         """request id -> logits (V,) of its last fed position."""
         out: dict[str, np.ndarray] = {}
         if plan.decode:
             n = len(plan.decode)
-            k, v, start = self.slots.window(n)
             ids = np.array([[r.output_ids[-1]] for r in plan.decode], np.int64)     # (n, 1)
-            res = self.runtime.run({"ids": ids, "start": start, "cache_k": k, "cache_v": v})
-            self.slots.append_one(n, res["new_k"], res["new_v"])
+            res = self.runtime.run({"ids": ids, **self.state.decode_feeds(n)})
+            self.state.decode_done(n, res)
             logits = res["logits"]                                                  # (n, 1, V)
             for i, r in enumerate(plan.decode):
                 out[r.request_id] = logits[i, 0]
@@ -124,11 +124,8 @@ class TokenRunner:
             ids = np.zeros((len(lengths), max(lengths)), np.int64)                  # right-padded prompts
             for i, r in enumerate(plan.prefill):
                 ids[i, : lengths[i]] = r.prompt_ids
-            s = self.slots
-            empty = np.zeros((len(lengths), *s.k.shape[1:3], 1, s.k.shape[4]), s.k.dtype)   # start=0 masks it
-            res = self.runtime.run({"ids": ids, "start": np.zeros(len(lengths), np.int64),
-                                    "cache_k": empty, "cache_v": empty})
-            s.write_prefill(first, res["new_k"], res["new_v"], lengths)
+            res = self.runtime.run({"ids": ids, **self.state.prefill_feeds(first, lengths)})
+            self.state.prefill_done(first, res, lengths)
             for i, r in enumerate(plan.prefill):
                 out[r.request_id] = res["logits"][i, lengths[i] - 1]
         return out
@@ -138,7 +135,7 @@ class TokenEngine:
     """One (model, version) of kind `tokens`: scheduler + runner + samplers on one thread."""
 
     def __init__(self, name: str, version: int, manifest: Manifest, runtime: Runtime, tokenizer,
-                 slots: KVSlots, metrics: TokenMetrics, max_waiting: int = 1024):
+                 slots: TokenState, metrics: TokenMetrics, max_waiting: int = 1024):
         self.name, self.version, self.manifest = name, version, manifest
         self.tokenizer, self.metrics = tokenizer, metrics
         self.max_len = slots.max_len

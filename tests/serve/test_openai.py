@@ -240,7 +240,8 @@ def test_a_client_that_disconnects_frees_its_slot(token_server):
 
 def test_token_model_v2_metadata_and_lineage(token_server, token_registry):
     meta = httpx.get(f"{token_server.url}/v2/models/decoder-tiny").json()
-    assert [i["name"] for i in meta["inputs"]] == ["ids", "start", "cache_k", "cache_v"]
+    layers = json.loads((token_registry / "decoder-tiny" / "1" / "config.json").read_text())["n_layer"]
+    assert [i["name"] for i in meta["inputs"]] == ["ids", "start", *(f"cache_{kv}_{i}" for i in range(layers) for kv in "kv")]
     manifest = json.loads((token_registry / "decoder-tiny" / "1" / "manifest.json").read_text())
     assert manifest["tokenizer"] == "tokenizer.json" and manifest["kind"] == "tokens"
     reports = {r["format"]: r for r in manifest["parity"]}

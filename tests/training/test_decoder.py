@@ -203,10 +203,10 @@ def test_converters_refuse_the_other_kind():
 
 def step_inputs(config: D.Config, batch: int, new: int, slots: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    shape = (batch, config.n_layer, config.n_kv_head, slots, config.head_dim)
+    shape = (batch, config.n_kv_head, slots, config.head_dim)                        # per layer
     return (torch.randint(0, config.vocab_size, (batch, new), generator=g),
             torch.randint(1, slots + 1, (batch,), generator=g),                     # nonzero start
-            torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+            *(torch.randn(shape, generator=g) for _ in range(2 * config.n_layer)))
 
 
 # The dynamo exporter's own noise: a LeafSpec FutureWarning raised from copyreg (so the pyproject
@@ -215,23 +215,25 @@ def step_inputs(config: D.Config, batch: int, new: int, slots: int, seed: int):
 @pytest.mark.filterwarnings("ignore:.*axis name.*will not be used:UserWarning")
 def test_onnx_step_export_matches_eager_at_other_shapes(tmp_path, caplog):
     # One export (each costs 5-10 s on two shared cores): the MoE step, whose ops (attention, RoPE,
-    # masks, topk/scatter routing, einsum experts) are a superset of the dense step's. One layer.
-    config = tiny(True, n_layer=1)
+    # masks, topk/scatter routing, einsum experts) are a superset of the dense step's. Two layers (the per-layer cache inputs).
+    config = tiny(True, n_layer=2)
     step = D.StepModule(randomized(config))
+    inputs, outputs = D.step_input_names(config), D.step_output_names(config)
+    assert inputs == ("ids", "start", "cache_k_0", "cache_v_0", "cache_k_1", "cache_v_1")
     path = tmp_path / "step.onnx"
     # quiets "torchvision is not installed" log lines (caplog restores the level afterwards)
     caplog.set_level(logging.ERROR, logger="torch.onnx._internal.exporter._registration")
     torch.onnx.export(step, step_inputs(config, 2, 5, 16, seed=0), str(path),
-                      input_names=list(D.STEP_INPUT_NAMES), output_names=list(D.STEP_OUTPUT_NAMES),
-                      dynamic_shapes=D.step_dynamic_shapes(), external_data=False, verbose=False)
+                      input_names=list(inputs), output_names=list(outputs),
+                      dynamic_shapes=D.step_dynamic_shapes(config), external_data=False, verbose=False)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == list(D.STEP_INPUT_NAMES)
+    assert [i.name for i in session.get_inputs()] == list(inputs)
     for batch, new, slots in [(2, 5, 16), (3, 1, 32), (1, 1, 1)]:
         xs = step_inputs(config, batch, new, slots, seed=batch)
-        got = session.run(None, {n: x.numpy() for n, x in zip(D.STEP_INPUT_NAMES, xs)})
+        got = session.run(None, {n: x.numpy() for n, x in zip(inputs, xs, strict=True)})
         with torch.no_grad():
             expected = step(*xs)
-        for name, g, e in zip(D.STEP_OUTPUT_NAMES, got, expected, strict=True):
+        for name, g, e in zip(outputs, got, expected, strict=True):
             assert g.shape == tuple(e.shape), name
             np.testing.assert_allclose(g, e.numpy(), atol=1e-4, rtol=0, err_msg=f"{name} at {(batch, new, slots)}")
 
