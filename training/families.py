@@ -11,6 +11,7 @@ FAMILIES = {
     "mlp": "training.models.mlp",
     "resnet": "training.models.resnet",
     "decoder": "training.models.decoder",
+    "mamba": "training.models.mamba",
 }
 
 

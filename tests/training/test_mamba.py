@@ -1,0 +1,341 @@
+"""The mamba family: sequential vs chunked scan, the serving step (padding, constant state, long
+prompts), HF MambaForCausalLM as the oracle, and export through `training.export.package`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from training import checkpoint, export, export_recurrent, lm
+from training.models import mamba as M
+
+V = 61
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(**overrides) -> M.Config:
+    # dt_rank 3 (not the auto 2) and eps off the default, so a converter that drops either fails
+    fields = dict(vocab_size=V, d_model=32, n_layer=2, d_state=8, d_conv=4, expand=2, dt_rank=3, norm_eps=1e-6)
+    return M.Config(**(fields | overrides))
+
+
+def randomized(config: M.Config, seed: int = 0) -> M.Mamba:
+    """A model in eval mode with O(1) random weights (logits of a few units) and dt ~ 0.02-0.3."""
+    torch.manual_seed(seed)
+    model = M.Model(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.add_(0.3 * torch.randn_like(p))
+            elif name.endswith("dt_proj.bias"):
+                p.uniform_(-4.0, -1.0)                                   # softplus -> 0.02 .. 0.3
+            elif p.dim() == 1:                                           # norms, D, conv bias
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * p[0].numel() ** -0.5)
+    return model
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def close(got: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> bool:
+    """Equal up to float32 rounding: max abs difference <= rel * the largest |expected|."""
+    return got.shape == expected.shape and max_diff(got, expected) <= rel * expected.abs().max().item()
+
+
+def scan_inputs(T: int, dt_scale: float = 0.1, seed: int = 0, b: int = 2, E: int = 12, N: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, T, E, generator=g)
+    dt = torch.rand(b, T, E, generator=g) * dt_scale
+    A = -torch.exp(torch.randn(E, N, generator=g))                       # decay rates ~0.1 .. 10
+    B, C = torch.randn(b, T, N, generator=g), torch.randn(b, T, N, generator=g)
+    return x, dt, A, B, C, torch.randn(b, E, N, generator=g)
+
+
+def step_prefill_decode(model: M.Mamba, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Prefill ids[:, :prompt] through StepModule from zero state, then decode the rest one token at
+    a time feeding the states back; logits (B, T, V)."""
+    step = M.StepModule(model)
+    B, T = ids.shape
+    state = M.init_state(model, B)
+    outs = []
+    with torch.no_grad():
+        for lo, hi in [(0, prompt)] + [(t, t + 1) for t in range(prompt, T)]:
+            logits, state.conv, state.ssm = step(ids[:, lo:hi], torch.full((B,), hi - lo), state.conv, state.ssm)
+            outs.append(logits)
+    return torch.cat(outs, dim=1)
+
+
+# --- config ---------------------------------------------------------------------------------
+
+def test_config_resolves_auto_dt_rank_and_rejects_a_conv_without_history():
+    assert M.Config(d_model=40).dt_rank == 3 and M.Config(d_model=40, dt_rank=7).dt_rank == 7
+    assert M.Config(**M.PRESETS["bench"]).d_inner == 512
+    with pytest.raises(ValueError, match="d_conv"):
+        M.Config(d_conv=1)
+    tied, untied = M.Model(tiny()), M.Model(tiny(tie_embeddings=False))
+    assert tied.lm_head.weight is tied.embeddings.weight and untied.lm_head.weight is not untied.embeddings.weight
+
+
+# --- chunked scan vs the sequential reference -------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 5, 16, 31, 70])
+def test_chunked_scan_matches_sequential_scan(T):
+    xs = scan_inputs(T)
+    y_ref, s_ref = M.scan_sequential(*xs)
+    y, s = M.scan_chunked(*xs, chunk=16)                                 # several chunks, a ragged last one
+    assert y.shape == y_ref.shape == (2, T, 12) and s.shape == s_ref.shape == (2, 12, 5)
+    assert close(y, y_ref) and close(s, s_ref)
+
+
+def test_chunks_shrink_where_the_decay_is_fast_and_stay_exact():
+    """Steps that decay by up to ~200 nats: a 16-step chunk would need exp(3000) (inf in fp32)."""
+    xs = scan_inputs(40, dt_scale=20.0)
+    x, dt, A = xs[:3]
+    assert M._chunk_size(dt, A, 16) == 1                                 # falls back to one step at a time
+    mild = scan_inputs(40, dt_scale=2.0)                                 # up to ~20 nats a step
+    assert 1 < M._chunk_size(mild[1], mild[2], 16) < 16
+    for inputs in (xs, mild):
+        y_ref, s_ref = M.scan_sequential(*inputs)
+        y, s = M.scan_chunked(*inputs, chunk=16)
+        assert torch.isfinite(y).all() and close(y, y_ref) and close(s, s_ref)
+
+
+def test_model_forward_uses_the_chunked_scan_and_matches_the_sequential_one():
+    model = randomized(tiny())
+    ids = torch.randint(0, V, (2, 70))
+    calls = []
+
+    def recording(*args):
+        calls.append(args[0].shape[1])
+        return M.scan_chunked(*args)
+
+    with torch.no_grad():
+        fast = model(ids, scan=recording)
+        slow = model(ids, scan=M.scan_sequential)
+        default = model(ids)
+    assert calls == [70, 70] and torch.equal(default, fast)
+    assert close(fast, slow)
+
+
+# --- the serving step -------------------------------------------------------------------------
+
+def test_right_padded_rows_match_each_row_stepped_alone():
+    model = randomized(tiny())
+    c = model.config
+    lengths = [3, 7, 1]                                                  # 1 < K-1: the conv state keeps old inputs
+    shapes = M.state_shapes(c)
+    conv = torch.randn(3, *shapes["conv_state"])                         # nonzero states: a mid-sequence step
+    ssm = torch.randn(3, *shapes["ssm_state"])
+    ids = torch.randint(0, V, (3, 7))
+    step = M.StepModule(model)
+    with torch.no_grad():
+        logits, new_conv, new_ssm = step(ids, torch.tensor(lengths), conv, ssm)
+        for b, n in enumerate(lengths):
+            alone = step(ids[b:b + 1, :n], torch.tensor([n]), conv[b:b + 1], ssm[b:b + 1])
+            assert close(logits[b, :n], alone[0][0])
+            assert close(new_conv[b], alone[1][0]) and close(new_ssm[b], alone[2][0])
+    assert not torch.allclose(new_ssm[2], step(ids[2:3], torch.tensor([7]), conv[2:3], ssm[2:3])[2][0])
+
+
+def test_decode_state_has_one_size_whatever_the_context():
+    model = randomized(tiny())
+    expected = {name: (1, *shape) for name, shape in M.state_shapes(model.config).items()}
+    assert expected == {"conv_state": (1, 2, 64, 3), "ssm_state": (1, 2, 64, 8)}
+    step = M.StepModule(model)
+    for context in (5, 300):
+        state = M.init_state(model, 1)
+        with torch.no_grad():
+            _, conv, ssm = step(torch.randint(0, V, (1, context)), torch.tensor([context]), state.conv, state.ssm)
+            logits, conv, ssm = step(torch.randint(0, V, (1, 1)), torch.tensor([1]), conv, ssm)
+        assert logits.shape == (1, 1, V)
+        assert {"conv_state": tuple(conv.shape), "ssm_state": tuple(ssm.shape)} == expected
+
+
+def test_a_2048_token_prompt_prefills_through_the_step_and_decodes():
+    model = randomized(tiny())
+    ids = torch.randint(0, V, (1, 2051))
+    with torch.no_grad():
+        full = model(ids, scan=M.scan_sequential)                        # the reference over all 2051 tokens
+    got = step_prefill_decode(model, ids, prompt=2048)
+    assert got.shape == full.shape and max_diff(got, full) <= 1e-4
+
+
+def test_stateful_forward_continues_where_it_left_off():
+    model = randomized(tiny())
+    ids = torch.randint(0, V, (2, 12))
+    state = M.init_state(model.config, 2, max_len=999)                   # max_len is ignored: constant size
+    with torch.no_grad():
+        first, state = M.forward(model, ids[:, :7], state)
+        second, state = M.forward(model, ids[:, 7:], state)
+        full = model(ids)
+    assert state.lengths.tolist() == [12, 12]
+    assert close(torch.cat([first, second], dim=1), full)
+
+
+def test_state_verbs_write_reset_and_copy_rows():
+    c = tiny()
+    state = M.MambaState.allocate(c, batch=3)
+    assert state.conv.shape == (3, 2, 64, 3) and state.ssm.shape == (3, 2, 64, 8)
+    conv_1, ssm_1 = state.layer(1)
+    ssm_1.fill_(2.0)                                                     # a view, not a copy
+    assert state.ssm[:, 1].eq(2).all() and state.ssm[:, 0].eq(0).all() and conv_1.eq(0).all()
+    state.write([0, 2], torch.ones(2, 2, 64, 3), torch.full((2, 2, 64, 8), 5.0), [4, 1])
+    assert state.lengths.tolist() == [4, 0, 1] and state.conv[0].eq(1).all() and state.conv[1].eq(0).all()
+    state.copy_row(0, 1)
+    assert state.lengths.tolist() == [4, 4, 1] and state.ssm[1].eq(5).all()
+    state.ssm[0] = 7.0                                                   # a copy, not a view
+    assert state.ssm[1].eq(5).all()
+    state.reset_rows([1, 2])
+    assert state.lengths.tolist() == [4, 0, 0] and state.ssm[1:].eq(0).all() and state.conv[1:].eq(0).all()
+    assert state.ssm[0].eq(7).all()
+
+
+# --- HF MambaForCausalLM as the oracle ----------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_logits_match_hf_mamba_for_full_forward_and_step_decode(tied):
+    model = randomized(tiny(tie_embeddings=tied), seed=1)
+    hf = M.to_hf_mamba(model)
+    ids = torch.randint(0, V, (3, 40))
+    with torch.no_grad():
+        expected = hf(ids, use_cache=False).logits                      # (B, T, V)
+        full = model(ids)
+    stepped = step_prefill_decode(model, ids, prompt=33)
+    print(f"\nmamba ({'tied' if tied else 'untied'}): |logits| max {expected.abs().max():.2f}, "
+          f"max diff full {max_diff(full, expected):.2e}, prefill+decode {max_diff(stepped, expected):.2e}")
+    assert expected.abs().max() > 1.0                                    # a real signal, not near-zero logits
+    assert max_diff(full, expected) <= 1e-4 and max_diff(stepped, expected) <= 1e-4
+
+
+def test_our_state_is_hf_cache_state():
+    """Same state layout as HF's cache: ssm_state == recurrent state, conv_state == its last K-1 columns."""
+    model = randomized(tiny(), seed=2)
+    hf = M.to_hf_mamba(model)
+    ids = torch.randint(0, V, (2, 9))
+    state = M.init_state(model, 2)
+    with torch.no_grad():
+        cache = hf(ids, use_cache=True).cache
+        _, state = M.forward(model, ids, state)
+    for i in range(model.config.n_layer):
+        conv, ssm = state.layer(i)
+        assert close(ssm, cache.get_recurrent_state(i)) and close(conv, cache.get_conv_state(i)[..., 1:])
+
+
+def test_a_wrong_weight_layout_is_caught_by_the_oracle():
+    """Negative control: swapping in_proj's x and z halves (a plausible converter slip) must fail."""
+    model = randomized(tiny(), seed=1)
+    hf = M.to_hf_mamba(model)
+    with torch.no_grad():
+        w = hf.backbone.layers[0].mixer.in_proj.weight
+        w.copy_(torch.cat(w.chunk(2, dim=0)[::-1]))
+    ids = torch.randint(0, V, (2, 16))
+    with torch.no_grad():
+        diff = max_diff(model(ids), hf(ids, use_cache=False).logits)
+    print(f"\nin_proj halves swapped: max diff {diff:.2e}")
+    assert diff > 1e-2
+
+
+# --- export through package -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory):
+    """A random-weight tiny mamba checkpoint, packaged (ONNX + TorchScript, parity checked)."""
+    torch.set_num_threads(1)
+    work = tmp_path_factory.mktemp("mamba")
+    model, config = randomized(tiny(n_layer=1), seed=3), tiny(n_layer=1)
+    checkpoint.save(work / "checkpoint", model, config, {"family": "mamba"})
+    manifest = export.package(work / "checkpoint", work / "package")
+    return work / "package", manifest
+
+
+def test_package_records_parity_of_both_formats(packaged):
+    vdir, manifest = packaged
+    stored = json.loads((vdir / "manifest.json").read_text())
+    reports = {r["format"]: r for r in stored["parity"]}
+    assert set(reports) == {"onnx", "torchscript"}
+    for r in reports.values():
+        print(f"\n{r['format']}: max abs error {r['max_abs_error']:.2e}")
+        assert r["passed"] and 0 <= r["max_abs_error"] <= r["tolerance"] == 1e-4
+        assert r["shapes_checked"] == [[len(p), max(p) + n] for p, n in export_recurrent.PARITY_CASES]
+    assert stored["kind"] == "tokens" and stored["family"] == "mamba"
+    assert stored["generation"]["max_model_len"] >= 8192                 # not the training window
+    assert [t["name"] for t in stored["signature"]["inputs"]] == list(M.STEP_INPUT_NAMES)
+    assert stored["signature"]["outputs"][2] == {"name": "new_ssm_state", "datatype": "FP32", "shape": [-1, 1, 64, 8]}
+    assert (vdir / "model.onnx").exists() and (vdir / "model.ts").exists() and (vdir / export.GOLDEN).exists()
+
+
+def test_exported_onnx_prefills_and_decodes_in_onnxruntime(packaged):
+    vdir, _ = packaged
+    model, config = checkpoint.load(vdir)
+    session = ort.InferenceSession(str(vdir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == list(M.STEP_INPUT_NAMES)
+    tokens = torch.randint(0, V, (4, 23))
+    lengths = [20, 6, 1, 13]                                              # B = 4 and T = 20: untraced shapes
+    ids = tokens[:, :20].clone()
+    state = M.init_state(config, 4)
+    conv, ssm = state.conv.numpy(), state.ssm.numpy()
+    logits, conv, ssm = session.run(None, {"ids": ids.numpy(), "n_new": np.array(lengths), "conv_state": conv,
+                                          "ssm_state": ssm})
+    got = [[logits[b, :n]] for b, n in enumerate(lengths)]
+    for t in range(3):                                                   # decode: T = 1
+        step_ids = np.array([[tokens[b, n + t]] for b, n in enumerate(lengths)])
+        logits, conv, ssm = session.run(None, {"ids": step_ids, "n_new": np.ones(4, np.int64), "conv_state": conv,
+                                              "ssm_state": ssm})
+        for b in range(4):
+            got[b].append(logits[b])
+    with torch.no_grad():
+        full = model(tokens, scan=M.scan_sequential).numpy()
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(np.concatenate(got[b]), full[b, :n + 3], atol=1e-4, rtol=0)
+
+
+def test_parity_check_catches_a_step_that_ignores_padding():
+    model = randomized(tiny(n_layer=1), seed=3)
+    config = model.config
+    eager = export_recurrent.eager_step_runner(M, model)
+
+    def no_padding(inputs):                                              # treats every row as full length
+        return eager({**inputs, "n_new": np.full_like(inputs["n_new"], inputs["ids"].shape[1])})
+
+    good = export_recurrent.check_recurrent_parity(M, model, config, eager, "eager")
+    bad = export_recurrent.check_recurrent_parity(M, model, config, no_padding, "eager")
+    assert good["passed"] and not bad["passed"] and bad["max_abs_error"] > 1e-2
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def test_loss_starts_near_log_vocab_and_decreases_on_a_repeated_batch():
+    torch.manual_seed(0)
+    model = M.Model(tiny(n_layer=1))
+    x = torch.randint(0, V, (4, 16))
+    batch = (x[:, :-1], x[:, 1:])
+    first = M.loss(model, batch)
+    assert first.dim() == 0 and abs(first.item() - math.log(V)) < 0.1
+    opt = lm._optimizer(model, lm.LMTrainConfig(lr=3e-3))
+    no_decay = {id(p) for p in opt.param_groups[1]["params"]}
+    assert all(id(block.mixer.A_log) in no_decay for block in model.layers)   # log decay rates are not shrunk
+    for _ in range(10):
+        opt.zero_grad()
+        M.loss(model, batch).backward()
+        opt.step()
+    assert M.loss(model, batch).item() < first.item() - 0.5
+
+
+def test_example_inputs_are_token_ids():
+    (ids,) = M.example_inputs(tiny(), batch=3)
+    assert ids.shape == (3, 16) and ids.dtype == torch.int64 and 0 <= ids.min() and ids.max() < V
