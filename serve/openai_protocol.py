@@ -48,7 +48,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    # text, texts, token ids, or lists of token ids (as OpenAI and vLLM accept)
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
@@ -56,9 +57,10 @@ class CompletionRequest(_Sampling):
     @field_validator("prompt")
     @classmethod
     def _prompts(cls, v):
-        prompts = [v] if isinstance(v, str) else v
+        one = isinstance(v, str) or (bool(v) and all(isinstance(x, int) for x in v))
+        prompts = [v] if one else v
         if not prompts or any(not p for p in prompts):
-            raise ValueError("prompt must be a non-empty string (or a list of them)")
+            raise ValueError("prompt must be a non-empty string or list of token ids (or a list of them)")
         return prompts
 
     @field_validator("echo")

@@ -34,20 +34,22 @@ def demo_registry(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def token_registry(tmp_path_factory, demo_registry) -> Path:
-    """decoder-tiny and decoder-moe-tiny, briefly trained on the real corpus (a real tokenizer,
-    real export and parity), plus mlp-digits; aliases `stable` -> 1. Read-only for tests."""
+    """decoder-tiny, decoder-moe-tiny and mamba-tiny, briefly trained on the real corpus (a real
+    tokenizer, real export and parity), plus mlp-digits; aliases `stable` -> 1. Read-only for tests."""
     import torch
 
     from model_registry import Registry
     from training import export
-    from training.lm import train_decoder
+    from training.lm import train_token_family
 
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("tokens")
     registry = Registry(work / "registry")
     # decoder-tiny trains long enough (~25 s) to beat the unigram baseline clearly; the MoE only runs
-    for name, preset, steps in (("decoder-tiny", "tiny", 150), ("decoder-moe-tiny", "tiny-moe", 30)):
-        train_decoder(preset, work / name / "checkpoint", steps=steps, progress=False, block_size=128)
+    for name, family, preset, steps in (("decoder-tiny", "decoder", "tiny", 150),
+                                        ("decoder-moe-tiny", "decoder", "tiny-moe", 30),
+                                        ("mamba-tiny", "mamba", "tiny", 40)):
+        train_token_family(family, preset, work / name / "checkpoint", steps=steps, progress=False, block_size=128)
         export.package(work / name / "checkpoint", work / name / "package")
         registry.set_alias(name, "stable", registry.publish(name, work / name / "package"))
     registry.publish("mlp-digits", demo_registry / "mlp-digits" / "1")

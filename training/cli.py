@@ -18,6 +18,7 @@ DEMO_MODELS = [
     ("resnet-digits", "resnet", "tiny"),
     ("decoder-tiny", "decoder", "tiny"),
     ("decoder-moe-tiny", "decoder", "tiny-moe"),
+    ("mamba-tiny", "mamba", "tiny"),
 ]
 
 

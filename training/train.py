@@ -14,7 +14,7 @@ from training import checkpoint, data, loop
 from training.families import family_module, make_config
 
 # which dataset each family trains on
-DATASETS = {"mlp": "digits", "resnet": "digits", "decoder": "text"}
+DATASETS = {"mlp": "digits", "resnet": "digits", "decoder": "text", "mamba": "text"}
 
 
 def code_revision() -> str | None:

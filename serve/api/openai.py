@@ -97,6 +97,14 @@ def _check_prompt(engine: TokenEngine, ids: list[int], max_tokens: int | None, d
     return max_tokens
 
 
+def _token_ids(engine: TokenEngine, ids: list[int]) -> list[int]:
+    vocab = engine.tokenizer.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise OpenAIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary 0..{vocab - 1}", "prompt")
+    return list(ids)
+
+
 def _sampling(body, seed_offset: int, logprobs: int | None) -> SamplingParams:
     seed = None if body.seed is None else body.seed + seed_offset
     return SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=seed,
@@ -236,7 +244,7 @@ async def completions(request: Request) -> Response:
     async def handle() -> Response:
         body: CompletionRequest = await _parse(request, CompletionRequest)
         engine, version = _engine_for(request, body.model)
-        prompts = [engine.tokenizer.encode(p) for p in body.prompt]
+        prompts = [engine.tokenizer.encode(p) if isinstance(p, str) else _token_ids(engine, p) for p in body.prompt]
         max_tokens = [_check_prompt(engine, ids, body.max_tokens, None) for ids in prompts]
         jobs = [GenerationRequest(ids, mt, _sampling(body, i, body.logprobs), body.stop, body.ignore_eos)
                 for ids, mt in zip(prompts, max_tokens) for i in range(body.n)]
