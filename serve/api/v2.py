@@ -21,6 +21,7 @@ from fastapi.responses import Response
 from serve import __version__
 from serve.api.deps import admin_only, read_body, repository_of, settings_of
 from serve.batching import Closed, DeadlineExceeded, QueueFull
+from serve.engines.sequence import route_sequence
 from serve.errors import ServeError, unavailable
 from serve.repository import LoadedVersion, State
 from serve.v2_codec import V2Error, decode_infer_request, encode_infer_response
@@ -29,7 +30,7 @@ log = logging.getLogger("zooserve.http")
 router = APIRouter()
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics", "parameters",
-              "schedule_policy"]
+              "schedule_policy", "sequence", "sequence(string_id)"]
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
 # the JSON body of the infer route, for the OpenAPI document (decoding is by hand, not by this schema)
 INFER_BODY_SCHEMA = {
@@ -255,6 +256,8 @@ async def _infer(repo, settings, model: str, version: str | None, started: float
     client went away before its body arrived. `body_of(limit)` reads the request body."""
     lv = repo.resolve(model, version)
     engine = lv.engine
+    if not hasattr(engine, "infer"):
+        raise ServeError(400, f"model {model!r} generates tokens: use POST /v1/completions or /v1/chat/completions")
     status = 500
     try:
         body = await body_of(settings.max_body_bytes)
@@ -265,6 +268,8 @@ async def _infer(repo, settings, model: str, version: str | None, started: float
         sig, cfg = engine.manifest.signature, repo.configs[model]
         req = decode_infer_request(body, header_length, sig.inputs, sig.outputs,
                                    cfg.batching.max_batch_size, settings.allow_non_finite)
+        if engine.manifest.kind == "sequence":   # a live sequence is answered by the version it started on
+            lv, engine = route_sequence(repo, lv, version, req.parameters)
         timeout_us = req.parameters.get("timeout")
         timeout_s = timeout_us / 1e6 if isinstance(timeout_us, (int, float)) and timeout_us > 0 \
             else settings.request_timeout_s

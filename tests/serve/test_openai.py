@@ -242,6 +242,9 @@ def test_token_model_v2_metadata_and_lineage(token_server, token_registry):
     meta = httpx.get(f"{token_server.url}/v2/models/decoder-tiny").json()
     layers = json.loads((token_registry / "decoder-tiny" / "1" / "config.json").read_text())["n_layer"]
     assert [i["name"] for i in meta["inputs"]] == ["ids", "start", *(f"cache_{kv}_{i}" for i in range(layers) for kv in "kv")]
+    r = httpx.post(f"{token_server.url}/v2/models/decoder-tiny/infer",
+                   json={"inputs": [{"name": "ids", "shape": [1, 1], "datatype": "INT64", "data": [1]}]})
+    assert r.status_code == 400 and "/v1/completions" in r.json()["error"]
     manifest = json.loads((token_registry / "decoder-tiny" / "1" / "manifest.json").read_text())
     assert manifest["tokenizer"] == "tokenizer.json" and manifest["kind"] == "tokens"
     reports = {r["format"]: r for r in manifest["parity"]}
