@@ -7,6 +7,10 @@ Families so far:
   ClassifierUser        KServe v2 infer on the digit classifiers, a real sklearn digit per request.
   StreamingTokenUser    OpenAI /v1/completions with stream: true on the decoders; reports time to
                         first token ("ttft ...") and the whole stream as separate entries.
+  ForecastUser          KServe v2 infer on the recurrent forecasters: whole co2 histories of random
+                        lengths (batched by padding on the server), and a series streamed in chunks
+                        as a stateful sequence (sequence_id, sequence_start, sequence_end). Models
+                        the server does not serve are left out (checked once per user).
 
 Adding a family (token streaming, generators, ...) = one more `ZooserveUser` subclass with its own
 `weight`, environment knobs and `@task`s; checks go through `ZooserveUser.post_json`, which fails
@@ -19,6 +23,9 @@ Environment:
                             (default "mlp-digits:3,resnet-digits:1")
   ZOOSERVE_LOADTEST_TOKEN_MODELS  token models with optional weights (default "decoder-tiny:1,decoder-moe-tiny:1")
   ZOOSERVE_LOADTEST_MAX_TOKENS    max_tokens per completion (default 32)
+  ZOOSERVE_LOADTEST_FORECAST_MODELS  forecasters with optional weights
+                            (default "lstm-forecast:1,gru-forecast:1,rnn-forecast:1")
+  ZOOSERVE_LOADTEST_MAX_HISTORY   longest history or streamed series, in weeks (default 104)
   ZOOSERVE_LOADTEST_WAIT    seconds each user waits between requests (default 0: closed loop)
 """
 
@@ -31,6 +38,7 @@ import time
 from typing import Any, Callable
 
 from locust import FastHttpUser, constant, task
+from locust.exception import StopUser
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -203,3 +211,94 @@ def read_sse(stream, started: float) -> tuple[str | None, float | None]:
             if first is None and parsed.get("choices") and parsed["choices"][0].get("text"):
                 first = time.perf_counter() - started
     return (None if done else "stream ended without data: [DONE]"), first
+
+
+# ---- forecasters (KIND "sequence") ------------------------------------------------------------
+
+_co2: list[float] | None = None
+
+
+def co2_values() -> list[float]:
+    """statsmodels' weekly co2 series (ppm), gaps interpolated; loaded once."""
+    global _co2
+    if _co2 is None:
+        from statsmodels.datasets import co2
+
+        _co2 = [float(v) for v in co2.load_pandas().data["co2"].interpolate(method="linear")]
+    return _co2
+
+
+def series_body(values: list[float], **parameters) -> bytes:
+    body: dict[str, Any] = {"inputs": [{"name": "series", "shape": [1, len(values), 1], "datatype": "FP32",
+                                        "data": values}]}
+    if parameters:
+        body["parameters"] = parameters
+    return json.dumps(body).encode()
+
+
+def check_forecast(parsed: Any) -> str | None:
+    try:
+        shape = parsed["outputs"][0]["shape"]
+    except (KeyError, IndexError, TypeError):
+        return f"no outputs[0].shape in the response: {str(parsed)[:200]}"
+    if len(shape) != 2 or shape[0] != 1:
+        return f"outputs[0].shape is {shape}, expected [1, K]"
+    return None
+
+
+class ForecastUser(ZooserveUser):
+    """Forecasters: a whole history per request (3 in 4 tasks), or a stream of chunks of one series
+    under a sequence id, which the server holds the hidden state for between chunks."""
+
+    weight = 1
+    models = weighted_names("ZOOSERVE_LOADTEST_FORECAST_MODELS", "lstm-forecast:1,gru-forecast:1,rnn-forecast:1")
+    max_history = int(os.environ.get("ZOOSERVE_LOADTEST_MAX_HISTORY", "104"))
+
+    def on_start(self) -> None:
+        served = [(m, w) for m, w in self.models if self._served(m)]
+        self.names = [m for m, _ in served]
+        self.weights = [w for _, w in served]
+        self.values = co2_values()
+        self.streams = 0
+
+    def _served(self, model: str) -> bool:
+        with self.client.get(f"/v2/models/{model}/ready", name="/v2/models/[forecaster]/ready",
+                             catch_response=True) as resp:
+            resp.success()           # an unserved model is left out, not a failure
+            return resp.status_code == 200
+
+    def _model(self) -> str:
+        if not self.names:
+            raise StopUser()         # from a task, locust stops this user quietly
+        return random.choices(self.names, self.weights)[0]
+
+    def _window(self) -> list[float]:
+        n = random.randint(1, self.max_history)
+        start = random.randint(0, len(self.values) - n)
+        return self.values[start : start + n]
+
+    @task(3)
+    def whole_history(self) -> None:
+        model = self._model()
+        self.post_json(f"/v2/models/{model}/infer", series_body(self._window()),
+                       name=f"/v2/models/{model}/infer (history)", check=check_forecast)
+
+    @task(1)
+    def stream(self) -> None:
+        """One series in 2-5 chunks: start on the first, end on the last; stops at the first failure."""
+        model = self._model()
+        values = self._window()
+        cuts = sorted(random.sample(range(1, len(values)), min(len(values) - 1, random.randint(1, 4))))
+        chunks = [values[a:b] for a, b in zip([0, *cuts], [*cuts, len(values)])]
+        self.streams += 1
+        sequence_id = f"locust-{id(self)}-{self.streams}"
+        for i, chunk in enumerate(chunks):
+            body = series_body(chunk, sequence_id=sequence_id, sequence_start=i == 0,
+                               sequence_end=i == len(chunks) - 1)
+            with self.client.post(f"/v2/models/{model}/infer", data=body, headers=JSON_HEADERS,
+                                  name=f"/v2/models/{model}/infer (sequence chunk)", catch_response=True) as resp:
+                problem = describe_error(resp) if resp.status_code != 200 else check_forecast(resp.json())
+                if problem:
+                    resp.failure(problem)
+                    return
+                resp.success()

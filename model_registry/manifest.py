@@ -66,6 +66,18 @@ class Lineage(_Strict):
     created_at: str = ""
 
 
+class StateSpec(_Strict):
+    """What a stateful artifact (sequence kind) takes beyond its signature; the server fills these
+    and keeps the state between a sequence's requests, clients never send or see them."""
+
+    # per-row lengths of a right-padded batch (INT64 [-1])
+    lengths: TensorSpec
+    # initial-state inputs, in the artifact's argument order after the signature's and `lengths`
+    inputs: list[TensorSpec]
+    # final-state outputs after the signature's, one per `inputs` entry, in the same order
+    outputs: list[TensorSpec]
+
+
 class Manifest(_Strict):
     """manifest.json of one version. `name`, `version` and `files` are written by publish."""
 
@@ -90,6 +102,8 @@ class Manifest(_Strict):
     golden: str | None = "golden.safetensors"
     lineage: Lineage = Field(default_factory=Lineage)
     parity: list[ParityReport] = Field(default_factory=list)
+    # sequence kind: the artifact's server-side inputs and outputs (lengths, hidden state)
+    state: StateSpec | None = None
 
 
 class Batching(_Strict):

@@ -114,6 +114,18 @@ FAMILIES: list[tuple[str, str, str, str, bool]] = [
 ]
 
 
+# sequence engines (the rnn forecasters): padding of variable-length batches, live stateful sequences
+PADDING_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+SEQUENCE_FAMILIES: list[tuple[str, str, str, str]] = [
+    ("zooserve_padding_ratio", "Share of padded time steps in an executed batch of right-padded rows",
+     "histogram", "padding_ratio"),
+    ("zooserve_sequences_live", "Stateful sequences whose state the server holds between requests", "gauge",
+     "sequences_live"),
+    ("zooserve_sequence_state_bytes", "Bytes of state held for the live sequences", "gauge", "sequence_state_bytes"),
+    ("zooserve_sequences_expired", "Sequences freed after the idle timeout", "counter", "sequences_expired"),
+]
+
+
 class Metrics:
     """Every zooserve_* family, collected from the live `ModelMetrics` on one registry per server."""
 
@@ -127,6 +139,9 @@ class Metrics:
 
     def for_token_model(self, model: str, version: int | str) -> "TokenMetrics":
         return self._add(TokenMetrics(self, model, str(version)))
+
+    def for_sequence_model(self, model: str, version: int | str) -> "SequenceMetrics":
+        return self._add(SequenceMetrics(self, model, str(version)))
 
     def _add(self, series: "ModelMetrics"):
         self._series[series.labels] = series
@@ -166,6 +181,7 @@ class Metrics:
                         buckets, total = values.cumulative(), values.sum
                     family.add_metric(list(s.labels), buckets, total)
             yield family
+        yield from _sequence_families([s for s in series if isinstance(s, SequenceMetrics)])
 
 
 class ModelMetrics:
@@ -274,3 +290,35 @@ class TokenMetrics(ModelMetrics):
     def finished(self, finish_reason: str, seconds: float) -> None:
         """A sequence ended; an abort (client gone) counts as status 499."""
         self.request_done(499 if finish_reason == "abort" else 200, seconds)
+
+
+class SequenceMetrics(ModelMetrics):
+    """What a sequence engine records besides the stateless metrics; the live-sequence gauges and
+    the expiry count are read from its sequence store at scrape (`set_function`)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str):
+        super().__init__(metrics, model, version)
+        self.padding_ratio = HistogramValues(PADDING_BUCKETS)
+        self.sequences_live, self.sequence_state_bytes = GaugeValue(), GaugeValue()
+        self.sequences_expired = GaugeValue()     # cumulative; exposed as a counter
+
+    def batch_padded(self, ratio: float) -> None:
+        """One execution over right-padded rows, `ratio` of whose time steps were padding."""
+        with self.lock:
+            self.padding_ratio.observe(ratio)
+
+
+def _sequence_families(rows: list[SequenceMetrics]) -> Iterator[Metric]:
+    for name, help_text, kind, attribute in SEQUENCE_FAMILIES:
+        if kind == "histogram":
+            family = HistogramMetricFamily(name, help_text, labels=LABELS)
+            for s in rows:
+                with s.lock:
+                    values: HistogramValues = getattr(s, attribute)
+                    buckets, total = values.cumulative(), values.sum
+                family.add_metric(list(s.labels), buckets, total)
+        else:
+            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, help_text, labels=LABELS)
+            for s in rows:
+                family.add_metric(list(s.labels), getattr(s, attribute).get())
+        yield family

@@ -17,17 +17,19 @@ from pathlib import Path
 from model_registry import ModelConfig, Registry, RegistryError
 from serve.engines.base import Engine
 from serve.engines.factory import make_token_engine
+from serve.engines.sequence import SequenceEngine, SequenceRuntime, artifact_names
 from serve.engines.stateless import StatelessEngine
 from serve.golden import check_golden
 from serve.errors import ServeError, not_found, unavailable
 from serve.metrics import Metrics
 from serve.runtimes import open_runtime
+from serve.sequence_store import SequenceStore
 from serve.settings import ServeSettings
 
 log = logging.getLogger("zooserve.repository")
 
 # kinds with an engine; later issues add sequence and denoise engines
-ENGINE_KINDS = {"classify", "tokens"}
+ENGINE_KINDS = {"classify", "tokens", "sequence"}
 
 
 class State(str, Enum):
@@ -65,6 +67,8 @@ class ModelRepository:
         self.tables: dict[str, dict[int, LoadedVersion]] = {}
         self.configs: dict[str, ModelConfig] = {}
         self.loaded = False      # the start-up load pass has finished
+        # model -> its live stateful sequences, shared by its versions (each sequence pinned to one)
+        self.sequence_stores: dict[str, SequenceStore] = {}
 
     async def load_all(self) -> None:
         """Load every model of the registry (start-up)."""
@@ -121,9 +125,10 @@ class ModelRepository:
                 raise RuntimeError(f"kind {manifest.kind!r} has no engine in this server yet")
             vdir = self.registry.version_dir(name, version)
             runtime = open_runtime(vdir, manifest.format, manifest.artifacts[manifest.format],
-                                   [s.name for s in manifest.signature.inputs],
-                                   [s.name for s in manifest.signature.outputs],
+                                   *artifact_names(manifest),   # the signature's (+ lengths and state)
                                    self.settings.intra_op_threads, self.settings.device)
+            if manifest.kind == "sequence":
+                runtime = SequenceRuntime(runtime, manifest, vdir)
             error = check_golden(manifest, runtime, vdir)
             engine = self._make_engine(cfg, version, manifest, runtime, vdir)
         except Exception as exc:  # noqa: BLE001 - any failure makes this version unavailable, not the server
@@ -136,6 +141,11 @@ class ModelRepository:
         return LoadedVersion(name, version, State.READY, engine=engine)
 
     def _make_engine(self, cfg: ModelConfig, version: int, manifest, runtime, vdir: Path):
+        if manifest.kind == "sequence":
+            store = self.sequence_stores.setdefault(cfg.name, SequenceStore(
+                self.settings.sequence_idle_timeout_s, self.settings.max_sequences))
+            return SequenceEngine(cfg.name, version, manifest, runtime, cfg.batching, store, self.settings,
+                                  self.metrics.for_sequence_model(cfg.name, version))
         if manifest.kind == "tokens":
             return make_token_engine(cfg.name, version, manifest, runtime, vdir, self.settings,
                                      self.metrics.for_token_model(cfg.name, version))

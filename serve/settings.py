@@ -29,6 +29,11 @@ class ServeSettings(BaseSettings):
     state_memory_mb: int = Field(2048, ge=1, description="memory a token engine may give its sequences' state "
                                  "(KV cache at full context, or recurrent state); with max_num_seqs it bounds "
                                  "how many sequences run at once")
+    # sequence engines (rnn forecasters): history per request, stateful streams held between requests
+    sequence_max_len: int = Field(4096, ge=1, description="time steps one request to a sequence model may carry")
+    sequence_idle_timeout_s: float = Field(60.0, gt=0, description="a stateful sequence idle this long is freed "
+                                           "(Triton's max_sequence_idle_microseconds, whose default is 1 s)")
+    max_sequences: int = Field(10000, ge=1, description="live stateful sequences per model; a start beyond gets 429")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("admin_token")

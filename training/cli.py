@@ -19,6 +19,9 @@ DEMO_MODELS = [
     ("decoder-tiny", "decoder", "tiny"),
     ("decoder-moe-tiny", "decoder", "tiny-moe"),
     ("mamba-tiny", "mamba", "tiny"),
+    ("lstm-forecast", "rnn", "tiny"),
+    ("gru-forecast", "rnn", "tiny-gru"),
+    ("rnn-forecast", "rnn", "tiny-rnn"),
 ]
 
 
@@ -69,6 +72,8 @@ def demo(registry_root: str | Path, threads: int = 1, progress: bool = True,
             published[name] = registry.publish(name, pkg)
             registry.set_alias(name, "stable", published[name])
             quality = (f"test accuracy {metrics['test_accuracy']:.3f}" if "test_accuracy" in metrics else
+                       f"test MAE {metrics['test_mae']:.3f} (last-value baseline {metrics['naive_test_mae']:.3f})"
+                       if "test_mae" in metrics else
                        f"held-out perplexity {metrics['val_perplexity']:.1f} "
                        f"(unigram baseline {metrics['unigram_val_perplexity']:.1f})")
             print(f"[demo] published {name} version {published[name]}: {quality}", flush=True)

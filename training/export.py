@@ -207,10 +207,16 @@ def package(checkpoint_dir: str | Path, out_dir: str | Path, formats: tuple[str,
     def make_inputs(batch: int) -> tuple[torch.Tensor, ...]:
         return fam.example_inputs(config, batch)
 
+    state = None   # sequence kind: the artifact's server-side inputs/outputs
     if fam.KIND == "tokens":
         reports, signature, tensors = _export_token_model(fam, model, config, out, formats)
         extra_files = [name for name in (TOKENIZER,) if (src / name).exists()]
         generation = {"max_model_len": _max_model_len(fam, config)}
+    elif fam.KIND == "sequence":
+        from training import export_sequence
+
+        reports, signature, tensors, state = export_sequence.export(model, config, out, formats)
+        extra_files, generation = [], {}
     else:
         reports, signature, tensors = _export_stateless(model, make_inputs, output_names, out, formats)
         extra_files, generation = [], {}
@@ -230,6 +236,7 @@ def package(checkpoint_dir: str | Path, out_dir: str | Path, formats: tuple[str,
         golden=GOLDEN,
         lineage=meta.get("lineage", {}),
         parity=reports,
+        state=state,
     )
     (out / "manifest.json").write_text(json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
     return manifest

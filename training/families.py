@@ -11,6 +11,8 @@ FAMILIES = {
     "mlp": "training.models.mlp",
     "resnet": "training.models.resnet",
     "decoder": "training.models.decoder",
+    "rnn": "training.models.rnn",          # forecaster (KIND "sequence")
+    "rnn_lm": "training.models.rnn_lm",    # character-level LM on the same recurrent core (KIND "tokens")
     "mamba": "training.models.mamba",
 }
 

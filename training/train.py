@@ -14,7 +14,8 @@ from training import checkpoint, data, loop
 from training.families import family_module, make_config
 
 # which dataset each family trains on
-DATASETS = {"mlp": "digits", "resnet": "digits", "decoder": "text", "mamba": "text"}
+DATASETS = {"mlp": "digits", "resnet": "digits", "decoder": "text", "mamba": "text",
+            "rnn": "series", "rnn_lm": "text"}
 
 
 def code_revision() -> str | None:
@@ -63,6 +64,15 @@ def train(family: str, preset: str, out_dir: str | Path, progress: bool = True) 
     """Train `family` at `preset` into `out_dir`."""
     if DATASETS.get(family) == "digits":
         return train_classifier(family, preset, out_dir, progress=progress)
+    if DATASETS.get(family) == "series":
+        from training.series import train_forecaster
+
+        return train_forecaster(family, preset, out_dir, progress=progress)
+    if family == "rnn_lm":   # character level: the byte-level tokenizer without merges (vocab 260)
+        from training.lm import train_token_family
+
+        return train_token_family(family, preset, out_dir, progress=progress,
+                                  vocab_size=family_module(family).Config.vocab_size)
     if DATASETS.get(family) == "text":
         from training.lm import train_token_family
 
