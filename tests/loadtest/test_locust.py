@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_run_sh_drives_every_user_class_without_failures(token_registry, start_server, tmp_path):
     with start_server(token_registry) as server:
         env = {**os.environ, "ZOOSERVE_LOADTEST_MODELS": "mlp-digits",
-               "ZOOSERVE_LOADTEST_TOKEN_MODELS": "decoder-tiny:1,decoder-moe-tiny:1",
+               "ZOOSERVE_LOADTEST_TOKEN_MODELS": "decoder-tiny:1,decoder-moe-tiny:1,mamba-tiny:1",
                "ZOOSERVE_LOADTEST_MAX_TOKENS": "8", "ZOOSERVE_LOADTEST_OUT": str(tmp_path)}
         proc = subprocess.run(["bash", "loadtest/run.sh", server.url, "4", "6s"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
@@ -28,3 +28,4 @@ def test_run_sh_drives_every_user_class_without_failures(token_registry, start_s
     assert "/v2/models/mlp-digits/infer" in rows
     assert any(name.startswith("/v1/completions decoder-") for name in rows)
     assert any(name.startswith("ttft decoder-") for name in rows)
+    assert "/v1/completions mamba-tiny (stream)" in rows        # dozens of completions, a third of them Mamba
