@@ -220,6 +220,8 @@ def package(checkpoint_dir: str | Path, out_dir: str | Path, formats: tuple[str,
     else:
         reports, signature, tensors = _export_stateless(model, make_inputs, output_names, out, formats)
         extra_files, generation = [], {}
+        if fam.KIND in ("sample", "denoise"):   # GAN / VAE decoder / diffusion UNet: forward is the served part
+            generation = fam.generation_defaults(config)
     # safetensors writes an array's buffer as is: a non-contiguous view (a transposed K, say)
     # would be stored scrambled, so every tensor is made C-contiguous first
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / GOLDEN))

@@ -14,6 +14,9 @@ FAMILIES = {
     "rnn": "training.models.rnn",          # forecaster (KIND "sequence")
     "rnn_lm": "training.models.rnn_lm",    # character-level LM on the same recurrent core (KIND "tokens")
     "mamba": "training.models.mamba",
+    "gan": "training.models.gan",              # class-conditional DCGAN (KIND "sample")
+    "vae": "training.models.vae",              # convolutional VAE, the decoder is served (KIND "sample")
+    "diffusion": "training.models.diffusion",  # UNet denoiser, DDPM/DDIM in training/schedulers (KIND "denoise")
 }
 
 
