@@ -1,7 +1,7 @@
 """Token generation benchmark: the real server (continuous batching, ONNX Runtime) against
-Hugging Face `generate` on the same weights.
+Hugging Face `generate` on the same weights, for the decoder (default) or Mamba (`--family mamba`).
 
-One run:
+One run (decoder; the Mamba run is listed after it):
   1. builds the model: the `small` decoder preset (6 layers, 256 wide, 8 heads, 2 KV heads) with a
      2048-token byte-level BPE trained on the corpus, block_size 512, RANDOM weights
      (torch.manual_seed(0)): this measures speed, not quality; exports it to ONNX with
@@ -20,8 +20,22 @@ One run:
      concurrency 1 (the HF batch-1 subset), 16 and 64 over fixed request lists;
   6. prints the table, the ratios against HF and the targets, and stops the server (SIGTERM).
 
-    .venv/bin/python bench/tokens.py [--requests 96] [--batch1 6] [--concurrency 1 16 64]
-                                     [--level-requests 6 48 96] [--out FILE.json]
+    .venv/bin/python bench/tokens.py [--family decoder|mamba] [--requests 96] [--batch1 6]
+                                     [--concurrency 1 16 64] [--level-requests 6 48 96] [--out FILE.json]
+
+`--family mamba` runs the same steps on the `bench` Mamba preset (6 layers, d_model 256, d_state 16,
+d_conv 4, expand 2), same tokenizer, RANDOM weights (torch.manual_seed(0)), published as `mamba-bench`,
+against `MambaForCausalLM.generate` (`to_hf_mamba`), with these in place of step 4 and beside 3 and 5:
+  3'. the prefill of one 512-token corpus prompt: our ONNX step in-process, HF's forward with its
+      cache and HF `generate(max_new_tokens=1)`, taking turns, best of 5 each;
+  4'. the ONNX decode step alone at batch 1/16/64 (its state has one size whatever the context), and
+      the per-token decode latency at contexts 32, 512 and 2048 (a decode step from the state a
+      prompt of that length left), the contexts taking turns;
+  5'. through the server, after the levels: requests with prompts of 32/512/2048 corpus tokens (as
+      token ids, 128 new tokens each; 3 rounds, best of 3): TTFT and per-token latency (ITL), the
+      TTFT of the 512-token prompt against HF `generate(max_new_tokens=1)`; the state bytes per
+      sequence; targets: batch 1 and 16 concurrent >= 3x HF, prefill >= 5x, ITL at 2048 within 10 %
+      of ITL at 32.
 
 TTFT of the server = send -> first SSE event carrying a token (its `text` may be "" when the token
 ends inside a UTF-8 character or is a special token); end = `data: [DONE]`; generated tokens come
@@ -33,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import functools
 import json
 import os
 import random
@@ -66,19 +81,35 @@ CEILING_BATCHES = (1, 16, 64)
 CEILING_SLOTS = (BLOCK_SIZE, 128)
 TARGETS = {"batch 1": 3.0, "16 concurrent": 4.0}
 
+# --family mamba
+MAMBA_MODEL_NAME = "mamba-bench"
+MAMBA_PRESET = "bench"
+MAMBA_TARGETS = {"batch 1": 3.0, "16 concurrent": 3.0}
+PREFILL_TOKENS = 512
+PREFILL_TARGET = 5.0             # ours at least this many times faster than HF on a 512-token prompt
+CONTEXTS = (32, 512, 2048)       # per-token decode latency at these contexts ...
+CONTEXT_TOLERANCE = 0.10         # ... the longest within 10 % of the shortest (the state has one size)
+CONTEXT_NEW_TOKENS = 128
+
 
 # ---- model and requests ---------------------------------------------------------------------
 
-def build_model(work: Path, log=print):
-    """Tokenizer on the corpus, random-weight `small` decoder, checkpoint, ONNX package, registry.
-    Returns (model, tokenizer, corpus_text, registry_root, version, onnx_path)."""
+def build_model(work: Path, log=print, family: str = "decoder"):
+    """Tokenizer on the corpus, random-weight `small` decoder (or `bench` mamba), checkpoint, ONNX
+    package, registry. Returns (model, tokenizer, corpus_text, registry_root, version, onnx_path)."""
     import torch
 
     from model_registry import Registry
     from training import checkpoint, export
-    from training.models.decoder import PRESETS, Config, Model
     from training.text import load_corpus
     from training.tokenizer import train_tokenizer
+
+    if family == "mamba":
+        from training.models.mamba import PRESETS, Config, Model
+        name, preset, extra = MAMBA_MODEL_NAME, MAMBA_PRESET, {}
+    else:
+        from training.models.decoder import PRESETS, Config, Model
+        name, preset, extra = MODEL_NAME, PRESET, {"block_size": BLOCK_SIZE}
 
     started = time.perf_counter()
     corpus = load_corpus()
@@ -87,20 +118,22 @@ def build_model(work: Path, log=print):
     log(f"[bench] tokenizer: {tokenizer.vocab_size} tokens, trained on {corpus.name} "
         f"({len(text):,} chars) in {time.perf_counter() - started:.1f} s")
     torch.manual_seed(0)
-    config = Config(**PRESETS[PRESET], vocab_size=tokenizer.vocab_size, block_size=BLOCK_SIZE)
+    config = Config(**PRESETS[preset], vocab_size=tokenizer.vocab_size, **extra)
     model = Model(config).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"[bench] model: preset {PRESET!r}, {n_params / 1e6:.2f} M parameters, block_size {BLOCK_SIZE}, "
+    label, window = ((f"preset {preset!r}", f"block_size {BLOCK_SIZE}") if family == "decoder"
+                     else (f"mamba preset {preset!r}", "constant-size state"))
+    log(f"[bench] model: {label}, {n_params / 1e6:.2f} M parameters, {window}, "
         f"RANDOM weights (torch.manual_seed(0)): this measures speed, not quality")
     ckpt = work / "checkpoint"
-    checkpoint.save(ckpt, model, config, {"family": "decoder"})
+    checkpoint.save(ckpt, model, config, {"family": family})
     tokenizer.save(ckpt)
     t0 = time.perf_counter()
     export.package(ckpt, work / "package", formats=("onnx",), serve_format="onnx")
     log(f"[bench] exported to ONNX (prefill + decode parity checked) in {time.perf_counter() - t0:.1f} s")
     registry = Registry(work / "registry")
-    version = registry.publish(MODEL_NAME, work / "package")
-    onnx_path = registry.version_dir(MODEL_NAME, version) / "model.onnx"
+    version = registry.publish(name, work / "package")
+    onnx_path = registry.version_dir(name, version) / "model.onnx"
     return model, tokenizer, text, registry.root, version, onnx_path
 
 
@@ -132,10 +165,13 @@ def make_requests(tokenizer, text: str, n: int, seed: int) -> list[Req]:
 
 # ---- HF baseline ----------------------------------------------------------------------------
 
-def hf_model(model):
-    from training.models.decoder import to_hf_llama
+def hf_model(model, family: str = "decoder"):
+    if family == "mamba":
+        from training.models.mamba import to_hf_mamba as to_hf
+    else:
+        from training.models.decoder import to_hf_llama as to_hf
 
-    hf = to_hf_llama(model).float().eval()
+    hf = to_hf(model).float().eval()
     gc = hf.generation_config
     gc.eos_token_id = None           # random weights: generate exactly max_new_tokens
     gc.bos_token_id = None
@@ -246,6 +282,176 @@ def measure_ort_steps(onnx_path: Path, config: dict, seconds: float = 0.6) -> di
     return out
 
 
+# ---- Mamba: the recurrent step alone, prefill, contexts ----------------------------------------
+
+def _ort_session(onnx_path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def _best_ms(fns: dict, seconds: float, min_runs: int = 3, slices: int = 3) -> dict:
+    """ms per call of each fn: best of `slices` slices of `seconds` / slices (at least `min_runs`
+    calls each), the fns taking turns slice by slice so that the machine's noise falls on all alike."""
+    for fn in fns.values():
+        fn()
+    best: dict = {}
+    for _ in range(slices):
+        for key, fn in fns.items():
+            runs, t0 = 0, time.perf_counter()
+            while runs < min_runs or time.perf_counter() - t0 < seconds / slices:
+                fn()
+                runs += 1
+            per = (time.perf_counter() - t0) / runs * 1000
+            best[key] = min(best.get(key, per), per)
+    return best
+
+
+def context_windows(tokenizer, text: str, lengths: tuple[int, ...], seed: int) -> dict[int, list[int]]:
+    """One corpus token window per length (seeded), as token ids."""
+    rng = random.Random(seed + 1)
+    ids = tokenizer.encode(text[:400_000])
+    out = {}
+    for n in lengths:
+        start = rng.randrange(len(ids) - n)
+        out[n] = ids[start:start + n]
+    return out
+
+
+def measure_recurrent_steps(onnx_path: Path, windows: dict[int, list[int]], seconds: float = 1.2) -> dict:
+    """The served model.onnx in-process (1 thread): ms per decode step at batch 1/16/64 from random
+    states, and per-token decode latency from the state each context window's prefill left."""
+    session = _ort_session(onnx_path)
+    states = [(i.name, [d if isinstance(d, int) else 1 for d in i.shape[1:]]) for i in session.get_inputs()[2:]]
+    rng = np.random.default_rng(0)
+    vocab = session.get_outputs()[0].shape[-1]
+    decode = {}
+    for b in CEILING_BATCHES:
+        feed = {"ids": rng.integers(4, vocab, (b, 1)).astype(np.int64), "n_new": np.ones(b, np.int64),
+                **{n: 0.1 * rng.standard_normal((b, *shape), np.float32) for n, shape in states}}
+        decode[b] = functools.partial(session.run, None, feed)
+
+    contexts = {}
+    for n, ids in windows.items():
+        prefilled = session.run(None, zero_state_feed(session, ids))[1:]        # the state after n tokens
+        feed = {"ids": np.array([[ids[-1]]], np.int64), "n_new": np.ones(1, np.int64),
+                **{name: s for (name, _), s in zip(states, prefilled, strict=True)}}
+        contexts[n] = functools.partial(session.run, None, feed)
+    busy0, own0, t0 = machine_busy_seconds(), time.process_time(), time.perf_counter()
+    out = {"decode_ms": _best_ms(decode, seconds, slices=9), "context_ms": _best_ms(contexts, seconds, slices=9),
+           "state_bytes": int(sum(np.prod(shape) for _, shape in states) * 4)}
+    other = (machine_busy_seconds() - busy0) - (time.process_time() - own0)
+    return {**out, "other_load_cores": max(0.0, other) / (time.perf_counter() - t0)}
+
+
+def zero_state_feed(session, ids: list[int]) -> dict[str, np.ndarray]:
+    """One prompt (B = 1) from the zero state, for the recurrent step."""
+    return {"ids": np.array([ids], np.int64), "n_new": np.array([len(ids)], np.int64),
+            **{i.name: np.zeros((1, *i.shape[1:]), np.float32) for i in session.get_inputs()[2:]}}
+
+
+def compare_prefill(hf, onnx_path: Path, ids: list[int], rounds: int = 5) -> dict[str, float]:
+    """One prompt (B = 1), the three taking turns, best of `rounds`: HF's forward with its cache (the
+    prefill alone), HF generate(max_new_tokens=1) (prefill + the first token) and our ONNX step."""
+    import torch
+
+    x = torch.tensor([ids])
+    session = _ort_session(onnx_path)
+    feed = zero_state_feed(session, ids)
+
+    def forward():
+        with torch.inference_mode():
+            hf(x, use_cache=True)
+
+    busy0, own0, t0 = machine_busy_seconds(), time.process_time(), time.perf_counter()
+    best = _best_ms({"forward_ms": forward, "generate1_ms": lambda: hf_generate(hf, x, torch.ones_like(x), 1),
+                     "ours_ms": functools.partial(session.run, None, feed)}, 0.0, min_runs=1, slices=rounds)
+    other = (machine_busy_seconds() - busy0) - (time.process_time() - own0)
+    return {**best, "other_load_cores": max(0.0, other) / (time.perf_counter() - t0)}
+
+
+async def context_latency(server: Server, windows: dict[int, list[int]], model: str,
+                          rounds: int = 3) -> dict[int, dict]:
+    """Through the server, requests of each context in turn (`rounds` rounds, so the machine's noise
+    falls on every context alike): the window as token ids, CONTEXT_NEW_TOKENS new tokens. Best
+    TTFT (send -> first token) and best ITL ((end - first token) / (tokens - 1)) per context."""
+    raw = {n: http_request("/v1/completions", server.host, server.port,
+                           completion_body(Req(-1, "", ids, n, CONTEXT_NEW_TOKENS), model, prompt=ids))
+           for n, ids in windows.items()}
+    out: dict[int, dict] = {}
+    for _ in range(rounds):
+        for n in windows:
+            conn = StreamConnection(server.host, server.port)
+            sent = time.perf_counter()
+            res = await conn.stream(raw[n], sent)
+            conn.close()
+            usage = res["usage"] or {}
+            if res["status"] != 200 or not res["done"] or usage.get("completion_tokens") != CONTEXT_NEW_TOKENS:
+                raise RuntimeError(f"context {n}: request failed: {res}\n{server.log_tail()}")
+            ttft_ms, itl_ms = res["ttft"] * 1000, (res["end"] - sent - res["ttft"]) / (CONTEXT_NEW_TOKENS - 1) * 1000
+            best = out.setdefault(n, {"prompt_tokens": usage.get("prompt_tokens"), "ttft_ms": ttft_ms,
+                                      "itl_ms": itl_ms})
+            best["ttft_ms"], best["itl_ms"] = min(best["ttft_ms"], ttft_ms), min(best["itl_ms"], itl_ms)
+    return out
+
+
+def print_mamba_report(hf: dict, rec: dict, contexts: dict[int, dict], levels: list[LevelResult],
+                       hf_prompt: dict[str, float]) -> dict[str, float]:
+    """The decoder's table and ratios (via print_report), then the recurrent step's own sections."""
+    ratios = print_report(hf, {}, levels, model=MAMBA_MODEL_NAME, preset=MAMBA_PRESET, targets=MAMBA_TARGETS)
+    print()
+    print(f"ONNX Runtime decode step alone (in-process, 1 thread, random states; best of 9 interleaved slices; "
+          f"other load meanwhile {rec['other_load_cores']:.2f} cores), ms per step (ms per sequence):")
+    print("| " + " | ".join(f"batch {b}" for b in CEILING_BATCHES) + " |")
+    print("|" + "---:|" * len(CEILING_BATCHES))
+    print("| " + " | ".join(f"{rec['decode_ms'][b]:.2f} ({rec['decode_ms'][b] / b:.3f})" for b in CEILING_BATCHES)
+          + " |")
+    print()
+    print(f"Per-token decode latency by context (batch 1; in-process: a decode step from the state the "
+          f"prompt left, best of 9 interleaved slices; server: best of 3 requests generating "
+          f"{CONTEXT_NEW_TOKENS} tokens):")
+    print("| context (prompt tokens) | in-process step ms | server ITL ms | server TTFT ms |")
+    print("|---:|---:|---:|---:|")
+    for n in CONTEXTS:
+        print(f"| {n} | {rec['context_ms'][n]:.3f} | {contexts[n]['itl_ms']:.3f} | {contexts[n]['ttft_ms']:.1f} |")
+    print()
+    first, last = CONTEXTS[0], CONTEXTS[-1]
+    print(f"Prefill of one {PREFILL_TOKENS}-token prompt (batch 1; the in-process three took turns, best of 5; "
+          f"other load meanwhile {hf_prompt['other_load_cores']:.2f} cores):")
+    print("| side | what | ms |")
+    print("|---|---|---:|")
+    print(f"| HF | forward with cache (the prefill) | {hf_prompt['forward_ms']:.1f} |")
+    print(f"| HF | generate(max_new_tokens=1) | {hf_prompt['generate1_ms']:.1f} |")
+    print(f"| zooserve | ONNX step, in-process | {hf_prompt['ours_ms']:.1f} |")
+    print(f"| zooserve | server TTFT (prompt as token ids, streamed) | {contexts[PREFILL_TOKENS]['ttft_ms']:.1f} |")
+    print()
+    print(f"State bytes per sequence: {rec['state_bytes']:,} (float32, every context; the decoder's KV cache "
+          f"grows with it)")
+    print()
+    checks = [
+        (f"prefill {PREFILL_TOKENS}: HF forward / ours (ONNX step)", hf_prompt["forward_ms"] / hf_prompt["ours_ms"],
+         f">= {PREFILL_TARGET:.0f}x", lambda r: r >= PREFILL_TARGET),
+        (f"prefill {PREFILL_TOKENS}: HF generate(1) / ours (server TTFT)",
+         hf_prompt["generate1_ms"] / contexts[PREFILL_TOKENS]["ttft_ms"], f">= {PREFILL_TARGET:.0f}x",
+         lambda r: r >= PREFILL_TARGET),
+        (f"decode latency, context {last} / {first} (in-process step)",
+         rec["context_ms"][last] / rec["context_ms"][first], f"<= {1 + CONTEXT_TOLERANCE:.2f}",
+         lambda r: r <= 1 + CONTEXT_TOLERANCE),
+        (f"decode latency, context {last} / {first} (server ITL)",
+         contexts[last]["itl_ms"] / contexts[first]["itl_ms"], f"<= {1 + CONTEXT_TOLERANCE:.2f}",
+         lambda r: r <= 1 + CONTEXT_TOLERANCE),
+    ]
+    for label, ratio, goal, met in checks:
+        ratios[label] = ratio
+        print(f"{label}: {ratio:.2f}{'x' if 'prefill' in label else ''}   target {goal}: "
+              f"{'MET' if met(ratio) else 'MISSED'}")
+    return ratios
+
+
 # ---- streaming client -----------------------------------------------------------------------
 
 class StreamConnection(Connection):
@@ -321,10 +527,11 @@ class StreamConnection(Connection):
         return result
 
 
-def completion_body(r: Req) -> bytes:
+def completion_body(r: Req, model: str = MODEL_NAME, prompt: str | list[int] | None = None) -> bytes:
     import orjson
 
-    return orjson.dumps({"model": MODEL_NAME, "prompt": r.prompt, "max_tokens": r.max_tokens, "temperature": 0,
+    return orjson.dumps({"model": model, "prompt": r.prompt if prompt is None else prompt,
+                         "max_tokens": r.max_tokens, "temperature": 0,
                          "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True})
 
 
@@ -350,10 +557,10 @@ class LevelResult:
     problems: list[str] = field(default_factory=list)
 
 
-async def run_level(server: Server, reqs: list[Req], concurrency: int) -> LevelResult:
+async def run_level(server: Server, reqs: list[Req], concurrency: int, model: str = MODEL_NAME) -> LevelResult:
     """Closed loop over a fixed list: `concurrency` connections each take the next request when done."""
     host, port = server.host, server.port
-    raw = {r.index: http_request("/v1/completions", host, port, completion_body(r)) for r in reqs}
+    raw = {r.index: http_request("/v1/completions", host, port, completion_body(r, model)) for r in reqs}
     metrics_raw = http_request("/metrics", host, port)
     probe = Connection(host, port)
     todo = list(reqs)
@@ -376,13 +583,13 @@ async def run_level(server: Server, reqs: list[Req], concurrency: int) -> LevelR
         finally:
             conn.close()
 
-    before = await scrape(probe, metrics_raw, MODEL_NAME)
+    before = await scrape(probe, metrics_raw, model)
     cpu0, client0, busy0, t0 = server.cpu_seconds(), time.process_time(), machine_busy_seconds(), time.perf_counter()
     try:
         await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout=600)
     finally:
         t1, cpu1, client1, busy1 = time.perf_counter(), server.cpu_seconds(), time.process_time(), machine_busy_seconds()
-    after = await scrape(probe, metrics_raw, MODEL_NAME)
+    after = await scrape(probe, metrics_raw, model)
     probe.close()
 
     wall = t1 - t0
@@ -426,11 +633,12 @@ async def run_level(server: Server, reqs: list[Req], concurrency: int) -> LevelR
     )
 
 
-async def drive(server: Server, plans: list[tuple[int, list[Req]]], log=print) -> list[LevelResult]:
+async def drive(server: Server, plans: list[tuple[int, list[Req]]], log=print,
+                model: str = MODEL_NAME) -> list[LevelResult]:
     # warm-up: one short request (first ORT runs, lazy paths), not measured
     warm = StreamConnection(server.host, server.port)
     w = Req(-1, "To be, or not to be", [], 0, 8)
-    res = await warm.stream(http_request("/v1/completions", server.host, server.port, completion_body(w)),
+    res = await warm.stream(http_request("/v1/completions", server.host, server.port, completion_body(w, model)),
                             time.perf_counter())
     warm.close()
     if res["status"] != 200 or not res["done"] or (res["usage"] or {}).get("completion_tokens") != 8:
@@ -439,7 +647,7 @@ async def drive(server: Server, plans: list[tuple[int, list[Req]]], log=print) -
     for concurrency, reqs in plans:
         log(f"[bench] server, {concurrency} concurrent over {len(reqs)} requests "
             f"({sum(r.max_tokens for r in reqs)} tokens) ...")
-        r = await run_level(server, reqs, concurrency)
+        r = await run_level(server, reqs, concurrency, model)
         seqs = f"{r.mean_seqs_per_step:.2f}" if r.mean_seqs_per_step else "-"
         log(f"[bench]   {r.tokens_per_s:.1f} tok/s, TTFT p50 {r.ttft_p50_ms:.1f} ms p99 {r.ttft_p99_ms:.1f} ms, "
             f"latency p50 {r.latency_p50_s:.2f} s, seqs/step {seqs}, server CPU {r.server_cpu_cores:.2f} cores, "
@@ -452,10 +660,13 @@ async def drive(server: Server, plans: list[tuple[int, list[Req]]], log=print) -
 
 # ---- report ---------------------------------------------------------------------------------
 
-def print_report(hf: dict, ort_ms: dict[str, float], levels: list[LevelResult]) -> dict[str, float]:
+def print_report(hf: dict, ort_ms: dict[str, float], levels: list[LevelResult], model: str = MODEL_NAME,
+                 preset: str = PRESET, targets: dict[str, float] = TARGETS) -> dict[str, float]:
+    """The table, the decoder's step table (when `ort_ms` has it) and the throughput ratios."""
     b1, bs = hf["batch1"], hf["static"]
+    window = f"block_size {BLOCK_SIZE}" if model == MODEL_NAME else "constant-size state"
     print()
-    print(f"Model: {MODEL_NAME} (preset {PRESET}, vocab {VOCAB}, block_size {BLOCK_SIZE}), RANDOM weights "
+    print(f"Model: {model} (preset {preset}, vocab {VOCAB}, {window}), RANDOM weights "
           f"(speed, not quality); all sides 1 intra-op thread, CPU")
     print("| side | setting | requests | generated tokens | wall s | tokens/s | TTFT p50 ms | TTFT p99 ms | "
           "latency p50 s | mean seqs/step | ms/step | server CPU (cores) |")
@@ -473,14 +684,15 @@ def print_report(hf: dict, ort_ms: dict[str, float], levels: list[LevelResult]) 
         print(f"| zooserve | {r.concurrency} concurrent | {r.ok}/{r.requests} | {r.generated_tokens:,} | {r.wall_s:.1f} | "
               f"{r.tokens_per_s:.1f} | {r.ttft_p50_ms:.1f} | {r.ttft_p99_ms:.1f} | {r.latency_p50_s:.2f} | {seqs} | "
               f"{mps} | {r.server_cpu_cores:.2f} |")
-    print()
-    print("ONNX Runtime decode step alone (in-process, 1 thread), ms per step (ms per sequence):")
-    print("| cache slots S | " + " | ".join(f"batch {b}" for b in CEILING_BATCHES) + " |")
-    print("|---:|" + "---:|" * len(CEILING_BATCHES))
-    for slots in CEILING_SLOTS:
-        note = " (full context)" if slots == BLOCK_SIZE else ""
-        print(f"| {slots}{note} | " + " | ".join(
-            f"{ort_ms[f'{b}x{slots}']:.2f} ({ort_ms[f'{b}x{slots}'] / b:.2f})" for b in CEILING_BATCHES) + " |")
+    if ort_ms:
+        print()
+        print("ONNX Runtime decode step alone (in-process, 1 thread), ms per step (ms per sequence):")
+        print("| cache slots S | " + " | ".join(f"batch {b}" for b in CEILING_BATCHES) + " |")
+        print("|---:|" + "---:|" * len(CEILING_BATCHES))
+        for slots in CEILING_SLOTS:
+            note = " (full context)" if slots == BLOCK_SIZE else ""
+            print(f"| {slots}{note} | " + " | ".join(
+                f"{ort_ms[f'{b}x{slots}']:.2f} ({ort_ms[f'{b}x{slots}'] / b:.2f})" for b in CEILING_BATCHES) + " |")
     print("Server per level: " + "; ".join(
         f"{r.concurrency} conc: ITL p50 {r.itl_p50_ms:.1f} ms, client {r.client_cpu_cores:.2f} cores, "
         f"other load {r.other_load_cores:.2f} cores" for r in levels))
@@ -497,7 +709,7 @@ def print_report(hf: dict, ort_ms: dict[str, float], levels: list[LevelResult]) 
         ratios[label] = ratio
         line = f"{label}: {ratio:.2f}x"
         if target:
-            goal = TARGETS[target]
+            goal = targets[target]
             line += f"   target >= {goal:.0f}x: {'MET' if ratio >= goal else 'MISSED'}"
         print(line)
     for r in levels:
@@ -521,6 +733,8 @@ def versions() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--family", choices=["decoder", "mamba"], default="decoder",
+                   help="decoder: the `small` Llama-style preset; mamba: the `bench` Mamba-1 preset")
     p.add_argument("--requests", type=int, default=96, help="size of the seeded request list")
     p.add_argument("--batch1", type=int, default=6, help="requests in the batch-1 subset (HF batch 1 and ours at 1)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64], help="server concurrency levels")
@@ -545,20 +759,37 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="zooserve-bench-tokens-"))
     server: Server | None = None
     try:
-        model, tokenizer, text, registry, version, onnx_path = build_model(workdir)
+        mamba = args.family == "mamba"
+        model_name, preset = (MAMBA_MODEL_NAME, MAMBA_PRESET) if mamba else (MODEL_NAME, PRESET)
+        model, tokenizer, text, registry, version, onnx_path = build_model(workdir, family=args.family)
         reqs = make_requests(tokenizer, text, args.requests, args.seed)
         plens = [len(r.prompt_ids) for r in reqs]
         print(f"[bench] {len(reqs)} requests: prompt tokens {min(plens)}..{max(plens)} (mean {np.mean(plens):.0f}), "
               f"max_tokens {min(r.max_tokens for r in reqs)}..{max(r.max_tokens for r in reqs)} "
               f"(mean {np.mean([r.max_tokens for r in reqs]):.0f})", flush=True)
+        windows = context_windows(tokenizer, text, CONTEXTS, args.seed) if mamba else {}
 
-        hf = hf_model(model)
+        hf = hf_model(model, args.family)
         hf_res = run_hf(hf, reqs[:args.batch1], reqs[:STATIC_BATCH])
+        if mamba:
+            hf_prompt = compare_prefill(hf, onnx_path, windows[PREFILL_TOKENS])
+            print(f"[bench] prefill of {PREFILL_TOKENS} tokens: HF forward {hf_prompt['forward_ms']:.1f} ms, "
+                  f"HF generate(max_new_tokens=1) {hf_prompt['generate1_ms']:.1f} ms, "
+                  f"our ONNX step {hf_prompt['ours_ms']:.1f} ms (other load {hf_prompt['other_load_cores']:.2f} cores)",
+                  flush=True)
         del hf
         config = json.loads((onnx_path.parent / "config.json").read_text())
-        ort_ms = measure_ort_steps(onnx_path, config)
-        print("[bench] ORT decode step alone (batch x cache slots): "
-              + ", ".join(f"{k} {ms:.2f} ms" for k, ms in ort_ms.items()), flush=True)
+        if mamba:
+            ort_ms = {}
+            rec = measure_recurrent_steps(onnx_path, windows)
+            print("[bench] ORT step alone: decode " + ", ".join(f"batch {b} {ms:.2f} ms" for b, ms in
+                                                               rec["decode_ms"].items())
+                  + "; decode at context " + ", ".join(f"{n} {ms:.3f} ms" for n, ms in rec["context_ms"].items()),
+                  flush=True)
+        else:
+            ort_ms = measure_ort_steps(onnx_path, config)
+            print("[bench] ORT decode step alone (batch x cache slots): "
+                  + ", ".join(f"{k} {ms:.2f} ms" for k, ms in ort_ms.items()), flush=True)
 
         server = Server(registry, 1, workdir / "server.log")
         ready_s = server.wait_ready()
@@ -566,8 +797,13 @@ def main(argv: list[str] | None = None) -> int:
         plans = [(c, reqs[:n]) for c, n in zip(args.concurrency, args.level_requests)]
         loop_factory, loop_name = event_loop_factory(args.loop)
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            levels = runner.run(drive(server, plans))
-        ratios = print_report(hf_res, ort_ms, levels)
+            levels = runner.run(drive(server, plans, model=model_name))
+            if mamba:
+                contexts = runner.run(context_latency(server, windows, model_name))
+        if mamba:
+            ratios = print_mamba_report(hf_res, rec, contexts, levels, hf_prompt)
+        else:
+            ratios = print_report(hf_res, ort_ms, levels)
 
         code = server.stop()
         server_log = server.log_tail(2000).strip()
@@ -581,11 +817,13 @@ def main(argv: list[str] | None = None) -> int:
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "command": " ".join([Path(sys.executable).name, *sys.argv]),
                 "environment": {**versions(), "client_loop": loop_name},
-                "model": {"name": MODEL_NAME, "version": version, "preset": PRESET, "vocab_size": VOCAB,
-                          "block_size": BLOCK_SIZE, "weights": "random, torch.manual_seed(0)"},
+                "model": {"name": model_name, "version": version, "preset": preset, "vocab_size": VOCAB,
+                          **({"family": "mamba"} if mamba else {"block_size": BLOCK_SIZE}),
+                          "weights": "random, torch.manual_seed(0)"},
                 "requests": [{"index": r.index, "prompt_tokens": len(r.prompt_ids), "window": r.window,
                               "max_tokens": r.max_tokens} for r in reqs],
                 "hf": hf_res, "ort_step_ms_batch_x_slots": ort_ms,
+                **({"hf_prefill": hf_prompt, "ort_recurrent": rec, "server_contexts": contexts} if mamba else {}),
                 "levels": [asdict(r) for r in levels], "ratios": ratios,
                 "server_exit_code": code, "server_log_tail": server_log,
             }, indent=2))

@@ -2,11 +2,13 @@
 
     step(ids (B, T), n_new (B,), *states (B, ...)) -> logits (B, T, V), *new_states (B, ...)
 
-Any family with `STATE_NAMES`, `state_shapes(config)` (per-row shapes, float32), `StepModule`,
-`STEP_INPUT_NAMES` = ("ids", "n_new", *STATE_NAMES), `STEP_OUTPUT_NAMES` = ("logits", one new
-state per STATE_NAMES entry, in that order) and `step_dynamic_shapes()` exports through here
-(Mamba's conv/SSM state; the character RNN's hidden state). Row b's real tokens are
-ids[b, :n_new[b]] (right-padded) and the returned states are those after exactly n_new[b] tokens.
+Any family with `StepModule`, `state_shapes(config)` (per-row shapes, float32, in input order)
+and `step_dynamic_shapes([config], ...)` exports through here (Mamba's conv/SSM states, one pair
+per layer; the character RNN's hidden state). The state inputs are `state_names(config)` where
+the family defines it (their number follows the config), else its `STATE_NAMES`; the step's
+inputs are ("ids", "n_new", *states) and its outputs ("logits", "new_<state>" for each state, in
+the same order). Row b's real tokens are ids[b, :n_new[b]] (right-padded) and the returned
+states are those after exactly n_new[b] tokens.
 
 Parity is checked the way a server runs it — a right-padded prefill of rows with different
 prompt lengths from zero state, then token-by-token decode feeding the returned states back —
@@ -15,6 +17,7 @@ against the eager full forward over the same tokens (the slow, obviously correct
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -34,6 +37,25 @@ MAX_MODEL_LEN = 65536
 PARITY_CASES = (((7, 4), 5), ((3,), 3), ((9, 1, 5), 2), ((40, 17, 2), 3))
 
 StepRunner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+NON_STATE_INPUTS = ("ids", "n_new")
+
+
+def state_names(fam, config) -> tuple[str, ...]:
+    """The step's state inputs, in order: `fam.state_names(config)` where the family has it."""
+    return tuple(fam.state_names(config)) if hasattr(fam, "state_names") else tuple(fam.STATE_NAMES)
+
+
+def input_names(fam, config) -> tuple[str, ...]:
+    return (*NON_STATE_INPUTS, *state_names(fam, config))
+
+
+def output_names(fam, config) -> tuple[str, ...]:
+    return ("logits", *(new_state_name(n) for n in state_names(fam, config)))
+
+
+def new_state_name(state: str) -> str:
+    """The step output that carries a state input's new value."""
+    return f"new_{state}"
 
 
 def step_inputs(fam, config, batch: int, new: int, seed: int) -> dict[str, np.ndarray]:
@@ -48,9 +70,16 @@ def step_inputs(fam, config, batch: int, new: int, seed: int) -> dict[str, np.nd
 
 
 def _example(fam, config) -> tuple[torch.Tensor, ...]:
-    # B = 2 and T = 3: distinct and >= 2, so the exporter keeps both dynamic
-    inputs = step_inputs(fam, config, batch=2, new=3, seed=0)
-    return tuple(torch.from_numpy(inputs[n]) for n in fam.STEP_INPUT_NAMES)
+    # B = 2 and T = 3 unless the family asks for more: distinct and >= 2, so the exporter keeps both dynamic
+    inputs = step_inputs(fam, config, batch=2, new=getattr(fam, "EXPORT_EXAMPLE_NEW", 3), seed=0)
+    return tuple(torch.from_numpy(inputs[n]) for n in input_names(fam, config))
+
+
+def _dynamic_shapes(fam, config) -> dict:
+    """The family's step_dynamic_shapes, given the config where it takes one (per-layer states)."""
+    if "config" in inspect.signature(fam.step_dynamic_shapes).parameters:
+        return fam.step_dynamic_shapes(config, max_len=MAX_MODEL_LEN)
+    return fam.step_dynamic_shapes(max_len=MAX_MODEL_LEN)
 
 
 def export_step_onnx(fam, model: torch.nn.Module, config, path: Path) -> None:
@@ -60,12 +89,12 @@ def export_step_onnx(fam, model: torch.nn.Module, config, path: Path) -> None:
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        # no_grad: with autograd on, tracing a scan nested in a cond (Mamba's prefill) fails
+        with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")   # exporter noise: LeafSpec FutureWarning, unused axis names
-            torch.onnx.export(step, _example(fam, config), str(path), input_names=list(fam.STEP_INPUT_NAMES),
-                              output_names=list(fam.STEP_OUTPUT_NAMES),
-                              dynamic_shapes=fam.step_dynamic_shapes(max_len=MAX_MODEL_LEN),
-                              external_data=False, verbose=False)
+            torch.onnx.export(step, _example(fam, config), str(path), input_names=list(input_names(fam, config)),
+                              output_names=list(output_names(fam, config)),
+                              dynamic_shapes=_dynamic_shapes(fam, config), external_data=False, verbose=False)
     finally:
         quiet.setLevel(level)
 
@@ -91,9 +120,11 @@ def onnx_step_runner(path: Path) -> StepRunner:
 
 def _torch_runner(module: Callable, fam) -> StepRunner:
     def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # inputs hold ids, n_new and the states in input order (as step_inputs and the parity loop build them)
+        names = [*NON_STATE_INPUTS, *(n for n in inputs if n not in NON_STATE_INPUTS)]
         with torch.no_grad():
-            outs = module(*(torch.from_numpy(inputs[n]) for n in fam.STEP_INPUT_NAMES))
-        return {n: o.numpy() for n, o in zip(fam.STEP_OUTPUT_NAMES, outs)}
+            outs = module(*(torch.from_numpy(inputs[n]) for n in names))
+        return {n: o.numpy() for n, o in zip(("logits", *map(new_state_name, names[2:])), outs, strict=True)}
     return run
 
 
@@ -118,7 +149,7 @@ def prefill_decode_logits(run: StepRunner, fam, config, tokens: np.ndarray, prom
     """
     b = len(prompt_lengths)
     shapes = fam.state_shapes(config)
-    state_outputs = dict(zip(fam.STATE_NAMES, fam.STEP_OUTPUT_NAMES[1:], strict=True))
+    state_outputs = {name: new_state_name(name) for name in state_names(fam, config)}
     ids = np.zeros((b, max(prompt_lengths)), np.int64)
     for i, n in enumerate(prompt_lengths):
         ids[i, :n] = tokens[i, :n]
@@ -167,12 +198,13 @@ def check_recurrent_parity(fam, model: torch.nn.Module, config, run: StepRunner,
 def signature(fam, config) -> dict:
     """KServe-style tensor specs of the step: -1 marks the dynamic batch and new-token axes."""
     spec = {"ids": ("INT64", [-1, -1]), "n_new": ("INT64", [-1]), "logits": ("FP32", [-1, -1, config.vocab_size])}
-    for name, new_name in zip(fam.STATE_NAMES, fam.STEP_OUTPUT_NAMES[1:], strict=True):
-        spec[name] = spec[new_name] = ("FP32", [-1, *fam.state_shapes(config)[name]])
+    for name in state_names(fam, config):
+        spec[name] = spec[new_state_name(name)] = ("FP32", [-1, *fam.state_shapes(config)[name]])
 
     def tensor(name: str) -> dict:
         return {"name": name, "datatype": spec[name][0], "shape": spec[name][1]}
-    return {"inputs": [tensor(n) for n in fam.STEP_INPUT_NAMES], "outputs": [tensor(n) for n in fam.STEP_OUTPUT_NAMES]}
+    return {"inputs": [tensor(n) for n in input_names(fam, config)],
+            "outputs": [tensor(n) for n in output_names(fam, config)]}
 
 
 def golden(fam, model: torch.nn.Module, config) -> dict[str, np.ndarray]:

@@ -63,21 +63,30 @@ def scan_inputs(T: int, dt_scale: float = 0.1, seed: int = 0, b: int = 2, E: int
     dt = torch.rand(b, T, E, generator=g) * dt_scale
     A = -torch.exp(torch.randn(E, N, generator=g))                       # decay rates ~0.1 .. 10
     B, C = torch.randn(b, T, N, generator=g), torch.randn(b, T, N, generator=g)
-    return x, dt, A, B, C, torch.randn(b, E, N, generator=g)
+    return x, dt, A, B, C, torch.randn(b, N, E, generator=g)            # the state is channels-last
 
 
-def step_prefill_decode(model: M.Mamba, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+def step_prefill_decode(model: M.Mamba, ids: torch.Tensor, prompt: int, decode=None) -> torch.Tensor:
     """Prefill ids[:, :prompt] through StepModule from zero state, then decode the rest one token at
-    a time feeding the states back; logits (B, T, V)."""
+    a time feeding the states back (through `decode(ids, states)` if given); logits (B, T, V)."""
     step = M.StepModule(model)
     B, T = ids.shape
-    state = M.init_state(model, B)
+    states = M.init_state(model, B).per_layer()
     outs = []
     with torch.no_grad():
         for lo, hi in [(0, prompt)] + [(t, t + 1) for t in range(prompt, T)]:
-            logits, state.conv, state.ssm = step(ids[:, lo:hi], torch.full((B,), hi - lo), state.conv, state.ssm)
+            if hi - lo == 1 and decode is not None:
+                logits, *states = decode(ids[:, lo:hi], states)
+            else:
+                logits, *states = step(ids[:, lo:hi], torch.full((B,), hi - lo), *states)
             outs.append(logits)
     return torch.cat(outs, dim=1)
+
+
+def states_of(config: M.Config, batch: int, seed: int = 0) -> list[torch.Tensor]:
+    """Random per-layer states in state_names order (a mid-sequence step)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, *shape, generator=g) for shape in M.state_shapes(config).values()]
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -98,8 +107,33 @@ def test_chunked_scan_matches_sequential_scan(T):
     xs = scan_inputs(T)
     y_ref, s_ref = M.scan_sequential(*xs)
     y, s = M.scan_chunked(*xs, chunk=16)                                 # several chunks, a ragged last one
-    assert y.shape == y_ref.shape == (2, T, 12) and s.shape == s_ref.shape == (2, 12, 5)
+    assert y.shape == y_ref.shape == (2, T, 12) and s.shape == s_ref.shape == (2, 5, 12)
     assert close(y, y_ref) and close(s, s_ref)
+
+
+@pytest.mark.parametrize("T", [1, 5, 16, 37])
+def test_export_scans_match_the_sequential_scan(T):
+    """The exported prefill's two scans (torch `scan` operators, run eagerly here): chunks of
+    EXPORT_CHUNK in closed form, and one step at a time. (`_scan_export` is an If between them;
+    its export is checked in ONNX Runtime by test_exported_onnx_prefills_and_decodes_in_onnxruntime.)"""
+    xs = scan_inputs(T)
+    y_ref, s_ref = M.scan_sequential(*xs)
+    assert M._chunks_are_mild(xs[1], xs[2])
+    for scan in (M._scan_chunks_hop, M._scan_hop):
+        y, s = scan(*xs)
+        assert close(y, y_ref) and close(s, s_ref), scan.__name__
+
+
+def test_export_scan_steps_one_at_a_time_where_a_chunk_decays_too_fast():
+    """~200 nats a step: the closed form would need exp(+-1600) (inf/0 in fp32); the guard sends
+    such prompts to the step-at-a-time scan."""
+    steep = scan_inputs(40, dt_scale=20.0)
+    x, dt, A = steep[:3]
+    assert not M._chunks_are_mild(dt, A) and M._chunks_are_mild(dt * 1e-3, A)
+    y_ref, s_ref = M.scan_sequential(*steep)
+    y, s = M._scan_hop(*steep)
+    assert torch.isfinite(y).all() and close(y, y_ref) and close(s, s_ref)
+    assert not torch.isfinite(M._scan_chunks_hop(*steep)[0]).all()       # what the guard avoids
 
 
 def test_chunks_shrink_where_the_decay_is_fast_and_stay_exact():
@@ -136,34 +170,46 @@ def test_model_forward_uses_the_chunked_scan_and_matches_the_sequential_one():
 
 def test_right_padded_rows_match_each_row_stepped_alone():
     model = randomized(tiny())
-    c = model.config
     lengths = [3, 7, 1]                                                  # 1 < K-1: the conv state keeps old inputs
-    shapes = M.state_shapes(c)
-    conv = torch.randn(3, *shapes["conv_state"])                         # nonzero states: a mid-sequence step
-    ssm = torch.randn(3, *shapes["ssm_state"])
+    states = states_of(model.config, 3)                                  # nonzero states: a mid-sequence step
     ids = torch.randint(0, V, (3, 7))
     step = M.StepModule(model)
     with torch.no_grad():
-        logits, new_conv, new_ssm = step(ids, torch.tensor(lengths), conv, ssm)
+        logits, *new = step(ids, torch.tensor(lengths), *states)
         for b, n in enumerate(lengths):
-            alone = step(ids[b:b + 1, :n], torch.tensor([n]), conv[b:b + 1], ssm[b:b + 1])
-            assert close(logits[b, :n], alone[0][0])
-            assert close(new_conv[b], alone[1][0]) and close(new_ssm[b], alone[2][0])
-    assert not torch.allclose(new_ssm[2], step(ids[2:3], torch.tensor([7]), conv[2:3], ssm[2:3])[2][0])
+            alone_logits, *alone = step(ids[b:b + 1, :n], torch.tensor([n]), *(s[b:b + 1] for s in states))
+            assert close(logits[b, :n], alone_logits[0])
+            assert all(close(got[b], want[0]) for got, want in zip(new, alone, strict=True))
+        unpadded = step(ids[2:3], torch.tensor([7]), *(s[2:3] for s in states))
+    assert not torch.allclose(new[-1][2], unpadded[-1][0])
+
+
+def test_decode_is_the_step_at_one_token():
+    """Mamba.decode (the exported T = 1 branch: no padding, gathers or loop) == run() at T = 1."""
+    model = randomized(tiny())
+    states = states_of(model.config, 3)
+    ids = torch.randint(0, V, (3, 1))
+    with torch.no_grad():
+        general = M.StepModule(model)(ids, torch.ones(3, dtype=torch.int64), *states)
+        decoded = model.decode(ids, states)
+    assert len(decoded) == len(general) == 1 + 2 * model.config.n_layer
+    assert all(close(d, g) for d, g in zip(decoded, general, strict=True))
 
 
 def test_decode_state_has_one_size_whatever_the_context():
     model = randomized(tiny())
     expected = {name: (1, *shape) for name, shape in M.state_shapes(model.config).items()}
-    assert expected == {"conv_state": (1, 2, 64, 3), "ssm_state": (1, 2, 64, 8)}
+    assert expected == {"conv_state_0": (1, 3, 64), "ssm_state_0": (1, 8, 64),
+                        "conv_state_1": (1, 3, 64), "ssm_state_1": (1, 8, 64)}
+    assert M.state_names(model.config) == tuple(expected)
     step = M.StepModule(model)
     for context in (5, 300):
-        state = M.init_state(model, 1)
+        states = M.init_state(model, 1).per_layer()
         with torch.no_grad():
-            _, conv, ssm = step(torch.randint(0, V, (1, context)), torch.tensor([context]), state.conv, state.ssm)
-            logits, conv, ssm = step(torch.randint(0, V, (1, 1)), torch.tensor([1]), conv, ssm)
+            _, *states = step(torch.randint(0, V, (1, context)), torch.tensor([context]), *states)
+            logits, *states = step(torch.randint(0, V, (1, 1)), torch.tensor([1]), *states)
         assert logits.shape == (1, 1, V)
-        assert {"conv_state": tuple(conv.shape), "ssm_state": tuple(ssm.shape)} == expected
+        assert {n: tuple(s.shape) for n, s in zip(expected, states, strict=True)} == expected
 
 
 def test_a_2048_token_prompt_prefills_through_the_step_and_decodes():
@@ -171,7 +217,7 @@ def test_a_2048_token_prompt_prefills_through_the_step_and_decodes():
     ids = torch.randint(0, V, (1, 2051))
     with torch.no_grad():
         full = model(ids, scan=M.scan_sequential)                        # the reference over all 2051 tokens
-    got = step_prefill_decode(model, ids, prompt=2048)
+    got = step_prefill_decode(model, ids, prompt=2048, decode=model.decode)
     assert got.shape == full.shape and max_diff(got, full) <= 1e-4
 
 
@@ -190,11 +236,12 @@ def test_stateful_forward_continues_where_it_left_off():
 def test_state_verbs_write_reset_and_copy_rows():
     c = tiny()
     state = M.MambaState.allocate(c, batch=3)
-    assert state.conv.shape == (3, 2, 64, 3) and state.ssm.shape == (3, 2, 64, 8)
+    assert state.conv.shape == (3, 2, 3, 64) and state.ssm.shape == (3, 2, 8, 64)
     conv_1, ssm_1 = state.layer(1)
     ssm_1.fill_(2.0)                                                     # a view, not a copy
     assert state.ssm[:, 1].eq(2).all() and state.ssm[:, 0].eq(0).all() and conv_1.eq(0).all()
-    state.write([0, 2], torch.ones(2, 2, 64, 3), torch.full((2, 2, 64, 8), 5.0), [4, 1])
+    assert state.per_layer()[3] is not None and state.per_layer()[3].eq(2).all()   # ssm_state_1
+    state.write([0, 2], torch.ones(2, 2, 3, 64), torch.full((2, 2, 8, 64), 5.0), [4, 1])
     assert state.lengths.tolist() == [4, 0, 1] and state.conv[0].eq(1).all() and state.conv[1].eq(0).all()
     state.copy_row(0, 1)
     assert state.lengths.tolist() == [4, 4, 1] and state.ssm[1].eq(5).all()
@@ -216,14 +263,17 @@ def test_logits_match_hf_mamba_for_full_forward_and_step_decode(tied):
         expected = hf(ids, use_cache=False).logits                      # (B, T, V)
         full = model(ids)
     stepped = step_prefill_decode(model, ids, prompt=33)
+    decoded = step_prefill_decode(model, ids, prompt=33, decode=model.decode)
     print(f"\nmamba ({'tied' if tied else 'untied'}): |logits| max {expected.abs().max():.2f}, "
-          f"max diff full {max_diff(full, expected):.2e}, prefill+decode {max_diff(stepped, expected):.2e}")
+          f"max diff full {max_diff(full, expected):.2e}, prefill+decode {max_diff(stepped, expected):.2e}, "
+          f"prefill+Mamba.decode {max_diff(decoded, expected):.2e}")
     assert expected.abs().max() > 1.0                                    # a real signal, not near-zero logits
-    assert max_diff(full, expected) <= 1e-4 and max_diff(stepped, expected) <= 1e-4
+    assert max(max_diff(full, expected), max_diff(stepped, expected), max_diff(decoded, expected)) <= 1e-4
 
 
 def test_our_state_is_hf_cache_state():
-    """Same state layout as HF's cache: ssm_state == recurrent state, conv_state == its last K-1 columns."""
+    """HF's cache state, transposed (ours is channels-last): ssm_state == recurrent state,
+    conv_state == its last K-1 columns."""
     model = randomized(tiny(), seed=2)
     hf = M.to_hf_mamba(model)
     ids = torch.randint(0, V, (2, 9))
@@ -233,7 +283,8 @@ def test_our_state_is_hf_cache_state():
         _, state = M.forward(model, ids, state)
     for i in range(model.config.n_layer):
         conv, ssm = state.layer(i)
-        assert close(ssm, cache.get_recurrent_state(i)) and close(conv, cache.get_conv_state(i)[..., 1:])
+        assert close(ssm.transpose(1, 2), cache.get_recurrent_state(i))
+        assert close(conv.transpose(1, 2), cache.get_conv_state(i)[..., 1:])
 
 
 def test_a_wrong_weight_layout_is_caught_by_the_oracle():
@@ -252,12 +303,21 @@ def test_a_wrong_weight_layout_is_caught_by_the_oracle():
 
 # --- export through package -----------------------------------------------------------------
 
+def steep_second_layer(model: M.Mamba) -> M.Mamba:
+    """Layer 1's dt ~4 (tens of nats of decay a token): its exported prefill steps one token at a
+    time, while layer 0 (dt ~0.02-0.3) takes the chunked scan, so one export checks both."""
+    with torch.no_grad():
+        model.layers[1].mixer.dt_proj.bias.fill_(4.0)
+    return model
+
+
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory):
-    """A random-weight tiny mamba checkpoint, packaged (ONNX + TorchScript, parity checked)."""
+    """A random-weight 2-layer tiny mamba checkpoint, packaged (ONNX + TorchScript, parity checked)."""
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("mamba")
-    model, config = randomized(tiny(n_layer=1), seed=3), tiny(n_layer=1)
+    config = tiny()
+    model = steep_second_layer(randomized(config, seed=3))
     checkpoint.save(work / "checkpoint", model, config, {"family": "mamba"})
     manifest = export.package(work / "checkpoint", work / "package")
     return work / "package", manifest
@@ -274,32 +334,43 @@ def test_package_records_parity_of_both_formats(packaged):
         assert r["shapes_checked"] == [[len(p), max(p) + n] for p, n in export_recurrent.PARITY_CASES]
     assert stored["kind"] == "tokens" and stored["family"] == "mamba"
     assert stored["generation"]["max_model_len"] >= 8192                 # not the training window
-    assert [t["name"] for t in stored["signature"]["inputs"]] == list(M.STEP_INPUT_NAMES)
-    assert stored["signature"]["outputs"][2] == {"name": "new_ssm_state", "datatype": "FP32", "shape": [-1, 1, 64, 8]}
+    names = ["conv_state_0", "ssm_state_0", "conv_state_1", "ssm_state_1"]
+    assert [t["name"] for t in stored["signature"]["inputs"]] == ["ids", "n_new", *names]
+    assert [t["name"] for t in stored["signature"]["outputs"]] == ["logits", *(f"new_{n}" for n in names)]
+    assert stored["signature"]["outputs"][4] == {"name": "new_ssm_state_1", "datatype": "FP32", "shape": [-1, 8, 64]}
     assert (vdir / "model.onnx").exists() and (vdir / "model.ts").exists() and (vdir / export.GOLDEN).exists()
 
 
 def test_exported_onnx_prefills_and_decodes_in_onnxruntime(packaged):
+    """Untraced shapes, padded rows, both prefill scans (layer 0 chunked, layer 1 stepwise) and
+    the decode branch, against the eager sequential reference."""
     vdir, _ = packaged
     model, config = checkpoint.load(vdir)
+    tokens = torch.randint(0, V, (4, 43))
+    lengths = [40, 6, 1, 23]                                              # B = 4 and T = 40: untraced shapes
+    real = (torch.arange(40) < torch.tensor(lengths)[:, None])[..., None]   # the prompts' tokens
+    mild = []
+
+    def recording(*args):                                                # the guard the ONNX prefill computes
+        mild.append(bool(M._chunks_are_mild(args[1][:, :40] * real, args[2])))
+        return M.scan_sequential(*args)
+
+    with torch.no_grad():
+        full = model(tokens, scan=recording).numpy()
+    assert mild == [True, False]
     session = ort.InferenceSession(str(vdir / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == list(M.STEP_INPUT_NAMES)
-    tokens = torch.randint(0, V, (4, 23))
-    lengths = [20, 6, 1, 13]                                              # B = 4 and T = 20: untraced shapes
-    ids = tokens[:, :20].clone()
-    state = M.init_state(config, 4)
-    conv, ssm = state.conv.numpy(), state.ssm.numpy()
-    logits, conv, ssm = session.run(None, {"ids": ids.numpy(), "n_new": np.array(lengths), "conv_state": conv,
-                                          "ssm_state": ssm})
+    names = [i.name for i in session.get_inputs()]
+    assert names == ["ids", "n_new", *M.state_names(config)]
+    states = [s.numpy() for s in M.init_state(config, 4).per_layer()]
+    logits, *states = session.run(None, {"ids": tokens[:, :40].numpy(), "n_new": np.array(lengths),
+                                         **dict(zip(names[2:], states))})
     got = [[logits[b, :n]] for b, n in enumerate(lengths)]
     for t in range(3):                                                   # decode: T = 1
         step_ids = np.array([[tokens[b, n + t]] for b, n in enumerate(lengths)])
-        logits, conv, ssm = session.run(None, {"ids": step_ids, "n_new": np.ones(4, np.int64), "conv_state": conv,
-                                              "ssm_state": ssm})
+        logits, *states = session.run(None, {"ids": step_ids, "n_new": np.ones(4, np.int64),
+                                             **dict(zip(names[2:], states))})
         for b in range(4):
             got[b].append(logits[b])
-    with torch.no_grad():
-        full = model(tokens, scan=M.scan_sequential).numpy()
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(np.concatenate(got[b]), full[b, :n + 3], atol=1e-4, rtol=0)
 
