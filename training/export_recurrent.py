@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from training.export import ParityError
+from training.export_tokens import onnx_step_runner  # noqa: F401  (the same one-thread ONNX Runtime runner)
 
 TOLERANCE = 1e-4
 # the context a recurrent model is published with: its state does not grow, so this only bounds
@@ -106,16 +107,6 @@ def export_step_torchscript(fam, model: torch.nn.Module, config, path: Path) -> 
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(step, _example(fam, config), check_trace=False)
         torch.jit.save(traced, str(path))
-
-
-def onnx_step_runner(path: Path) -> StepRunner:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return lambda inputs: dict(zip(names, session.run(None, inputs)))
 
 
 def _torch_runner(module: Callable, fam) -> StepRunner:
