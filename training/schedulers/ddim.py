@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from training.schedulers.schedule import NoiseSchedule, gather, previous_timesteps
+from training.schedulers.schedule import NoiseSchedule, RequestSampler, gather
 
 
 def ddim_step(alphas_cumprod: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor,
@@ -57,7 +57,7 @@ def ddim_step(alphas_cumprod: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, 
     return x_prev + std * noise
 
 
-class DDIMSampler:
+class DDIMSampler(RequestSampler):
     """One request's DDIM sampler: its timesteps, eta and random generator (per-request state)."""
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int = 50, eta: float = 0.0, clip_sample: bool = True,
@@ -69,17 +69,7 @@ class DDIMSampler:
         self.eta = float(eta)
         self.clip_sample = clip_sample
         self.clipped_eps = clipped_eps
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator()
-        if seed is None:
-            self.generator.seed()
-
-    def initial_sample(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """x_T ~ N(0, I) from this request's generator."""
-        return torch.randn(shape, generator=self.generator)
-
-    def prev_timestep(self, t: torch.Tensor) -> torch.Tensor:
-        """(B,) the timestep after each row's t in this request's schedule (-1 after the last)."""
-        return previous_timesteps(self.timesteps, t)
+        self._seed(seed)
 
     def needs_noise(self, t: int) -> bool:
         """Whether a step draws noise: only when eta > 0 (eta = 0 is deterministic)."""

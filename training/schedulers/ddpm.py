@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from training.schedulers.schedule import NoiseSchedule, gather, previous_timesteps
+from training.schedulers.schedule import NoiseSchedule, RequestSampler, gather
 
 
 def ddpm_step(alphas_cumprod: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor,
@@ -47,7 +47,7 @@ def ddpm_step(alphas_cumprod: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, 
     return mean + torch.where(keep, var**0.5 * noise, torch.zeros_like(noise))
 
 
-class DDPMSampler:
+class DDPMSampler(RequestSampler):
     """One request's ancestral sampler: its timesteps and its random generator (per-request state)."""
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None, clip_sample: bool = True,
@@ -56,17 +56,7 @@ class DDPMSampler:
         # DDPM proper takes every step; fewer steps skip with the effective beta (as diffusers does)
         self.timesteps = schedule.timesteps(num_steps or schedule.num_train_timesteps, spacing)   # (S,)
         self.clip_sample = clip_sample
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator()
-        if seed is None:
-            self.generator.seed()
-
-    def initial_sample(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """x_T ~ N(0, I) from this request's generator."""
-        return torch.randn(shape, generator=self.generator)
-
-    def prev_timestep(self, t: torch.Tensor) -> torch.Tensor:
-        """(B,) the timestep after each row's t in this request's schedule (-1 after the last)."""
-        return previous_timesteps(self.timesteps, t)
+        self._seed(seed)
 
     def needs_noise(self, t: int) -> bool:
         """Whether a step at t draws noise (all but the final t = 0)."""

@@ -96,3 +96,23 @@ def previous_timesteps(timesteps: torch.Tensor, t: torch.Tensor) -> torch.Tensor
         raise ValueError(f"timesteps {t.tolist()} are not all in this sampler's schedule")
     padded = torch.cat([timesteps, timesteps.new_tensor([-1])])                # (S + 1,)
     return padded[index + 1]
+
+
+class RequestSampler:
+    """What every per-request sampler shares: its own random generator (seeded: the same seed gives
+    the same sample, alone or batched), the starting noise, and the walk along its timesteps."""
+
+    timesteps: torch.Tensor     # (S,) descending
+
+    def _seed(self, seed: int | None) -> None:
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator()
+        if seed is None:
+            self.generator.seed()
+
+    def initial_sample(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """x_T ~ N(0, I) from this request's generator."""
+        return torch.randn(shape, generator=self.generator)
+
+    def prev_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) the timestep after each row's t in this request's schedule (-1 after the last)."""
+        return previous_timesteps(self.timesteps, t)
