@@ -21,8 +21,8 @@ that is not JSON or fails the family's `check`. Pick classes on the command line
 Environment:
   ZOOSERVE_LOADTEST_MODELS  classifier models with optional weights, "name[:weight],..."
                             (default "mlp-digits:3,resnet-digits:1")
-  ZOOSERVE_LOADTEST_TOKEN_MODELS  token models (decoders, Mamba) with optional weights
-                            (default "decoder-tiny:1,decoder-moe-tiny:1,mamba-tiny:1")
+  ZOOSERVE_LOADTEST_TOKEN_MODELS  token models (decoders, Mamba, the char LSTM) with optional weights
+                            (default "decoder-tiny:1,decoder-moe-tiny:1,mamba-tiny:1,lstm-charlm:1")
   ZOOSERVE_LOADTEST_MAX_TOKENS    max_tokens per completion (default 32)
   ZOOSERVE_LOADTEST_FORECAST_MODELS  forecasters with optional weights
                             (default "lstm-forecast:1,gru-forecast:1,rnn-forecast:1")
@@ -164,7 +164,8 @@ class StreamingTokenUser(ZooserveUser):
     """Token models: a streaming completion; fails on a non-200, an error event or a missing [DONE]."""
 
     weight = 1
-    models = weighted_names("ZOOSERVE_LOADTEST_TOKEN_MODELS", "decoder-tiny:1,decoder-moe-tiny:1,mamba-tiny:1")
+    models = weighted_names("ZOOSERVE_LOADTEST_TOKEN_MODELS",
+                            "decoder-tiny:1,decoder-moe-tiny:1,mamba-tiny:1,lstm-charlm:1")
     max_tokens = int(os.environ.get("ZOOSERVE_LOADTEST_MAX_TOKENS", "32"))
 
     def on_start(self) -> None:

@@ -34,7 +34,7 @@ def demo_registry(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def token_registry(tmp_path_factory, demo_registry) -> Path:
-    """decoder-tiny, decoder-moe-tiny and mamba-tiny, briefly trained on the real corpus (a real
+    """decoder-tiny, decoder-moe-tiny, mamba-tiny and lstm-charlm, briefly trained on the real corpus (a real
     tokenizer, real export and parity), plus mlp-digits; aliases `stable` -> 1. Read-only for tests."""
     import torch
 
@@ -45,11 +45,14 @@ def token_registry(tmp_path_factory, demo_registry) -> Path:
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("tokens")
     registry = Registry(work / "registry")
-    # decoder-tiny trains long enough (~25 s) to beat the unigram baseline clearly; the MoE only runs
-    for name, family, preset, steps in (("decoder-tiny", "decoder", "tiny", 150),
-                                        ("decoder-moe-tiny", "decoder", "tiny-moe", 30),
-                                        ("mamba-tiny", "mamba", "tiny", 40)):
-        train_token_family(family, preset, work / name / "checkpoint", steps=steps, progress=False, block_size=128)
+    # decoder-tiny trains long enough (~25 s) to beat the unigram baseline clearly; the MoE only runs;
+    # the character LSTM tokenizes bytes without merges (vocab 260)
+    for name, family, preset, steps, vocab in (("decoder-tiny", "decoder", "tiny", 150, 2048),
+                                               ("decoder-moe-tiny", "decoder", "tiny-moe", 30, 2048),
+                                               ("mamba-tiny", "mamba", "tiny", 40, 2048),
+                                               ("lstm-charlm", "rnn_lm", "tiny", 30, 260)):
+        train_token_family(family, preset, work / name / "checkpoint", steps=steps, progress=False, block_size=128,
+                           vocab_size=vocab)
         export.package(work / name / "checkpoint", work / name / "package")
         registry.set_alias(name, "stable", registry.publish(name, work / name / "package"))
     registry.publish("mlp-digits", demo_registry / "mlp-digits" / "1")

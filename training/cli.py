@@ -22,6 +22,7 @@ DEMO_MODELS = [
     ("lstm-forecast", "rnn", "tiny"),
     ("gru-forecast", "rnn", "tiny-gru"),
     ("rnn-forecast", "rnn", "tiny-rnn"),
+    ("lstm-charlm", "rnn_lm", "tiny"),
 ]
 
 

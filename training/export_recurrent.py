@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from training.export import ParityError
+from training.export_sequence import fresh_rnn_dispatch
 from training.export_tokens import onnx_step_runner  # noqa: F401  (the same one-thread ONNX Runtime runner)
 
 TOLERANCE = 1e-4
@@ -91,13 +92,30 @@ def export_step_onnx(fam, model: torch.nn.Module, config, path: Path) -> None:
     quiet.setLevel(logging.ERROR)
     try:
         # no_grad: with autograd on, tracing a scan nested in a cond (Mamba's prefill) fails
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), fresh_rnn_dispatch():
             warnings.simplefilter("ignore")   # exporter noise: LeafSpec FutureWarning, unused axis names
             torch.onnx.export(step, _example(fam, config), str(path), input_names=list(input_names(fam, config)),
                               output_names=list(output_names(fam, config)),
                               dynamic_shapes=_dynamic_shapes(fam, config), external_data=False, verbose=False)
     finally:
         quiet.setLevel(level)
+    _drop_stale_shapes(path)
+
+
+def _drop_stale_shapes(path: Path) -> None:
+    """A graph with LSTM/GRU/RNN nodes keeps the traced T in its shape annotations (the output
+    `logits` declared (batch, 3, V)); ONNX Runtime then warns on every run whose T differs.
+    Intermediate annotations go, and every output axis after the batch that is not a fixed size
+    of the state is declared symbolic again. Other graphs are left untouched."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    if not {"LSTM", "GRU", "RNN"} & {node.op_type for node in graph.graph.node}:
+        return
+    del graph.graph.value_info[:]
+    logits = next(o for o in graph.graph.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[1].dim_param = "new"          # (batch, new, V)
+    onnx.save(graph, str(path))
 
 
 def export_step_torchscript(fam, model: torch.nn.Module, config, path: Path) -> None:

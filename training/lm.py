@@ -31,7 +31,7 @@ from training.tokenizer import Tokenizer, train_tokenizer
 # default optimiser steps per preset: `tiny` trains in about three minutes on one CPU thread
 # (~0.15 s a step), `tiny-moe` in about the same time (its dense-computed experts cost ~1.6x a step);
 # a "family/preset" key wins over the preset alone: mamba tiny costs ~0.35 s a step (its scan)
-DEFAULT_STEPS = {"tiny": 1000, "tiny-moe": 600, "small": 2000, "mamba/tiny": 400}
+DEFAULT_STEPS = {"tiny": 1000, "tiny-moe": 600, "small": 2000, "mamba/tiny": 400, "rnn_lm/tiny": 600}
 FALLBACK_STEPS = 1000
 
 

@@ -99,3 +99,39 @@ def test_concurrent_sequences_of_different_lengths_share_steps_and_change_nothin
     steps = metric(after, "zooserve_execution_count_total", **labels) - metric(before, "zooserve_execution_count_total", **labels)
     assert rows == 10 * 12                      # every sampled token came from one row of one step
     assert steps < rows / 2                     # sequences shared steps
+
+
+def eager_greedy(registry, model_name: str, ids: list[int], new_tokens: int) -> list[int]:
+    """The slow, obviously correct path: the eager full forward (torch.nn.LSTM layers) over the
+    whole sequence for every token, argmax of the last position."""
+    model, _ = checkpoint.load(registry / model_name / "1")
+    model.eval()
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def test_character_lstm_serves_greedy_text_equal_to_its_eager_forward(client, token_registry):
+    """lstm-charlm: byte-level tokens, the LSTM's (h, c) in recurrent state slots; prompts of
+    different lengths (one far past the 128-token training window) decoded together."""
+    tokenizer = Tokenizer.from_file(token_registry / "lstm-charlm" / "1" / "tokenizer.json")
+    assert tokenizer.vocab_size == 260
+    prompts = [PROMPT, "ROMEO. " + "But soft, what light through yonder window breaks? " * 12]
+    ids = [tokenizer.encode(p) for p in prompts]
+    assert len(ids[0]) == len(PROMPT) and len(ids[1]) > 600          # one token per character
+    expected = [eager_greedy(token_registry, "lstm-charlm", i, 16) for i in ids]
+
+    async def together():
+        async with openai.AsyncOpenAI(base_url=f"{client.base_url}", api_key="unused", max_retries=0,
+                                      timeout=120) as c:
+            return await asyncio.gather(*(c.completions.create(model="lstm-charlm", prompt=p, max_tokens=16,
+                                                               temperature=0, logprobs=0,
+                                                               extra_body={"ignore_eos": True})
+                                          for p in prompts))
+    for out, want in zip(asyncio.run(together()), expected, strict=True):
+        assert out.choices[0].logprobs.tokens == [tokenizer.decode([t]) for t in want]
+    chat = client.chat.completions.create(model="lstm-charlm", messages=[{"role": "user", "content": "Speak."}],
+                                          max_tokens=8, temperature=0.8, seed=3)
+    assert chat.usage.completion_tokens <= 8 and chat.choices[0].message.role == "assistant"

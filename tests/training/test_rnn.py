@@ -247,3 +247,32 @@ def test_export_matches_eager_at_several_batches_and_lengths(cell, trained_lstm,
     zero = export_sequence.make_inputs(config, (9,), seed=3, zero_state=True)
     zero["series"] = inputs["series"][:1, :9]
     np.testing.assert_allclose(_ort_run(onnx_path, zero)["forecast"], plain.numpy(), rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_lm_step_export_runs_at_new_lengths_without_stale_shapes(cell, trained_lstm, tmp_path, capfd):
+    """The character LM's step through export.package (after a forecaster was exported in this
+    process, which left cached aten::lstm kernels): parity stored, and the ONNX file at a T
+    the exporter never saw neither warns nor differs from eager."""
+    export.package(trained_lstm[0], tmp_path / "forecaster")        # an LSTM exported first, at another T
+    config = rnn_lm.Config(cell=cell, vocab_size=30, n_embd=8, hidden=16, layers=2)
+    torch.manual_seed(0)
+    model = rnn_lm.Model(config).eval()
+    ckpt = checkpoint.save(tmp_path / "checkpoint", model, config, {"family": "rnn_lm"})
+    manifest = export.package(ckpt, tmp_path / "package")
+    assert manifest.kind == "tokens" and {r.format for r in manifest.parity} == {"onnx", "torchscript"}
+    assert all(r.passed and r.max_abs_error <= 1e-4 for r in manifest.parity)
+    path = tmp_path / "package" / "model.onnx"
+    graph = onnx.load(str(path)).graph
+    assert not graph.value_info
+    assert [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == ["batch", "new", 30]
+    from training import export_recurrent
+
+    inputs = export_recurrent.step_inputs(rnn_lm, config, batch=3, new=11, seed=5)
+    expected = export_recurrent.eager_step_runner(rnn_lm, model)(inputs)
+    capfd.readouterr()
+    got = _ort_run(path, inputs)
+    assert "VerifyOutputSizes" not in capfd.readouterr().err
+    for name, e in expected.items():
+        np.testing.assert_allclose(got[name], e, rtol=0, atol=1e-4)
