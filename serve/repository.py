@@ -69,6 +69,9 @@ class ModelRepository:
         self.loaded = False      # the start-up load pass has finished
         # model -> its live stateful sequences, shared by its versions (each sequence pinned to one)
         self.sequence_stores: dict[str, SequenceStore] = {}
+        self.wanted: dict[str, set[int]] = {}      # model -> versions its policy and aliases load
+        # (model, version) -> the task that unloads a dropped version once its live sequences are over
+        self._retiring: dict[tuple[str, int], asyncio.Task] = {}
 
     async def load_all(self) -> None:
         """Load every model of the registry (start-up)."""
@@ -97,7 +100,12 @@ class ModelRepository:
             for version, lv in old.items():
                 if version not in new and lv.state == State.READY:
                     new[version] = lv
-        self.configs[name], self.tables[name] = cfg, new
+        for version, lv in old.items():
+            if version not in new and self._live_sequences(lv):
+                # its stateful sequences are pinned to it: it serves them until they end or expire
+                new[version] = lv
+                self._retire_when_idle(name, version)
+        self.configs[name], self.tables[name], self.wanted[name] = cfg, new, set(wanted)
         for version, lv in old.items():
             if new.get(version) is not lv:
                 await self._close_version(lv)
@@ -108,12 +116,49 @@ class ModelRepository:
             raise not_found(f"model {name!r} is not loaded")
         table = self.tables.pop(name)
         self.configs.pop(name, None)
+        self.wanted.pop(name, None)
         for lv in table.values():
             await self._close_version(lv)
 
     async def close(self) -> None:
+        for task in list(self._retiring.values()):
+            task.cancel()
         for name in list(self.tables):
             await self.unload_model(name)
+
+    @staticmethod
+    def _live_sequences(lv: LoadedVersion) -> int:
+        """Live stateful sequences pinned to a version (0 for kinds without them)."""
+        store = getattr(lv.engine, "store", None)
+        return store.counts(lv.version)[0] if store is not None and lv.state == State.READY else 0
+
+    def _retire_when_idle(self, name: str, version: int) -> None:
+        self.tables[name][version].reason = "retiring: serves its live sequences until they end or expire"
+        if (name, version) not in self._retiring:
+            self._retiring[(name, version)] = asyncio.get_running_loop().create_task(self._retire(name, version))
+
+    async def _retire(self, name: str, version: int) -> None:
+        """Unload a version the policy dropped once its last live sequence ends or expires; a
+        reload that wants it again, or an unload of the model, takes it over."""
+        try:
+            log.info("%s/%s is retiring: it serves its %d live sequences until they end or expire",
+                     name, version, self._live_sequences(self.tables[name][version]))
+            while True:
+                lv = self.tables.get(name, {}).get(version)
+                if lv is None:
+                    return
+                if version in self.wanted.get(name, ()):       # loaded again: it stays
+                    lv.reason = ""
+                    return
+                lv.engine.store.expire(version)
+                if not self._live_sequences(lv):
+                    break
+                await asyncio.sleep(min(1.0, self.settings.sequence_idle_timeout_s / 4))
+            self.tables[name] = {v: x for v, x in self.tables[name].items() if v != version}
+            log.info("%s/%s retired: its last sequence is over", name, version)
+            await self._close_version(lv)
+        finally:
+            self._retiring.pop((name, version), None)
 
     def _open_version(self, cfg: ModelConfig, version: int) -> LoadedVersion:
         """Verify, open and golden-check one version (runs in a worker thread)."""

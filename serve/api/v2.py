@@ -129,7 +129,7 @@ async def version_ready(request: Request, model: str, version: str) -> Response:
     return await _model_ready(request, model, version)
 
 
-def _config(repo, lv: LoadedVersion) -> dict:
+def _config(repo, lv: LoadedVersion, settings) -> dict:
     """Triton's ModelConfig as protobuf-JSON (snake_case, integer dims without the batch dim)."""
     manifest, cfg = lv.engine.manifest, repo.configs[lv.name]
 
@@ -151,19 +151,37 @@ def _config(repo, lv: LoadedVersion) -> dict:
         "version_policy": version_policy,
         "model_transaction_policy": {"decoupled": False},
         "parameters": {"routing": {"string_value": orjson.dumps(cfg.routing.model_dump()).decode()}},
+        **_sequence_batching(manifest, settings),
     }
+
+
+def _sequence_batching(manifest, settings) -> dict:
+    """Triton's sequence_batching block for a stateful (sequence-kind) model: the idle timeout and
+    the implicit state the server keeps per sequence (input -> output, per-row dims). The control
+    signals travel as request parameters (sequence_id/start/end), not as control tensors."""
+    if manifest.state is None:
+        return {}
+
+    def state(spec_in, spec_out) -> dict:
+        return {"input_name": spec_in.name, "output_name": spec_out.name, "data_type": f"TYPE_{spec_in.datatype}",
+                "dims": spec_in.shape[1:]}
+    return {"sequence_batching": {
+        "max_sequence_idle_microseconds": int(settings.sequence_idle_timeout_s * 1e6),
+        "control_input": [],
+        "state": [state(i, o) for i, o in zip(manifest.state.inputs, manifest.state.outputs, strict=True)],
+    }}
 
 
 @router.get("/v2/models/{model}/config", summary="Model configuration (Triton extension)")
 async def model_config(request: Request, model: str) -> Response:
     repo = repository_of(request)
-    return _json(_config(repo, repo.resolve(model, None)))
+    return _json(_config(repo, repo.resolve(model, None), settings_of(request)))
 
 
 @router.get("/v2/models/{model}/versions/{version}/config", summary="Version configuration (Triton extension)")
 async def version_config(request: Request, model: str, version: str) -> Response:
     repo = repository_of(request)
-    return _json(_config(repo, repo.resolve(model, version)))
+    return _json(_config(repo, repo.resolve(model, version), settings_of(request)))
 
 
 def _stats(lv: LoadedVersion) -> dict:

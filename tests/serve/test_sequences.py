@@ -242,6 +242,51 @@ def test_a_sequence_stays_on_its_version_when_the_alias_moves(server, forecast_r
 
 
 @pytest.mark.slow
+def test_a_version_the_policy_drops_serves_its_live_sequences_then_unloads(forecast_registry, start_server,
+                                                                            tmp_path):
+    """`pinned` loading only its newest version (plus aliased ones): moving `stable` to 2 drops
+    version 1 from the policy, yet a sequence started there finishes there; then 1 unloads."""
+    root = tmp_path / "registry"
+    shutil.copytree(forecast_registry, root,
+                    ignore=lambda folder, names: ["forecast"] if folder == str(forecast_registry) else [])
+    registry = Registry(root)
+    cfg = registry.model_config("pinned")
+    cfg.version_policy = VersionPolicy(policy="latest", num_versions=1)
+    registry.write_model_config(cfg)
+    registry.set_alias("pinned", "stable", 1)                  # (another test may have moved it)
+    history = CO2[1300:1340]
+    index = lambda s: {r["version"]: r for r in httpx.post(f"{s.url}/v2/repository/index").json()   # noqa: E731
+                       if r["name"] == "pinned"}
+    with start_server(root, ["--admin-token", ADMIN]) as s:
+        assert set(index(s)) == {"1", "2"}                      # 1 by the alias, 2 by the policy
+        whole = forecast(infer(s, history, model="pinned", version="1"))
+        r = infer(s, history[:25], model="pinned", sequence_id="old", sequence_start=True)
+        assert r.headers["x-model-version"] == "1"
+        registry.set_alias("pinned", "stable", 2)
+        assert httpx.post(f"{s.url}/v2/repository/models/pinned/load",
+                          headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+        assert "retiring" in index(s)["1"]["reason"]            # still loaded, for its live sequence
+        assert infer(s, history, model="pinned").headers["x-model-version"] == "2"
+        r = infer(s, history[25:], model="pinned", sequence_id="old", sequence_end=True)
+        assert r.headers["x-model-version"] == "1"
+        np.testing.assert_allclose(forecast(r), whole, rtol=0, atol=1e-4)
+        deadline = time.monotonic() + 10
+        while "1" in index(s) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert set(index(s)) == {"2"}                           # its last sequence over: unloaded
+        r = infer(s, history, model="pinned", version="1")
+        assert r.status_code == 404
+
+
+def test_config_describes_the_sequence_batcher(server):
+    config = triton.InferenceServerClient(server.url.removeprefix("http://")).get_model_config("forecast")
+    batcher = config["sequence_batching"]
+    assert batcher["max_sequence_idle_microseconds"] > 0 and batcher["control_input"] == []
+    assert [(s["input_name"], s["output_name"]) for s in batcher["state"]] == [("h0", "hn"), ("c0", "cn")]
+    assert all(s["data_type"] == "TYPE_FP32" and len(s["dims"]) == 2 for s in batcher["state"])
+
+
+@pytest.mark.slow
 def test_idle_sequences_are_freed(forecast_registry, start_server, tmp_path):
     registry = tmp_path / "registry"                  # `forecast` alone: this server starts quicker
     shutil.copytree(forecast_registry, registry,
