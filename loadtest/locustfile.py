@@ -11,6 +11,10 @@ Families so far:
                         lengths (batched by padding on the server), and a series streamed in chunks
                         as a stateful sequence (sequence_id, sequence_start, sequence_end). Models
                         the server does not serve are left out (checked once per user).
+  GanUser, VaeUser, DiffusionUser   KServe v2 infer on the samplers: seeded labels -> images (the
+                        VAE also reconstructs and encodes real digits; diffusion mixes DDIM and DDPM
+                        requests of different lengths, which the denoise engine steps together).
+                        A sampler the server does not serve stops its user (checked once).
 
 Adding a family (token streaming, generators, ...) = one more `ZooserveUser` subclass with its own
 `weight`, environment knobs and `@task`s; checks go through `ZooserveUser.post_json`, which fails
@@ -27,6 +31,11 @@ Environment:
   ZOOSERVE_LOADTEST_FORECAST_MODELS  forecasters with optional weights
                             (default "lstm-forecast:1,gru-forecast:1,rnn-forecast:1")
   ZOOSERVE_LOADTEST_MAX_HISTORY   longest history or streamed series, in weeks (default 104)
+  ZOOSERVE_LOADTEST_GAN_MODEL, _VAE_MODEL, _DIFFUSION_MODEL   the samplers (default gan-digits,
+                            vae-digits, diffusion-digits)
+  ZOOSERVE_LOADTEST_SAMPLES       images per sampler request (default 4)
+  ZOOSERVE_LOADTEST_DIFFUSION_STEPS  DDIM steps per diffusion request (default 20; a DDPM request in
+                            four takes 2.5 times as many)
   ZOOSERVE_LOADTEST_WAIT    seconds each user waits between requests (default 0: closed loop)
 """
 
@@ -304,3 +313,126 @@ class ForecastUser(ZooserveUser):
                     resp.failure(problem)
                     return
                 resp.success()
+
+
+# ---- samplers (KIND "sample": GAN, VAE; "denoise": diffusion) ---------------------------------
+
+def sampler_body(labels: list[int], seed: int, **parameters) -> bytes:
+    body: dict[str, Any] = {"inputs": [{"name": "label", "shape": [len(labels)], "datatype": "INT64", "data": labels},
+                                       {"name": "seed", "shape": [1], "datatype": "INT64", "data": [seed]}]}
+    if parameters:
+        body["parameters"] = parameters
+    return json.dumps(body).encode()
+
+
+def check_images(n: int, output: str = "image", shape: tuple[int, ...] = (1, 8, 8)) -> Callable[[Any], str | None]:
+    """A check that the named output has shape [n, *shape]."""
+    def check(parsed: Any) -> str | None:
+        try:
+            got = next(o["shape"] for o in parsed["outputs"] if o["name"] == output)
+        except (KeyError, StopIteration, TypeError):
+            return f"no output {output!r} in the response: {str(parsed)[:200]}"
+        if got[0] != n or (shape and got[1:] != list(shape)):
+            return f"output {output!r} has shape {got}, expected [{n}, {', '.join(map(str, shape))}]"
+        return None
+    return check
+
+
+_unit_digits: list[list[float]] | None = None
+
+
+def unit_digits() -> list[list[float]]:
+    """sklearn's digits scaled to the generators' [-1, 1] (x / 8 - 1), 64 values each; loaded once."""
+    global _unit_digits
+    if _unit_digits is None:
+        from sklearn.datasets import load_digits
+
+        _unit_digits = [[float(v) / 8.0 - 1.0 for v in img] for img in load_digits().images.reshape(-1, 64)]
+    return _unit_digits
+
+
+class SamplerUser(ZooserveUser):
+    """Shared by the three samplers: the model (left out when the server does not serve it), n, labels."""
+
+    abstract = True
+    # half a classifier's share: a sampler request is heavier (tens of UNet steps), and with fewer
+    # users than classes locust fills the heavier-weighted classes first
+    weight = 0.5
+    model_env, default_model = "", ""
+    samples = int(os.environ.get("ZOOSERVE_LOADTEST_SAMPLES", "4"))
+
+    def on_start(self) -> None:
+        self.model = os.environ.get(self.model_env, self.default_model)
+        with self.client.get(f"/v2/models/{self.model}/ready", name="/v2/models/[sampler]/ready",
+                             catch_response=True) as resp:
+            resp.success()           # an unserved model is left out, not a failure
+            self.served = resp.status_code == 200
+
+    def labels(self) -> list[int]:
+        """Random digits, one in five unconditional (-1)."""
+        return [random.choice([-1, *range(10), *range(10)]) for _ in range(self.samples)]
+
+    def infer(self, body: bytes, kind: str, check: Callable[[Any], str | None]) -> None:
+        if not self.served:
+            raise StopUser()
+        self.post_json(f"/v2/models/{self.model}/infer", body, name=f"/v2/models/{self.model}/infer ({kind})",
+                       check=check)
+
+
+class GanUser(SamplerUser):
+    """The class-conditional GAN: seeded labels -> images (and the labels used)."""
+
+    model_env, default_model = "ZOOSERVE_LOADTEST_GAN_MODEL", "gan-digits"
+
+    @task
+    def sample(self) -> None:
+        self.infer(sampler_body(self.labels(), random.randrange(2**31)), "sample", check_images(self.samples))
+
+
+class VaeUser(SamplerUser):
+    """The VAE: prior samples (2 in 4), reconstructions of real digits (1 in 4), their latent means (1 in 4)."""
+
+    model_env, default_model = "ZOOSERVE_LOADTEST_VAE_MODEL", "vae-digits"
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.images = unit_digits()
+
+    def digits(self) -> list[float]:
+        """`samples` real digits, flat."""
+        return [v for _ in range(self.samples) for v in random.choice(self.images)]
+
+    @task(2)
+    def sample(self) -> None:
+        self.infer(sampler_body([-1] * self.samples, random.randrange(2**31)), "sample", check_images(self.samples))
+
+    @task(1)
+    def reconstruct(self) -> None:
+        body = {"inputs": [{"name": "image", "shape": [self.samples, 1, 8, 8], "datatype": "FP32",
+                            "data": self.digits()}], "outputs": [{"name": "image"}]}
+        self.infer(json.dumps(body).encode(), "reconstruct", check_images(self.samples))
+
+    @task(1)
+    def encode(self) -> None:
+        body = {"inputs": [{"name": "image", "shape": [self.samples, 1, 8, 8], "datatype": "FP32",
+                            "data": self.digits()}], "outputs": [{"name": "latent_mean"}]}
+        self.infer(json.dumps(body).encode(), "encode", check_images(self.samples, "latent_mean", ()))
+
+
+class DiffusionUser(SamplerUser):
+    """Diffusion: DDIM requests (3 in 4) and longer DDPM ones (1 in 4), which the denoise engine
+    steps in shared UNet batches whatever timestep each has reached."""
+
+    model_env, default_model = "ZOOSERVE_LOADTEST_DIFFUSION_MODEL", "diffusion-digits"
+    steps = int(os.environ.get("ZOOSERVE_LOADTEST_DIFFUSION_STEPS", "20"))
+
+    @task(3)
+    def ddim(self) -> None:
+        body = sampler_body(self.labels(), random.randrange(2**31), sampler="ddim", steps=self.steps,
+                            eta=random.choice([0.0, 0.5]))
+        self.infer(body, "ddim", check_images(self.samples))
+
+    @task(1)
+    def ddpm(self) -> None:
+        body = sampler_body(self.labels(), random.randrange(2**31), sampler="ddpm", steps=self.steps * 5 // 2)
+        self.infer(body, "ddpm", check_images(self.samples))

@@ -78,6 +78,22 @@ class StateSpec(_Strict):
     outputs: list[TensorSpec]
 
 
+class PartSpec(_Strict):
+    """One exported function of a model served in parts (the generative kinds: the GAN generator,
+    the VAE decoder and encoder, the diffusion denoiser). The server composes the parts into the
+    public `signature` (a sampler's label + seed -> image); each part is exported, checked against
+    eager and golden-checked on its own. Its golden pair is stored in the version's golden file as
+    `part.<part>.input.<name>` / `part.<part>.output.<name>`."""
+
+    # format -> file name (generator.onnx, generator.ts, ...)
+    artifacts: dict[str, str]
+    # the artifact's own inputs and outputs, in argument order
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    # this part's export against eager, one report per format
+    parity: list[ParityReport] = Field(default_factory=list)
+
+
 class Manifest(_Strict):
     """manifest.json of one version. `name`, `version` and `files` are written by publish."""
 
@@ -87,10 +103,12 @@ class Manifest(_Strict):
     kind: Kind
     # which artifact the server runs
     format: Format
-    # every artifact present, format -> file name (model.onnx, model.ts)
+    # every artifact present, format -> file name (model.onnx, model.ts); for a model in `parts`,
+    # the main part's (the generator, the VAE decoder, the denoiser)
     artifacts: dict[str, str]
     # relative path -> sha256 hex of every file in the version except manifest.json
     files: dict[str, str] = Field(default_factory=dict)
+    # the public KServe v2 signature (what clients send and get back)
     signature: Signature
     # class labels, index -> label, for classifiers
     labels: list[str] = Field(default_factory=list)
@@ -101,9 +119,14 @@ class Manifest(_Strict):
     # golden inputs and outputs (safetensors: "input.<name>", "output.<name>"), replayed at load
     golden: str | None = "golden.safetensors"
     lineage: Lineage = Field(default_factory=Lineage)
+    # export against eager per format; for a model in `parts`, its public function end to end (a
+    # seeded request through the exported parts against the eager sampler)
     parity: list[ParityReport] = Field(default_factory=list)
     # sequence kind: the artifact's server-side inputs and outputs (lengths, hidden state)
     state: StateSpec | None = None
+    # models served as several artifacts (sample and denoise kinds): part name -> its artifacts,
+    # tensors and parity; None for a model that is one artifact
+    parts: dict[str, PartSpec] | None = None
 
 
 class Batching(_Strict):

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_registry import Registry
 from serve import __version__
-from serve.api import openai, ops, v2
+from serve.api import images, openai, ops, v2
 from serve.errors import ServeError
 from serve.metrics import Metrics
 from serve.repository import ModelRepository
@@ -56,6 +56,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app.include_router(v2.router)
     app.include_router(ops.router)
     app.include_router(openai.router)
+    app.include_router(images.router)
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> Response:

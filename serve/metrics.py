@@ -126,6 +126,20 @@ SEQUENCE_FAMILIES: list[tuple[str, str, str, str]] = [
 ]
 
 
+# denoise engines (diffusion): the batched denoising loop
+STEP_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+DENOISE_FAMILIES: list[tuple[str, str, str, str]] = [
+    ("zooserve_denoise_steps", "Denoising steps run, one UNet call each (rate = steps per second)", "counter",
+     "steps"),
+    ("zooserve_denoise_shared_steps", "Denoising steps whose UNet batch carried rows of more than one request",
+     "counter", "shared_steps"),
+    ("zooserve_denoise_step_rows", "UNet rows per denoising step (a guided sample is two rows)", "histogram",
+     "step_rows"),
+    ("zooserve_denoise_step_requests", "Requests sharing one denoising step", "histogram", "step_requests"),
+    ("zooserve_denoise_request_steps", "Denoising steps of each finished request", "histogram", "request_steps"),
+]
+
+
 class Metrics:
     """Every zooserve_* family, collected from the live `ModelMetrics` on one registry per server."""
 
@@ -143,6 +157,9 @@ class Metrics:
     def for_sequence_model(self, model: str, version: int | str) -> "SequenceMetrics":
         return self._add(SequenceMetrics(self, model, str(version)))
 
+    def for_denoise_model(self, model: str, version: int | str) -> "DenoiseMetrics":
+        return self._add(DenoiseMetrics(self, model, str(version)))
+
     def _add(self, series: "ModelMetrics"):
         self._series[series.labels] = series
         return series
@@ -159,7 +176,7 @@ class Metrics:
         """prometheus_client's collector protocol: one family per metric, one sample set per series."""
         series = list(self._series.values())
         for name, help_text, kind, attribute, token_only in FAMILIES:
-            rows = [s for s in series if not token_only or isinstance(s, TokenMetrics)]
+            rows = [s for s in series if not token_only or hasattr(s, attribute)]   # token (and denoise) engines
             if kind == "counter" and attribute == "status_counts":
                 family = CounterMetricFamily(name, help_text, labels=[*LABELS, "status"])
                 for s in rows:
@@ -181,7 +198,8 @@ class Metrics:
                         buckets, total = values.cumulative(), values.sum
                     family.add_metric(list(s.labels), buckets, total)
             yield family
-        yield from _sequence_families([s for s in series if isinstance(s, SequenceMetrics)])
+        yield from _extra_families([s for s in series if isinstance(s, SequenceMetrics)], SEQUENCE_FAMILIES)
+        yield from _extra_families([s for s in series if isinstance(s, DenoiseMetrics)], DENOISE_FAMILIES)
 
 
 class ModelMetrics:
@@ -308,8 +326,49 @@ class SequenceMetrics(ModelMetrics):
             self.padding_ratio.observe(ratio)
 
 
-def _sequence_families(rows: list[SequenceMetrics]) -> Iterator[Metric]:
-    for name, help_text, kind, attribute in SEQUENCE_FAMILIES:
+class DenoiseMetrics(ModelMetrics):
+    """What a denoise engine records from its loop thread. A step is an execution over its UNet rows
+    (`zooserve_execution_count` / `zooserve_inference_count`, `zooserve_batch_size`), the wait for
+    admission is the queue time, and running/waiting requests share the token engines' gauges."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str):
+        super().__init__(metrics, model, version)
+        self.steps = 0
+        self.shared_steps = 0
+        self.step_rows = HistogramValues(BATCH_BUCKETS)
+        self.step_requests = HistogramValues(BATCH_BUCKETS)
+        self.request_steps = HistogramValues(STEP_BUCKETS)
+        self.running, self.waiting = GaugeValue(), GaugeValue()
+
+    def scheduler_state(self, running: int, waiting: int) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.queue_depth.set(waiting)
+
+    def admitted(self, queued_s: float) -> None:
+        """A request joined the loop after `queued_s` waiting."""
+        with self.lock:
+            self.queue_duration.observe(queued_s)
+            self.stats.queue_count += 1
+            self.stats.queue_ns += int(queued_s * 1e9)
+
+    def step_done(self, rows: int, requests: int, seconds: float) -> None:
+        """One denoising step: one UNet call over `rows` rows of `requests` requests."""
+        self.batch_done(rows, seconds, [])
+        with self.lock:
+            self.steps += 1
+            self.shared_steps += requests > 1
+            self.step_rows.observe(rows)
+            self.step_requests.observe(requests)
+
+    def finished_steps(self, steps: int) -> None:
+        """A request finished after `steps` steps."""
+        with self.lock:
+            self.request_steps.observe(steps)
+
+
+def _extra_families(rows: list[ModelMetrics], families: list[tuple[str, str, str, str]]) -> Iterator[Metric]:
+    for name, help_text, kind, attribute in families:
         if kind == "histogram":
             family = HistogramMetricFamily(name, help_text, labels=LABELS)
             for s in rows:
@@ -320,5 +379,6 @@ def _sequence_families(rows: list[SequenceMetrics]) -> Iterator[Metric]:
         else:
             family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, help_text, labels=LABELS)
             for s in rows:
-                family.add_metric(list(s.labels), getattr(s, attribute).get())
+                value = getattr(s, attribute)          # a plain count, or a gauge read at scrape
+                family.add_metric(list(s.labels), value.get() if isinstance(value, GaugeValue) else value)
         yield family

@@ -17,19 +17,21 @@ from pathlib import Path
 from model_registry import ModelConfig, Registry, RegistryError
 from serve.engines.base import Engine
 from serve.engines.factory import make_token_engine
+from serve.engines.sample import make_generative_engine
 from serve.engines.sequence import SequenceEngine, SequenceRuntime, artifact_names
 from serve.engines.stateless import StatelessEngine
 from serve.golden import check_golden
 from serve.errors import ServeError, not_found, unavailable
 from serve.metrics import Metrics
 from serve.runtimes import open_runtime
+from serve.sample_request import GENERATIVE_KINDS
 from serve.sequence_store import SequenceStore
 from serve.settings import ServeSettings
 
 log = logging.getLogger("zooserve.repository")
 
-# kinds with an engine; later issues add sequence and denoise engines
-ENGINE_KINDS = {"classify", "tokens", "sequence"}
+# kinds with an engine
+ENGINE_KINDS = {"classify", "tokens", "sequence", "sample", "denoise"}
 
 
 class State(str, Enum):
@@ -45,7 +47,7 @@ class LoadedVersion:
     version: int
     state: State
     reason: str = ""
-    engine: Engine | None = None   # StatelessEngine or TokenEngine when READY
+    engine: Engine | None = None   # when READY: Stateless, Token, Sequence, Sample or Denoise engine
 
 
 def versions_to_load(cfg: ModelConfig, available: list[int]) -> list[int]:
@@ -74,9 +76,11 @@ class ModelRepository:
         self._retiring: dict[tuple[str, int], asyncio.Task] = {}
 
     async def load_all(self) -> None:
-        """Load every model of the registry (start-up)."""
+        """Load every model of the registry, or those `settings.models` names (start-up)."""
+        wanted = self.settings.models
         for name in self.registry.models():
-            await self.load_model(name)
+            if wanted is None or name in wanted:
+                await self.load_model(name)
         self.loaded = True
 
     async def load_model(self, name: str) -> None:
@@ -169,13 +173,18 @@ class ModelRepository:
             if manifest.kind not in ENGINE_KINDS:
                 raise RuntimeError(f"kind {manifest.kind!r} has no engine in this server yet")
             vdir = self.registry.version_dir(name, version)
-            runtime = open_runtime(vdir, manifest.format, manifest.artifacts[manifest.format],
-                                   *artifact_names(manifest),   # the signature's (+ lengths and state)
-                                   self.settings.intra_op_threads, self.settings.device)
-            if manifest.kind == "sequence":
-                runtime = SequenceRuntime(runtime, manifest, vdir)
-            error = check_golden(manifest, runtime, vdir)
-            engine = self._make_engine(cfg, version, manifest, runtime, vdir)
+            if manifest.kind in GENERATIVE_KINDS:   # parts, a sampling loop, part and end-to-end goldens
+                runtime = engine = make_generative_engine(name, version, manifest, vdir, cfg.batching,
+                                                          self.settings, self.metrics)
+                error = engine.golden_error
+            else:
+                runtime = open_runtime(vdir, manifest.format, manifest.artifacts[manifest.format],
+                                       *artifact_names(manifest),   # the signature's (+ lengths and state)
+                                       self.settings.intra_op_threads, self.settings.device)
+                if manifest.kind == "sequence":
+                    runtime = SequenceRuntime(runtime, manifest, vdir)
+                error = check_golden(manifest, runtime, vdir)
+                engine = self._make_engine(cfg, version, manifest, runtime, vdir)
         except Exception as exc:  # noqa: BLE001 - any failure makes this version unavailable, not the server
             log.error("version %s/%s refused: %s", name, version, exc)
             self.metrics.for_model(name, version).ready.set(0)

@@ -34,7 +34,15 @@ class ServeSettings(BaseSettings):
     sequence_idle_timeout_s: float = Field(60.0, gt=0, description="a stateful sequence idle this long is freed "
                                            "(Triton's max_sequence_idle_microseconds, whose default is 1 s)")
     max_sequences: int = Field(10000, ge=1, description="live stateful sequences per model; a start beyond gets 429")
+    # samplers (gan, vae, diffusion)
+    max_samples_per_request: int = Field(64, ge=1, description="images one sampler request (or PNG grid) may ask "
+                                         "for; more is a 400")
+    denoise_max_rows: int = Field(256, ge=1, description="UNet rows one denoising step may carry (a guided sample "
+                                  "is two rows); requests beyond wait for the next steps")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # batch jobs load only the models their lines name
+    models: list[str] | None = Field(None, description="load only these models of the registry at start-up; "
+                                     "unset = every model")
 
     @field_validator("admin_token")
     @classmethod

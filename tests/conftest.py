@@ -59,6 +59,33 @@ def token_registry(tmp_path_factory, demo_registry) -> Path:
     return registry.root
 
 
+@pytest.fixture(scope="session")
+def generative_registry(tmp_path_factory) -> Path:
+    """gan-digits, vae-digits and diffusion-digits, each trained for a moment (serving is under test,
+    not quality), exported in parts with parity and published; alias `stable` -> 1. ~25 s. Read-only."""
+    import torch
+
+    from model_registry import Registry
+    from training import export, generative, loop
+    from training.models.gan import GANTrainConfig
+
+    torch.set_num_threads(1)
+    work = tmp_path_factory.mktemp("generative")
+    registry = Registry(work / "registry")
+    brief = {"gan": GANTrainConfig(steps=20, batch_size=32), "vae": loop.TrainConfig(epochs=1, batch_size=256),
+             "diffusion": loop.TrainConfig(epochs=1, batch_size=256)}
+    for family, train_cfg in brief.items():
+        name = f"{family}-digits"
+        generative.train_generative(family, "tiny", work / name / "checkpoint", progress=False, eval_cfg=None,
+                                    train_cfg=train_cfg)
+        export.package(work / name / "checkpoint", work / name / "package")
+        registry.set_alias(name, "stable", registry.publish(name, work / name / "package"))
+    cfg = registry.model_config("gan-digits")
+    cfg.batching.max_batch_size = 8          # so that a larger request goes through the batcher in slices
+    registry.write_model_config(cfg)
+    return registry.root
+
+
 @pytest.fixture
 def registry_copy(demo_registry, tmp_path) -> Path:
     """A private copy of the demo registry that a test may change."""

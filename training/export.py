@@ -207,7 +207,7 @@ def package(checkpoint_dir: str | Path, out_dir: str | Path, formats: tuple[str,
     def make_inputs(batch: int) -> tuple[torch.Tensor, ...]:
         return fam.example_inputs(config, batch)
 
-    state = None   # sequence kind: the artifact's server-side inputs/outputs
+    state = parts = None   # sequence kind: the artifact's server-side inputs/outputs; generative: its parts
     if fam.KIND == "tokens":
         reports, signature, tensors = _export_token_model(fam, model, config, out, formats)
         extra_files = [name for name in (TOKENIZER,) if (src / name).exists()]
@@ -217,11 +217,14 @@ def package(checkpoint_dir: str | Path, out_dir: str | Path, formats: tuple[str,
 
         reports, signature, tensors, state = export_sequence.export(model, config, out, formats)
         extra_files, generation = [], {}
+    elif fam.KIND in ("sample", "denoise"):   # GAN generator, VAE decoder + encoder, UNet: parts of a sampler
+        from training import export_generative
+
+        reports, signature, tensors, parts = export_generative.export_parts(family, model, config, out, formats)
+        extra_files, generation = [], fam.generation_defaults(config)
     else:
         reports, signature, tensors = _export_stateless(model, make_inputs, output_names, out, formats)
         extra_files, generation = [], {}
-        if fam.KIND in ("sample", "denoise"):   # GAN / VAE decoder / diffusion UNet: forward is the served part
-            generation = fam.generation_defaults(config)
     # safetensors writes an array's buffer as is: a non-contiguous view (a transposed K, say)
     # would be stored scrambled, so every tensor is made C-contiguous first
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / GOLDEN))
@@ -230,7 +233,7 @@ def package(checkpoint_dir: str | Path, out_dir: str | Path, formats: tuple[str,
 
     manifest = Manifest(
         family=family, kind=fam.KIND, format=serve_format,
-        artifacts={f: ARTIFACTS[f] for f in formats},
+        artifacts=next(iter(parts.values()))["artifacts"] if parts else {f: ARTIFACTS[f] for f in formats},
         signature=signature,
         labels=meta.get("labels", []),
         generation=generation,
@@ -239,6 +242,7 @@ def package(checkpoint_dir: str | Path, out_dir: str | Path, formats: tuple[str,
         lineage=meta.get("lineage", {}),
         parity=reports,
         state=state,
+        parts=parts,
     )
     (out / "manifest.json").write_text(json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
     return manifest

@@ -76,21 +76,36 @@ def train_config(family: str, preset: str):
     raise ValueError(f"{family!r} is not a generative family; known: {', '.join(GENERATIVE)}")
 
 
+def draw_latents(family: str, config, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a GAN or VAE sample starts from, as `sample` (and the server) draw it: z (N, Z) ~ N(0, I)
+    from torch.Generator().manual_seed(seed), then, for the GAN, a uniform class from the same
+    generator for every label < 0 ("unconditional": the GAN has no label-free mode, and a uniform
+    label samples the marginal over digits). Returns (z, the labels used)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(labels.shape[0], config.latent_dim, generator=g)
+    free = labels < 0
+    if family == "gan" and bool(free.any()):
+        labels = labels.clone()
+        labels[free] = torch.randint(0, config.n_classes, (int(free.sum()),), generator=g)
+    return z, labels
+
+
 @torch.no_grad()
 def sample(family: str, model: torch.nn.Module, config, labels: torch.Tensor, seed: int, **sampler_kw) -> torch.Tensor:
-    """Images (N, 1, 8, 8) in [-1, 1]; labels (N,) are ignored by the (unconditional) VAE.
+    """Images (N, 1, 8, 8) in [-1, 1]; labels (N,), -1 = unconditional (the VAE ignores them; the GAN
+    draws a uniform class, see `draw_latents`; diffusion takes its null label).
     Diffusion: sampler_kw picks `sampler`, `steps`, `eta`, `guidance` (config defaults otherwise)."""
     model.eval()
-    g = torch.Generator().manual_seed(seed)
     if family == "gan":
-        return model(torch.randn(labels.shape[0], config.latent_dim, generator=g), labels)
+        return model(*draw_latents(family, config, labels, seed))
     if family == "vae":
-        return model(torch.randn(labels.shape[0], config.latent_dim, generator=g))
+        return model(draw_latents(family, config, labels, seed)[0])
     if family == "diffusion":
         from training.schedulers.pipeline import generate
 
         guidance = sampler_kw.pop("guidance", config.guidance)
         sampler = family_module("diffusion").make_sampler(config, seed=seed, **sampler_kw)
+        labels = torch.where(labels < 0, config.null_label, labels)
         return generate(model, sampler, labels, guidance, config.null_label,
                         shape=(1, config.image_size, config.image_size))
     raise ValueError(f"{family!r} is not a generative family")
@@ -202,7 +217,17 @@ def grid_rows(images: torch.Tensor, requested: torch.Tensor, judge_model: torch.
 
 
 def write_grid(images: torch.Tensor, path: str | Path, per_row: int = 10, scale: int = 4, gap: int = 1) -> Path:
-    """A PNG grid of images (N, 1, 8, 8) in [-1, 1], each pixel `scale` x `scale`, light gaps."""
+    """`grid_png` written to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(grid_png(images, per_row, scale, gap))
+    return path
+
+
+def grid_png(images: torch.Tensor, per_row: int = 10, scale: int = 4, gap: int = 1) -> bytes:
+    """A PNG grid of images (N, 1, H, W) in [-1, 1], each pixel `scale` x `scale`, light gaps."""
+    import io
+
     from PIL import Image
 
     n, _, h, w = images.shape
@@ -214,10 +239,9 @@ def write_grid(images: torch.Tensor, path: str | Path, per_row: int = 10, scale:
     for i in range(n):
         r, c = divmod(i, per_row)
         canvas[gap + r * cell_h: gap + r * cell_h + h * scale, gap + c * cell_w: gap + c * cell_w + w * scale] = pixels[i]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas.numpy(), mode="L").save(path)
-    return path
+    out = io.BytesIO()
+    Image.fromarray(canvas.numpy(), mode="L").save(out, format="PNG")
+    return out.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,9 +21,11 @@ from fastapi.responses import Response
 from serve import __version__
 from serve.api.deps import admin_only, read_body, repository_of, settings_of
 from serve.batching import Closed, DeadlineExceeded, QueueFull
+from serve.engines.sample import bind_sample_request
 from serve.engines.sequence import route_sequence
 from serve.errors import ServeError, unavailable
 from serve.repository import LoadedVersion, State
+from serve.sample_request import GENERATIVE_KINDS
 from serve.v2_codec import V2Error, decode_infer_request, encode_infer_response
 
 log = logging.getLogger("zooserve.http")
@@ -284,8 +286,11 @@ async def _infer(repo, settings, model: str, version: str | None, started: float
             return None
         body = _decompress(body, encoding, settings.max_body_bytes)
         sig, cfg = engine.manifest.signature, repo.configs[model]
-        req = decode_infer_request(body, header_length, sig.inputs, sig.outputs,
-                                   cfg.batching.max_batch_size, settings.allow_non_finite)
+        if engine.manifest.kind in GENERATIVE_KINDS:   # optional inputs, sampler parameters: serve/sample_request.py
+            req, engine = bind_sample_request(engine, body, header_length, settings)
+        else:
+            req = decode_infer_request(body, header_length, sig.inputs, sig.outputs,
+                                       cfg.batching.max_batch_size, settings.allow_non_finite)
         if engine.manifest.kind == "sequence":   # a live sequence is answered by the version it started on
             lv, engine = route_sequence(repo, lv, version, req.parameters)
         timeout_us = req.parameters.get("timeout")
@@ -293,8 +298,11 @@ async def _infer(repo, settings, model: str, version: str | None, started: float
             else settings.request_timeout_s
         outputs = await engine.infer(req.inputs, req.batch_size, started + timeout_s)
         version_text = str(lv.version)
-        payload, extra = encode_infer_response(model, version_text, req.id, outputs, req.outputs,
-                                               {s.name: s.datatype for s in sig.outputs})
+        if hasattr(engine, "response"):        # a sampler: tensors or a PNG, and the seed it used
+            payload, extra = engine.response(model, version_text, req.id, outputs)
+        else:
+            payload, extra = encode_infer_response(model, version_text, req.id, outputs, req.outputs,
+                                                   {s.name: s.datatype for s in sig.outputs})
         status = 200
         headers = [(b"content-type", extra.pop("Content-Type").encode()), (b"x-model-version", version_text.encode())]
         headers.extend((k.lower().encode(), v.encode()) for k, v in extra.items())

@@ -201,10 +201,16 @@ def test_write_grid(tmp_path):
         assert img.getpixel((1, 1)) == 255 and img.getpixel((img.size[0] - 2, img.size[1] - 2)) == 0   # -1 white, 1 ink
 
 
+PARTS = {"gan": {"generator": (["z", "label"], ["image"])},
+         "vae": {"decoder": (["z"], ["image"]), "encoder": (["image"], ["latent_mean", "latent_log_var"])},
+         "diffusion": {"denoiser": (["x_t", "t", "label"], ["eps"])}}
+
+
 @pytest.mark.parametrize("family", GENERATIVE)
 def test_export_package_parity(family, tmp_path):
-    """A briefly trained checkpoint through training.export.package: ONNX and TorchScript at batch
-    2, 1 and 7 against eager, the golden pair, the signature and the sampler defaults."""
+    """A briefly trained checkpoint through training.export.package: every part in ONNX and
+    TorchScript at batch 2, 1 and 7 against eager, seeded requests end to end against
+    generative.sample, the golden pairs, the public signature and the sampler defaults."""
     fam = family_module(family)
     tiny_train = {"gan": fam.GANTrainConfig(steps=3, batch_size=16) if family == "gan" else None,
                   "vae": loop.TrainConfig(epochs=1, batch_size=256), "diffusion": loop.TrainConfig(epochs=1, batch_size=256)}
@@ -212,32 +218,43 @@ def test_export_package_parity(family, tmp_path):
                                              train_cfg=tiny_train[family])
     manifest = export.package(tmp_path / "ckpt", tmp_path / "pkg")
     assert manifest.kind == fam.KIND and manifest.family == family
-    assert {r.format for r in manifest.parity} == {"onnx", "torchscript"}
-    assert all(r.passed and [s[0] for s in r.shapes_checked] == list(export.PARITY_BATCHES) for r in manifest.parity)
     assert manifest.lineage.metrics["train_seconds"] == pytest.approx(metrics["train_seconds"])
-    sig = {s.name: (s.datatype, s.shape) for s in manifest.signature.inputs}
-    outputs = [(s.name, s.datatype, s.shape) for s in manifest.signature.outputs]
     config = make_config(family, "tiny")
+    # the parts: names, tensors, one artifact per format, each checked against eager
+    assert {n: ([s.name for s in p.inputs], [s.name for s in p.outputs]) for n, p in manifest.parts.items()} == PARTS[family]
+    main = next(iter(manifest.parts.values()))
+    assert manifest.artifacts == main.artifacts
+    for name, part in manifest.parts.items():
+        assert part.artifacts == {"onnx": f"{name}.onnx", "torchscript": f"{name}.ts"}
+        assert all((tmp_path / "pkg" / f).is_file() for f in part.artifacts.values())
+        assert {r.format for r in part.parity} == {"onnx", "torchscript"}
+        assert all(r.passed and [s[0] for s in r.shapes_checked] == list(export.PARITY_BATCHES) for r in part.parity)
+    # end to end: seeded requests through the exported part against generative.sample
+    assert {r.format for r in manifest.parity} == {"onnx", "torchscript"}
+    assert all(r.passed and r.max_abs_error <= r.tolerance <= 1e-3 for r in manifest.parity)
+    # the public signature
+    sig = {s.name: (s.datatype, s.shape) for s in manifest.signature.inputs}
+    outputs = {s.name: (s.datatype, s.shape) for s in manifest.signature.outputs}
+    assert sig["label"] == ("INT64", [-1]) and sig["seed"] == ("INT64", [1])
+    assert outputs["image"] == ("FP32", [-1, 1, 8, 8])
     if family == "gan":
-        assert sig == {"z": ("FP32", [-1, config.latent_dim]), "label": ("INT64", [-1])}
-        assert outputs == [("image", "FP32", [-1, 1, 8, 8])]
+        assert set(sig) == {"label", "seed"} and outputs["label"] == ("INT64", [-1])
     elif family == "vae":
-        assert sig == {"z": ("FP32", [-1, config.latent_dim])}
-        assert outputs == [("image", "FP32", [-1, 1, 8, 8])]
+        assert sig["image"] == ("FP32", [-1, 1, 8, 8])
+        assert outputs["latent_mean"] == outputs["latent_log_var"] == ("FP32", [-1, config.latent_dim])
     else:
-        assert sig == {"x_t": ("FP32", [-1, 1, 8, 8]), "t": ("INT64", [-1]), "label": ("INT64", [-1])}
-        assert outputs == [("eps", "FP32", [-1, 1, 8, 8])]
+        assert set(sig) == {"label", "seed"} and set(outputs) == {"image"}
         assert manifest.generation["num_train_timesteps"] == config.num_train_timesteps
         assert {"sampler", "steps", "eta", "guidance", "beta_schedule", "null_label"} <= set(manifest.generation)
     assert manifest.generation["output_range"] == [-1.0, 1.0]
-    # the ONNX file at an untraced batch against the reloaded eager model
+    # the main ONNX part at an untraced batch against the reloaded eager model
     import onnxruntime as ort
     from safetensors.numpy import load_file
 
     model, _ = checkpoint.load(tmp_path / "pkg")
     inputs = fam.example_inputs(config, 5)
-    session = ort.InferenceSession(str(tmp_path / "pkg" / "model.onnx"), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {n: t.numpy() for n, t in zip(sig, inputs)})
+    session = ort.InferenceSession(str(tmp_path / "pkg" / main.artifacts["onnx"]), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {s.name: t.numpy() for s, t in zip(main.inputs, inputs)})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(*inputs), rtol=0, atol=1e-4)
     if family == "diffusion":   # the sampling loop over the ONNX denoiser follows the eager one
@@ -250,8 +267,29 @@ def test_export_package_parity(family, tmp_path):
         runs = [generate(d, fam.make_sampler(config, steps=10, eta=0.5, seed=0), labels, 1.5, config.null_label)
                 for d in (model, onnx_denoiser)]
         torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=1e-3)
+    # golden: each part's pair, and the public request (labels + seed) with the eager sampler's images
     golden = load_file(str(tmp_path / "pkg" / "golden.safetensors"))
-    assert set(golden) == {f"input.{n}" for n in sig} | {f"output.{outputs[0][0]}"}
+    expected = {f"part.{p}.{side}.{n}" for p, (ins, outs) in PARTS[family].items()
+                for side, names in (("input", ins), ("output", outs)) for n in names}
+    expected |= {"input.label", "input.seed", "output.image"} | ({"output.label"} if family == "gan" else set())
+    assert set(golden) == expected
+    labels = torch.from_numpy(golden["input.label"])
+    images = generative.sample(family, model, config, labels, int(golden["input.seed"][0]))
+    assert torch.equal(images, torch.from_numpy(golden["output.image"]))
+
+
+def test_gan_unconditional_label_draws_a_class_after_z():
+    """-1 for the GAN: z as for any request, then a uniform class from the same generator."""
+    config = make_config("gan", "tiny")
+    z, used = generative.draw_latents("gan", config, torch.tensor([3, -1, -1, 5]), seed=9)
+    z_ref = torch.randn(4, config.latent_dim, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(z, z_ref)
+    assert used[0] == 3 and used[3] == 5 and bool(((used >= 0) & (used < 10)).all())
+    g = torch.Generator().manual_seed(9)
+    torch.randn(4, config.latent_dim, generator=g)
+    assert used[1:3].tolist() == torch.randint(0, 10, (2,), generator=g).tolist()
+    _, vae_labels = generative.draw_latents("vae", make_config("vae", "tiny"), torch.tensor([-1, -1]), seed=9)
+    assert vae_labels.tolist() == [-1, -1]
 
 
 def test_train_dispatches_the_generative_families(monkeypatch, tmp_path):

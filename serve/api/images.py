@@ -1,0 +1,77 @@
+"""Images for people: a sampler's output as a PNG grid.
+
+    GET /v1/images/{model}?label=7&n=16&seed=1[&steps=&sampler=&eta=&guidance=&version=&per_row=&scale=]
+
+`label` is one integer repeated `n` times (n defaults to 16) or a comma-separated list; -1 is
+unconditional. The request goes through the same validation and the same engine as a v2 infer
+(serve/sample_request.py), so the grid holds exactly the images a v2 request with that label
+list and seed returns. The answer carries `x-model-version` and `x-seed` (the seed used).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from serve.api.deps import repository_of, settings_of
+from serve.batching import Closed, DeadlineExceeded, QueueFull
+from serve.engines.sample import png_grid
+from serve.errors import ServeError
+from serve.sample_request import GENERATIVE_KINDS, query_request
+
+log = logging.getLogger("zooserve.http")
+router = APIRouter()
+INT64 = dict(ge=-(2**63), le=2**63 - 1)
+
+
+@router.get("/v1/images/{model}", summary="Sample images as a PNG grid (gan, vae, diffusion)",
+            response_class=Response, responses={200: {"content": {"image/png": {}}}})
+async def images(request: Request, model: str,
+                 label: str = Query("-1", description="a label, or comma-separated labels; -1 = unconditional"),
+                 n: int | None = Query(None, description="samples of `label` (default 16)"),
+                 seed: int | None = Query(None, description="same seed, same images (default: random)", **INT64),
+                 steps: int | None = Query(None, description="diffusion: denoising steps"),
+                 sampler: str | None = Query(None, description="diffusion: ddpm or ddim"),
+                 eta: float | None = Query(None, description="diffusion, ddim: 0 deterministic .. 1"),
+                 guidance: float | None = Query(None, description="diffusion: classifier-free guidance scale"),
+                 version: str | None = Query(None, description="a version number or alias"),
+                 per_row: int | None = Query(None, ge=1, le=256, description="images per row (default: square)"),
+                 scale: int = Query(4, ge=1, le=32, description="screen pixels per image pixel")) -> Response:
+    started = time.perf_counter()
+    repo, settings = repository_of(request), settings_of(request)
+    lv = repo.resolve(model, version)
+    engine = lv.engine
+    if engine.manifest.kind not in GENERATIVE_KINDS:
+        raise ServeError(400, f"model {model!r} is of kind {engine.manifest.kind!r}; images come from the "
+                              f"samplers (kinds sample and denoise)")
+    status = 500
+    try:
+        req = query_request(engine.manifest, label, n, seed,
+                            {"steps": steps, "sampler": sampler, "eta": eta, "guidance": guidance},
+                            settings.max_samples_per_request)
+        outputs = await engine.sample(req, started + settings.request_timeout_s)
+        png = png_grid(outputs["image"], per_row, scale)
+        status = 200
+    except ServeError as exc:
+        status = exc.status
+        raise
+    except QueueFull as exc:
+        status = 429
+        raise ServeError(429, f"model {model!r} queue is full; retry later",
+                         {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from None
+    except DeadlineExceeded as exc:
+        status = 504
+        raise ServeError(504, f"deadline exceeded: {exc}") from None
+    except Closed as exc:
+        status = 503
+        raise ServeError(503, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - the model failed on this request; the server stays up
+        log.exception("sampling failed for %s/%s", model, lv.version)
+        raise ServeError(500, f"sampling failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        engine.metrics.request_done(status, time.perf_counter() - started)
+    return Response(png, media_type="image/png", headers={"x-model-version": str(lv.version), "x-seed": str(req.seed)})

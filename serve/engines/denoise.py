@@ -1,0 +1,285 @@
+"""The denoise engine (KIND "denoise": the diffusion UNet): the diffusion loop as a scheduler.
+
+    admitted, expired = scheduler.schedule(now)     # books: who joins, who timed out (rows bounded)
+    step_requests(denoiser, running, null_label)    # ONE (guided) UNet call over every running row,
+                                                    # then one sampler step per request
+    finished = scheduler.take_finished()            # leave at once; their images go back
+
+Each request carries its own sampler state (`training.schedulers.pipeline.DenoiseRequest`: DDPM or
+DDIM, its steps, eta, guidance and a generator seeded exactly as `training.generative.sample`
+seeds it), so requests at different timesteps and with different samplers share one UNet batch
+per step, and a seeded request draws the same noise whatever it shares its steps with. New
+requests join between steps; finished ones leave between steps. The loop runs on the engine's
+own thread (ONNX Runtime releases the GIL); requests arrive through a thread-safe inbox and
+their results go back to the asyncio loop with call_soon_threadsafe.
+
+Bounds: at most `max_rows` UNet rows per step (a sample is one row, two when guidance needs its
+unconditional twin; a request larger than that runs alone), at most `max_waiting` requests
+waiting (then 429). A request whose deadline passes is answered 504: while waiting it is never
+computed, while running it leaves at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from model_registry import Manifest
+from serve.batching import Closed, DeadlineExceeded, QueueFull
+from serve.metrics import DenoiseMetrics, EngineStats
+from serve.runtimes import Runtime
+from serve.sample_request import SampleRequest, sample_request
+
+log = logging.getLogger("zooserve.denoise")
+
+Denoiser = Callable  # (x_t (B, C, H, W) float32, t (B,) int64, label (B,) int64) -> eps, torch tensors
+
+
+def runtime_denoiser(runtime: Runtime, manifest: Manifest) -> Denoiser:
+    """The exported denoiser part as a torch-in, torch-out function."""
+    import torch
+
+    part = manifest.parts["denoiser"]
+    names, out = [s.name for s in part.inputs], part.outputs[0].name
+
+    def denoise(x_t, t, label):
+        feeds = dict(zip(names, (x_t.numpy(), t.numpy(), label.numpy())))
+        return torch.from_numpy(runtime.run(feeds)[out])
+    return denoise
+
+
+@dataclass(eq=False)
+class DenoiseJob:
+    """One request inside the engine: its sampler state and its way back to the caller."""
+
+    request: object                  # training.schedulers.pipeline.DenoiseRequest
+    rows: int                        # UNet rows per step: one per sample, two when guided
+    arrival: float                   # perf_counter at submit
+    deadline: float | None           # perf_counter after which it must not run on
+    deliver: Callable[[object], None] = lambda result: None   # result: images (n, 1, H, W) or an exception
+    steps: int = 0                   # steps run
+    shared_steps: int = 0            # steps whose UNet batch also carried another request's rows
+    admitted: bool = False
+
+
+class DenoiseScheduler:
+    """Books only (no model): FIFO admission within `max_rows` UNet rows per step, deadlines,
+    finished requests out. A request larger than max_rows is admitted when nothing else runs."""
+
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
+        self.waiting: deque[DenoiseJob] = deque()
+        self.running: list[DenoiseJob] = []
+
+    @property
+    def rows_running(self) -> int:
+        return sum(j.rows for j in self.running)
+
+    def has_jobs(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, job: DenoiseJob) -> None:
+        self.waiting.append(job)
+
+    def remove(self, job: DenoiseJob) -> bool:
+        """Forget a job (its caller left); False when it was not here."""
+        if job in self.running:
+            self.running.remove(job)
+            return True
+        if job in self.waiting:
+            self.waiting.remove(job)
+            return True
+        return False
+
+    def schedule(self, now: float) -> tuple[list[DenoiseJob], list[DenoiseJob]]:
+        """(jobs admitted for the next step, jobs whose deadline passed; both removed from waiting,
+        the expired also from running)."""
+        expired = [j for j in (*self.running, *self.waiting) if j.deadline is not None and now > j.deadline]
+        for job in expired:
+            self.remove(job)
+        admitted, used = [], self.rows_running
+        while self.waiting and (used + self.waiting[0].rows <= self.max_rows or not self.running):
+            job = self.waiting.popleft()
+            job.admitted = True
+            self.running.append(job)
+            admitted.append(job)
+            used += job.rows
+        return admitted, expired
+
+    def take_finished(self) -> list[DenoiseJob]:
+        """Running jobs whose sampler has taken its last step, removed."""
+        done = [j for j in self.running if j.request.done]
+        self.running = [j for j in self.running if not j.request.done]
+        return done
+
+
+class DenoiseEngine:
+    """One (model, version) of kind `denoise`: scheduler + the batched diffusion loop on one thread."""
+
+    def __init__(self, name: str, version: int, manifest: Manifest, denoiser: Denoiser, config,
+                 metrics: DenoiseMetrics, max_rows: int = 256, max_waiting: int = 1024):
+        self.name, self.version, self.manifest, self.metrics = name, version, manifest, metrics
+        self.denoiser, self.config = denoiser, config
+        self.null_label = int(manifest.generation.get("null_label", config.null_label))
+        self.shape = tuple(manifest.generation.get("sample_shape", (1, config.image_size, config.image_size)))
+        self.scheduler = DenoiseScheduler(max_rows)
+        self.max_waiting = max_waiting
+        self.device = "cpu"
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._pending = 0              # submitted and not yet answered (asyncio side)
+        self._running = 0              # jobs running after the last schedule (written by the thread)
+
+    # ---- asyncio side -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the loop thread."""
+        self._thread = threading.Thread(target=self._loop_forever, name=f"{self.name}-{self.version}", daemon=True)
+        self._thread.start()
+
+    def job(self, req: SampleRequest, deadline: float | None = None) -> DenoiseJob:
+        """The engine's state for one request: its sampler (seeded as training.generative.sample
+        seeds it), labels (-1 -> the null label) and guidance; x_T is drawn at admission."""
+        import torch
+
+        from training.families import family_module
+        from training.schedulers.pipeline import DenoiseRequest
+
+        sampler = family_module("diffusion").make_sampler(self.config, sampler=req.sampler, steps=req.steps,
+                                                          eta=req.eta, seed=req.seed)
+        labels = torch.from_numpy(np.where(req.labels < 0, self.null_label, req.labels).astype(np.int64))
+        guided = int((labels != self.null_label).sum()) if req.guidance != 1 else 0
+        return DenoiseJob(DenoiseRequest(sampler, labels, req.guidance), len(labels) + guided,
+                          time.perf_counter(), deadline)
+
+    async def sample(self, req: SampleRequest, deadline: float | None) -> dict[str, np.ndarray]:
+        """Queue one request; its images once its last step has run."""
+        if self._closing:
+            raise Closed("model is shutting down")
+        if self._pending - self._running >= self.max_waiting:
+            raise QueueFull(retry_after_s=1.0)
+        job = self.job(req, deadline)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        job.deliver = lambda result: loop.call_soon_threadsafe(_settle, future, result)
+        self._pending += 1
+        self._inbox.put(("add", job))
+        try:
+            return {"image": await future}
+        except asyncio.CancelledError:                # the caller went away: free its rows
+            self._inbox.put(("abort", job))
+            raise
+        finally:
+            self._pending -= 1
+
+    async def infer(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None,
+                    parameters: dict | None = None) -> dict[str, np.ndarray]:
+        """Every engine's verb: decoded inputs (+ request parameters) -> images."""
+        return await self.sample(sample_request(self.manifest, inputs, parameters or {}), deadline)
+
+    def sample_now(self, req: SampleRequest) -> dict[str, np.ndarray]:
+        """The request alone, computed on the calling thread (the load-time check; tests)."""
+        from training.schedulers.pipeline import step_requests
+
+        job = self.job(req)
+        job.request.start(self.shape)
+        while not job.request.done:
+            step_requests(self.denoiser, [job.request], self.null_label)
+        return {"image": job.request.x.numpy()}
+
+    def stats(self) -> EngineStats:
+        """Cumulative counters for the statistics endpoint."""
+        return self.metrics.stats
+
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not yet answered."""
+        return self._pending
+
+    async def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new requests, let accepted ones finish (up to the timeout), stop the thread."""
+        self._closing = True
+        deadline = time.monotonic() + drain_timeout_s
+        while self._pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self._inbox.put(("stop", None))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    # ---- engine thread ------------------------------------------------------------------------
+    def _loop_forever(self) -> None:
+        while True:
+            if not self._take_inbox(block=not self.scheduler.has_jobs()):
+                for job in [*self.scheduler.running, *self.scheduler.waiting]:
+                    job.deliver(Closed("model was unloaded before this request finished"))
+                return
+            try:
+                self._step()
+            except Exception as exc:  # noqa: BLE001 - fail what ran, keep the engine alive
+                log.exception("denoise step failed for %s/%s", self.name, self.version)
+                for job in list(self.scheduler.running):
+                    self.scheduler.remove(job)
+                    job.deliver(RuntimeError(f"denoising failed: {exc}"))
+
+    def _take_inbox(self, block: bool) -> bool:
+        """Apply queued adds and aborts; False on stop."""
+        while True:
+            try:
+                kind, job = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "stop":
+                return False
+            if kind == "add":
+                self.scheduler.add(job)
+            elif kind == "abort":
+                self.scheduler.remove(job)
+
+    def _step(self) -> None:
+        """Admit, run one batched step over every running request, hand back the finished."""
+        from training.schedulers.pipeline import step_requests
+
+        now = time.perf_counter()
+        admitted, expired = self.scheduler.schedule(now)
+        for job in expired:
+            job.deliver(DeadlineExceeded(f"deadline passed after {job.steps} of {len(job.request.sampler.timesteps)} "
+                                         f"steps; {'the rest was' if job.admitted else 'it was'} not computed"))
+        for job in admitted:
+            job.request.start(self.shape)             # x_T from the request's own generator
+            self.metrics.admitted(now - job.arrival)
+        jobs = self.scheduler.running
+        self._running = len(jobs)
+        self.metrics.scheduler_state(len(jobs), len(self.scheduler.waiting))
+        if not jobs:
+            return
+        started = time.perf_counter()
+        step_requests(self.denoiser, [j.request for j in jobs], self.null_label)
+        rows = sum(j.rows for j in jobs)
+        self.metrics.step_done(rows, len(jobs), time.perf_counter() - started)
+        for job in jobs:
+            job.steps += 1
+            job.shared_steps += len(jobs) > 1
+        for job in self.scheduler.take_finished():
+            self.metrics.finished_steps(job.steps)
+            job.deliver(job.request.x.numpy())
+        self._running = len(self.scheduler.running)
+        self.metrics.scheduler_state(self._running, len(self.scheduler.waiting))
+
+
+def _settle(future: asyncio.Future, result) -> None:
+    """On the event loop: answer a waiting caller (unless it left)."""
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
