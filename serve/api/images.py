@@ -11,16 +11,14 @@ list and seed returns. The answer carries `x-model-version` and `x-seed` (the se
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from serve.api.deps import repository_of, settings_of
-from serve.batching import Closed, DeadlineExceeded, QueueFull
 from serve.engines.sample import png_grid
-from serve.errors import ServeError
+from serve.errors import ENGINE_REFUSALS, ServeError, engine_refusal
 from serve.sample_request import GENERATIVE_KINDS, query_request
 
 log = logging.getLogger("zooserve.http")
@@ -59,16 +57,10 @@ async def images(request: Request, model: str,
     except ServeError as exc:
         status = exc.status
         raise
-    except QueueFull as exc:
-        status = 429
-        raise ServeError(429, f"model {model!r} queue is full; retry later",
-                         {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from None
-    except DeadlineExceeded as exc:
-        status = 504
-        raise ServeError(504, f"deadline exceeded: {exc}") from None
-    except Closed as exc:
-        status = 503
-        raise ServeError(503, str(exc)) from None
+    except ENGINE_REFUSALS as exc:
+        error = engine_refusal(exc, model)
+        status = error.status
+        raise error from None
     except Exception as exc:  # noqa: BLE001 - the model failed on this request; the server stays up
         log.exception("sampling failed for %s/%s", model, lv.version)
         raise ServeError(500, f"sampling failed: {type(exc).__name__}: {exc}") from None

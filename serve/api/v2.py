@@ -8,7 +8,6 @@ queued on the version's batcher and encoded once; no per-request pydantic model 
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 import zlib
@@ -20,10 +19,9 @@ from fastapi.responses import Response
 
 from serve import __version__
 from serve.api.deps import admin_only, read_body, repository_of, settings_of
-from serve.batching import Closed, DeadlineExceeded, QueueFull
 from serve.engines.sample import bind_sample_request
 from serve.engines.sequence import route_sequence
-from serve.errors import ServeError, unavailable
+from serve.errors import ENGINE_REFUSALS, ServeError, engine_refusal, unavailable
 from serve.repository import LoadedVersion, State
 from serve.sample_request import GENERATIVE_KINDS
 from serve.v2_codec import V2Error, decode_infer_request, encode_infer_response
@@ -313,16 +311,10 @@ async def _infer(repo, settings, model: str, version: str | None, started: float
     except ServeError as exc:
         status = exc.status
         raise
-    except QueueFull as exc:
-        status = 429
-        raise ServeError(429, f"model {model!r} queue is full; retry later",
-                         {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from None
-    except DeadlineExceeded as exc:
-        status = 504
-        raise ServeError(504, f"deadline exceeded: {exc}") from None
-    except Closed as exc:
-        status = 503
-        raise ServeError(503, str(exc)) from None
+    except ENGINE_REFUSALS as exc:
+        error = engine_refusal(exc, model)
+        status = error.status
+        raise error from None
     except Exception as exc:  # noqa: BLE001 - the model failed on this request; the server stays up
         log.exception("inference failed for %s/%s", model, lv.version)
         raise ServeError(500, f"inference failed: {type(exc).__name__}: {exc}") from None
