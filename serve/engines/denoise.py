@@ -22,9 +22,6 @@ computed, while running it leaves at the next step boundary.
 from __future__ import annotations
 
 import asyncio
-import logging
-import queue
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -34,11 +31,11 @@ import numpy as np
 
 from model_registry import Manifest
 from serve.batching import Closed, DeadlineExceeded, QueueFull
+from serve.engines.step_loop import StepLoop
 from serve.metrics import DenoiseMetrics, EngineStats
 from serve.runtimes import Runtime
 from serve.sample_request import SampleRequest, sample_request
 
-log = logging.getLogger("zooserve.denoise")
 
 Denoiser = Callable  # (x_t (B, C, H, W) float32, t (B,) int64, label (B,) int64) -> eps, torch tensors
 
@@ -121,11 +118,12 @@ class DenoiseScheduler:
         return done
 
 
-class DenoiseEngine:
+class DenoiseEngine(StepLoop):
     """One (model, version) of kind `denoise`: scheduler + the batched diffusion loop on one thread."""
 
     def __init__(self, name: str, version: int, manifest: Manifest, denoiser: Denoiser, config,
                  metrics: DenoiseMetrics, max_rows: int = 256, max_waiting: int = 1024):
+        super().__init__()
         self.name, self.version, self.manifest, self.metrics = name, version, manifest, metrics
         self.denoiser, self.config = denoiser, config
         self.null_label = int(manifest.generation.get("null_label", config.null_label))
@@ -133,18 +131,9 @@ class DenoiseEngine:
         self.scheduler = DenoiseScheduler(max_rows)
         self.max_waiting = max_waiting
         self.device = "cpu"
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._closing = False
-        self._pending = 0              # submitted and not yet answered (asyncio side)
         self._running = 0              # jobs running after the last schedule (written by the thread)
 
     # ---- asyncio side -------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the loop thread."""
-        self._thread = threading.Thread(target=self._loop_forever, name=f"{self.name}-{self.version}", daemon=True)
-        self._thread.start()
-
     def job(self, req: SampleRequest, deadline: float | None = None) -> DenoiseJob:
         """The engine's state for one request: its sampler (seeded as training.generative.sample
         seeds it), labels (-1 -> the null label) and guidance; x_T is drawn at admission."""
@@ -199,50 +188,24 @@ class DenoiseEngine:
         """Cumulative counters for the statistics endpoint."""
         return self.metrics.stats
 
-    @property
-    def in_flight(self) -> int:
-        """Requests accepted and not yet answered."""
-        return self._pending
+    # ---- engine thread (StepLoop hooks) ---------------------------------------------------------
+    def _has_work(self) -> bool:
+        return self.scheduler.has_jobs()
 
-    async def close(self, drain_timeout_s: float = 30.0) -> None:
-        """Refuse new requests, let accepted ones finish (up to the timeout), stop the thread."""
-        self._closing = True
-        deadline = time.monotonic() + drain_timeout_s
-        while self._pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        self._inbox.put(("stop", None))
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10)
+    def _add(self, job: DenoiseJob) -> None:
+        self.scheduler.add(job)
 
-    # ---- engine thread ------------------------------------------------------------------------
-    def _loop_forever(self) -> None:
-        while True:
-            if not self._take_inbox(block=not self.scheduler.has_jobs()):
-                for job in [*self.scheduler.running, *self.scheduler.waiting]:
-                    job.deliver(Closed("model was unloaded before this request finished"))
-                return
-            try:
-                self._step()
-            except Exception as exc:  # noqa: BLE001 - fail what ran, keep the engine alive
-                log.exception("denoise step failed for %s/%s", self.name, self.version)
-                for job in list(self.scheduler.running):
-                    self.scheduler.remove(job)
-                    job.deliver(RuntimeError(f"denoising failed: {exc}"))
+    def _abort(self, job: DenoiseJob) -> None:
+        self.scheduler.remove(job)
 
-    def _take_inbox(self, block: bool) -> bool:
-        """Apply queued adds and aborts; False on stop."""
-        while True:
-            try:
-                kind, job = self._inbox.get(block=block)
-            except queue.Empty:
-                return True
-            block = False
-            if kind == "stop":
-                return False
-            if kind == "add":
-                self.scheduler.add(job)
-            elif kind == "abort":
-                self.scheduler.remove(job)
+    def _fail_running(self, exc: Exception) -> None:
+        for job in list(self.scheduler.running):
+            self.scheduler.remove(job)
+            job.deliver(RuntimeError(f"denoising failed: {exc}"))
+
+    def _fail_everything(self, exc: Exception) -> None:
+        for job in [*self.scheduler.running, *self.scheduler.waiting]:
+            job.deliver(exc)
 
     def _step(self) -> None:
         """Admit, run one batched step over every running request, hand back the finished."""

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -26,12 +23,12 @@ import numpy as np
 from model_registry import Manifest
 from serve.batching import Closed, QueueFull
 from serve.engines.base import TokenState
+from serve.engines.step_loop import StepLoop
 from serve.metrics import EngineStats, TokenMetrics
 from serve.runtimes import Runtime
 from serve.scheduler import FINISH_REASON, RequestStatus, StepPlan, TokenRequest, TokenScheduler
 from training.sampling import Sampled, Sampler, SamplingParams
 
-log = logging.getLogger("zooserve.tokens")
 
 
 @dataclass
@@ -131,28 +128,24 @@ class TokenRunner:
         return out
 
 
-class TokenEngine:
+class TokenEngine(StepLoop):
     """One (model, version) of kind `tokens`: scheduler + runner + samplers on one thread."""
 
     def __init__(self, name: str, version: int, manifest: Manifest, runtime: Runtime, tokenizer,
                  slots: TokenState, metrics: TokenMetrics, max_waiting: int = 1024):
+        super().__init__()
         self.name, self.version, self.manifest = name, version, manifest
         self.tokenizer, self.metrics = tokenizer, metrics
         self.max_len = slots.max_len
         self.scheduler = TokenScheduler(max_rows=slots.rows, max_len=slots.max_len)
         self.runner = TokenRunner(runtime, slots)
         self.max_waiting = max_waiting
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._closing = False
-        self._pending = 0          # submitted, not yet finished
 
     # ---- asyncio side -------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._loop_forever, name=f"{self.name}-{self.version}", daemon=True)
-        self._thread.start()
+        super().start()
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
         """Queue one sequence; yields its events step by step until the last one (finish_reason set)."""
@@ -192,49 +185,18 @@ class TokenEngine:
     def stats(self) -> EngineStats:
         return self.metrics.stats
 
-    @property
-    def in_flight(self) -> int:
-        return self._pending
+    # ---- engine thread (StepLoop hooks) ---------------------------------------------------------
+    def _has_work(self) -> bool:
+        return self.scheduler.has_requests()
 
-    async def close(self, drain_timeout_s: float = 30.0) -> None:
-        """Refuse new requests, let running ones finish (up to the timeout), stop the thread."""
-        self._closing = True
-        deadline = time.monotonic() + drain_timeout_s
-        while self._pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        self._inbox.put(("stop", None))
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10)
+    def _add(self, request: TokenRequest) -> None:
+        self.scheduler.add_request(request)
 
-    # ---- engine thread ------------------------------------------------------------------------
-    def _loop_forever(self) -> None:
-        while True:
-            if not self._take_inbox(block=not self.scheduler.has_requests()):
-                self._fail_everything(Closed("model was unloaded"))
-                return
-            try:
-                self._step()
-            except Exception as exc:  # noqa: BLE001 - fail what ran, keep the engine alive
-                log.exception("token step failed for %s/%s", self.name, self.version)
-                self._fail_running(exc)
-
-    def _take_inbox(self, block: bool) -> bool:
-        """Apply queued adds and aborts; False on stop."""
-        while True:
-            try:
-                kind, item = self._inbox.get(block=block, timeout=None)
-            except queue.Empty:
-                return True
-            block = False
-            if kind == "stop":
-                return False
-            if kind == "add":
-                self.scheduler.add_request(item)
-            elif kind == "abort":
-                request = self.scheduler.get(item)
-                if request is not None and not request.status.is_finished:
-                    self.scheduler.finish(item, RequestStatus.FINISHED_ABORTED)
-                    self.metrics.finished("abort", time.perf_counter() - request.arrival)
+    def _abort(self, request_id: str) -> None:
+        request = self.scheduler.get(request_id)
+        if request is not None and not request.status.is_finished:
+            self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
+            self.metrics.finished("abort", time.perf_counter() - request.arrival)
 
     def _step(self) -> None:
         plan = self.scheduler.schedule()
