@@ -7,8 +7,8 @@ memory and the same step time at token 10 and at token 10,000; the pool is sized
 returns the states after its tokens, which this object stores back.
 
 Step contract (training/export_recurrent.py): inputs ids (B, T), n_new (B,) real tokens per row
-(prefill rows are right-padded), one input per state; outputs logits (B, T, V) and the new
-states, in the same order as the state inputs.
+(prefill rows are right-padded), one input per state; outputs logits (B, 1, V) at each row's
+last real token and the new states, in the same order as the state inputs.
 """
 
 from __future__ import annotations

@@ -123,8 +123,11 @@ class TokenRunner:
                 ids[i, : lengths[i]] = r.prompt_ids
             res = self.runtime.run({"ids": ids, **self.state.prefill_feeds(first, lengths)})
             self.state.prefill_done(first, res, lengths)
+            # a step returns logits at every fed position (the decoder) or at each row's last only
+            # (the recurrent families: (n, 1, V))
+            every = res["logits"].shape[1] == ids.shape[1]
             for i, r in enumerate(plan.prefill):
-                out[r.request_id] = res["logits"][i, lengths[i] - 1]
+                out[r.request_id] = res["logits"][i, lengths[i] - 1 if every else 0]
         return out
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 
 from training import checkpoint, export, export_recurrent, lm
 from training.models import mamba as M
@@ -68,7 +69,8 @@ def scan_inputs(T: int, dt_scale: float = 0.1, seed: int = 0, b: int = 2, E: int
 
 def step_prefill_decode(model: M.Mamba, ids: torch.Tensor, prompt: int, decode=None) -> torch.Tensor:
     """Prefill ids[:, :prompt] through StepModule from zero state, then decode the rest one token at
-    a time feeding the states back (through `decode(ids, states)` if given); logits (B, T, V)."""
+    a time feeding the states back (through `decode(ids, states)` if given); the logits the step
+    returns, (B, 1 + T - prompt, V): positions prompt - 1 .. T - 1."""
     step = M.StepModule(model)
     B, T = ids.shape
     states = M.init_state(model, B).per_layer()
@@ -98,6 +100,16 @@ def test_config_resolves_auto_dt_rank_and_rejects_a_conv_without_history():
         M.Config(d_conv=1)
     tied, untied = M.Model(tiny()), M.Model(tiny(tie_embeddings=False))
     assert tied.lm_head.weight is tied.embeddings.weight and untied.lm_head.weight is not untied.embeddings.weight
+
+
+def test_exported_softplus_equals_torch_softplus(monkeypatch):
+    """The elementwise form the ONNX graph gets (ONNX Runtime's Softplus kernel is slow) equals
+    F.softplus in fp32 across dt's whole range, overflow region included."""
+    x = torch.cat([torch.linspace(-40.0, 100.0, 20001), torch.tensor([-1e4, 1e4, 19.99, 20.0, 20.01])])
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    exported = M._softplus(x)
+    assert torch.isfinite(exported).all()
+    torch.testing.assert_close(exported, F.softplus(x), rtol=2e-6, atol=1e-7)
 
 
 # --- chunked scan vs the sequential reference -------------------------------------------------
@@ -176,9 +188,11 @@ def test_right_padded_rows_match_each_row_stepped_alone():
     step = M.StepModule(model)
     with torch.no_grad():
         logits, *new = step(ids, torch.tensor(lengths), *states)
+        assert logits.shape == (3, 1, V)                                 # at each row's last real token
         for b, n in enumerate(lengths):
             alone_logits, *alone = step(ids[b:b + 1, :n], torch.tensor([n]), *(s[b:b + 1] for s in states))
-            assert close(logits[b, :n], alone_logits[0])
+            every = model.run(ids[b:b + 1, :n], [s[b:b + 1] for s in states])[0]   # (1, n, V)
+            assert close(logits[b], alone_logits[0]) and close(logits[b, 0], every[0, -1])
             assert all(close(got[b], want[0]) for got, want in zip(new, alone, strict=True))
         unpadded = step(ids[2:3], torch.tensor([7]), *(s[2:3] for s in states))
     assert not torch.allclose(new[-1][2], unpadded[-1][0])
@@ -218,7 +232,7 @@ def test_a_2048_token_prompt_prefills_through_the_step_and_decodes():
     with torch.no_grad():
         full = model(ids, scan=M.scan_sequential)                        # the reference over all 2051 tokens
     got = step_prefill_decode(model, ids, prompt=2048, decode=model.decode)
-    assert got.shape == full.shape and max_diff(got, full) <= 1e-4
+    assert got.shape == full[:, 2047:].shape and max_diff(got, full[:, 2047:]) <= 1e-4
 
 
 def test_stateful_forward_continues_where_it_left_off():
@@ -262,13 +276,14 @@ def test_logits_match_hf_mamba_for_full_forward_and_step_decode(tied):
     with torch.no_grad():
         expected = hf(ids, use_cache=False).logits                      # (B, T, V)
         full = model(ids)
-    stepped = step_prefill_decode(model, ids, prompt=33)
+    stepped = step_prefill_decode(model, ids, prompt=33)                 # positions 32 .. 39
     decoded = step_prefill_decode(model, ids, prompt=33, decode=model.decode)
+    expected_steps = expected[:, 32:]
     print(f"\nmamba ({'tied' if tied else 'untied'}): |logits| max {expected.abs().max():.2f}, "
-          f"max diff full {max_diff(full, expected):.2e}, prefill+decode {max_diff(stepped, expected):.2e}, "
-          f"prefill+Mamba.decode {max_diff(decoded, expected):.2e}")
+          f"max diff full {max_diff(full, expected):.2e}, prefill+decode {max_diff(stepped, expected_steps):.2e}, "
+          f"prefill+Mamba.decode {max_diff(decoded, expected_steps):.2e}")
     assert expected.abs().max() > 1.0                                    # a real signal, not near-zero logits
-    assert max(max_diff(full, expected), max_diff(stepped, expected), max_diff(decoded, expected)) <= 1e-4
+    assert max(max_diff(full, expected), max_diff(stepped, expected_steps), max_diff(decoded, expected_steps)) <= 1e-4
 
 
 def test_our_state_is_hf_cache_state():
@@ -364,7 +379,8 @@ def test_exported_onnx_prefills_and_decodes_in_onnxruntime(packaged):
     states = [s.numpy() for s in M.init_state(config, 4).per_layer()]
     logits, *states = session.run(None, {"ids": tokens[:, :40].numpy(), "n_new": np.array(lengths),
                                          **dict(zip(names[2:], states))})
-    got = [[logits[b, :n]] for b, n in enumerate(lengths)]
+    assert logits.shape == (4, 1, V)                                     # each prompt's last token
+    got, prefilled = [[logits[b]] for b in range(4)], states
     for t in range(3):                                                   # decode: T = 1
         step_ids = np.array([[tokens[b, n + t]] for b, n in enumerate(lengths)])
         logits, *states = session.run(None, {"ids": step_ids, "n_new": np.ones(4, np.int64),
@@ -372,7 +388,11 @@ def test_exported_onnx_prefills_and_decodes_in_onnxruntime(packaged):
         for b in range(4):
             got[b].append(logits[b])
     for b, n in enumerate(lengths):
-        np.testing.assert_allclose(np.concatenate(got[b]), full[b, :n + 3], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.concatenate(got[b]), full[b, n - 1:n + 3], atol=1e-4, rtol=0)
+        with torch.no_grad():                                            # the state each padded row left
+            _, *alone = model.run(tokens[b:b + 1, :n], M.init_state(config, 1).per_layer(), scan=M.scan_sequential)
+        for name, got_state, want in zip(names[2:], prefilled, alone, strict=True):
+            np.testing.assert_allclose(got_state[b], want[0].numpy(), atol=1e-4, rtol=0, err_msg=name)
 
 
 def test_parity_check_catches_a_step_that_ignores_padding():

@@ -152,16 +152,16 @@ def test_lm_step_with_right_padding_equals_per_row_runs_and_the_full_forward(cel
     zeros = [torch.zeros(3, *shapes[n]) for n in rnn_lm.STATE_NAMES]
     with torch.no_grad():
         logits, h, c = step(ids, prompt, *zeros)
-        assert logits.shape == (3, 6, 30) and h.shape == (3, 2, 16) and c.shape == zeros[1].shape
+        assert logits.shape == (3, 1, 30) and h.shape == (3, 2, 16) and c.shape == zeros[1].shape
         for b, n in enumerate(prompt.tolist()):                       # == each row run alone, unpadded
             alone, state = model.step(tokens[b : b + 1, :n], rnn.init_state(config, 1))
-            torch.testing.assert_close(logits[b, :n], alone[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(logits[b, 0], alone[0, n - 1], rtol=0, atol=1e-5)   # its last token
             torch.testing.assert_close(h[b], state["h"][0], rtol=0, atol=1e-5)
             if cell == "lstm":
                 torch.testing.assert_close(c[b], state["c"][0], rtol=0, atol=1e-5)
         # then decode one token at a time from the returned state: == the full forward over all tokens
         full = model(tokens)
-        steps = [[logits[b, :n]] for b, n in enumerate(prompt.tolist())]
+        steps = [[logits[b]] for b in range(3)]
         pos = prompt.clone()
         for _ in range(3):
             out, h, c = step(tokens[torch.arange(3), pos][:, None], torch.ones(3, dtype=torch.int64), h, c)
@@ -169,7 +169,7 @@ def test_lm_step_with_right_padding_equals_per_row_runs_and_the_full_forward(cel
                 steps[b].append(out[b])
             pos += 1
         for b, n in enumerate(prompt.tolist()):
-            torch.testing.assert_close(torch.cat(steps[b]), full[b, : n + 3], rtol=0, atol=1e-5)
+            torch.testing.assert_close(torch.cat(steps[b]), full[b, n - 1 : n + 3], rtol=0, atol=1e-5)
         # a row with no new tokens keeps its state
         _, h2, c2 = step(ids, torch.tensor([0, 2, 0]), h, c)
         torch.testing.assert_close(h2[[0, 2]], h[[0, 2]], rtol=0, atol=0)
@@ -266,7 +266,7 @@ def test_lm_step_export_runs_at_new_lengths_without_stale_shapes(cell, trained_l
     path = tmp_path / "package" / "model.onnx"
     graph = onnx.load(str(path)).graph
     assert not graph.value_info
-    assert [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == ["batch", "new", 30]
+    assert [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == ["batch", 1, 30]
     from training import export_recurrent
 
     inputs = export_recurrent.step_inputs(rnn_lm, config, batch=3, new=11, seed=5)

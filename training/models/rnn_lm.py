@@ -19,9 +19,10 @@ lengths) -> (logits, state)` is the stateful one, over right-padded rows.
 
 Serving step contract (what a token engine runs; the state is constant-size per row):
     StepModule(model).forward(ids (B, T) int64, n_new (B,) int64, h (B, L, H), c (B, L, H | 0))
-        -> logits (B, T, V), new_h (B, L, H), new_c (B, L, H | 0)
-row b's real tokens are ids[b, :n_new[b]] (right-padded; n_new 0 leaves the row as it was) and
-the new states are those after exactly n_new[b] tokens. The names are module-level constants
+        -> logits (B, 1, V), new_h (B, L, H), new_c (B, L, H | 0)
+row b's real tokens are ids[b, :n_new[b]] (right-padded; n_new 0 leaves the row as it was), the
+logits are those at its last real token (what the next token is sampled from) and the new states
+are those after exactly n_new[b] tokens. The names are module-level constants
 (STATE_NAMES, STEP_INPUT_NAMES, STEP_OUTPUT_NAMES), as a generic recurrent exporter and token
 engine read them, so they cannot change with the configured cell: every cell has "h" and "c",
 and only the LSTM fills c; for rnn/gru `state_shapes(config)` gives c a width of 0 (no memory;
@@ -78,15 +79,19 @@ class RNNLM(nn.Module):
         evaluation and export parity use, as for the other token families)."""
         return self.step(ids, init_state(self.config, ids.shape[0]))[0]
 
-    def step(self, ids: Tensor, state: dict[str, Tensor],
-             lengths: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def step(self, ids: Tensor, state: dict[str, Tensor], lengths: Tensor | None = None,
+             last: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         """The stateful path: ids (B, T) right-padded, state from `init_state`, lengths (B,) real
-        tokens (default T) -> logits (B, T, V) (valid at t < lengths), state after each row's tokens."""
+        tokens (default T) -> logits (B, T, V) (valid at t < lengths), state after each row's tokens.
+        last: logits (B, 1, V) at each row's last real token only."""
         B, T = ids.shape
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.int64, device=ids.device)
         out, state = self.core(self.embed(ids), lengths, state)    # (B, T, H)
-        return self.head(out), state                                # (B, T, V)
+        if last:                                                    # a row with no new tokens: position 0
+            index = (lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, out.shape[2])
+            out = out.gather(1, index)                              # (B, 1, H)
+        return self.head(out), state                                # (B, T | 1, V)
 
 
 Model = RNNLM
@@ -113,7 +118,7 @@ class StepModule(nn.Module):
 
     def forward(self, ids: Tensor, n_new: Tensor, *states: Tensor) -> tuple[Tensor, ...]:
         h, c = states
-        logits, new = self.model.step(ids, {"h": h, "c": c} if self.lstm else {"h": h}, n_new)
+        logits, new = self.model.step(ids, {"h": h, "c": c} if self.lstm else {"h": h}, n_new, last=True)
         return logits, new["h"], (new["c"] if self.lstm else c)
 
 
