@@ -48,6 +48,7 @@ class LoadedVersion:
     state: State
     reason: str = ""
     engine: Engine | None = None   # when READY: Stateless, Token, Sequence, Sample or Denoise engine
+    device: str = ""               # when READY: "cuda" or "cpu", where its runtime really runs
 
 
 def versions_to_load(cfg: ModelConfig, available: list[int]) -> list[int]:
@@ -192,7 +193,7 @@ class ModelRepository:
         log.info("loaded %s/%s (%s %s on %s, golden max abs error %.3g)", name, version, manifest.kind,
                  manifest.format, runtime.device, error)
         engine.metrics.ready.set(1)
-        return LoadedVersion(name, version, State.READY, engine=engine)
+        return LoadedVersion(name, version, State.READY, engine=engine, device=runtime.device)
 
     def _make_engine(self, cfg: ModelConfig, version: int, manifest, runtime, vdir: Path):
         if manifest.kind == "sequence":

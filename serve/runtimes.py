@@ -70,6 +70,8 @@ class TorchScriptRuntime:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        if cuda:
+            prepare_trace_for_cuda(self.module, self.device)
         self.input_names, self.output_names = input_names, output_names
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -79,6 +81,31 @@ class TorchScriptRuntime:
             outs = self.module(*args)
         outs = outs if isinstance(outs, tuple) else (outs,)
         return {n: o.cpu().numpy() for n, o in zip(self.output_names, outs)}
+
+
+def prepare_trace_for_cuda(module, device: str) -> None:
+    """Two things a trace bakes in that `map_location` does not touch, fixed in every method's
+    graph before the first run compiles it:
+    - the tracing device in ops that create tensors (`torch.arange(n, device=x.device)` becomes
+      `device="cpu"`): the decoder, Mamba and diffusion steps failed on cuda with "two devices";
+    - `allow_tf32=True` in every `aten::_convolution` (cuDNN's default when traced), so that the
+      global `torch.backends.cudnn.allow_tf32` has no effect: TF32 convolutions put the diffusion
+      denoiser 5e-4 off its fp32 golden on an H200 (tolerance 1e-4). Set to False: fp32 as exported.
+    """
+    for sub in module.modules():
+        for name in sub._c._method_names():
+            graph = sub._c._get_method(name).graph
+            for node in graph.findAllNodes("prim::Constant"):
+                if node.output().type().kind() == "DeviceObjType" and node.s("value") == "cpu":
+                    node.s_("value", device)
+            for node in graph.findAllNodes("aten::_convolution"):
+                allow_tf32 = list(node.inputs())[-1]          # (..., cudnn_enabled, allow_tf32)
+                if allow_tf32.toIValue() is not False:
+                    no = graph.create("prim::Constant")       # a new constant: the old one may be shared
+                    no.i_("value", 0)
+                    no.output().setType(allow_tf32.type())
+                    no.insertBefore(node)
+                    node.replaceInput(len(list(node.inputs())) - 1, no.output())
 
 
 def open_runtime(version_dir: Path, fmt: str, artifact: str, input_names: list[str], output_names: list[str],

@@ -150,6 +150,9 @@ def _config(repo, lv: LoadedVersion, settings) -> dict:
                              "default_queue_policy": {"max_queue_size": cfg.batching.max_queue_size}},
         "version_policy": version_policy,
         "model_transaction_policy": {"decoupled": False},
+        # where the runtime really runs (a CUDA provider that failed to load falls back to the CPU)
+        "instance_group": [{"name": f"{lv.name}_0", "kind": "KIND_GPU" if lv.device == "cuda" else "KIND_CPU",
+                            "count": 1, **({"gpus": [0]} if lv.device == "cuda" else {})}],
         "parameters": {"routing": {"string_value": orjson.dumps(cfg.routing.model_dump()).decode()}},
         **_sequence_batching(manifest, settings),
     }
