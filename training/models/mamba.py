@@ -220,7 +220,8 @@ def _scan_chunks_hop(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, s0:
         cen, bx, bq, cq, into = inputs
         g = torch.exp(cen * rate)                                          # (B, Q, N, E)
         states = ((g * (bx * bq)).cumsum(1) + s * into) / g                # (B, Q, N, E) s_t in the chunk
-        return states[:, Q - 1:].clone(), (cq.transpose(2, 3) @ states)[:, :, 0]   # carry, y (B, Q, E)
+        # the carry must keep init's strides: a plain clone keeps the slice's (B = 1 made them differ)
+        return states[:, Q - 1:].clone(memory_format=torch.contiguous_format), (cq.transpose(2, 3) @ states)[:, :, 0]
 
     s, y = scan(step, s0[:, None].contiguous(), (centred, dtx, B_c.contiguous(), C_c.contiguous(), carry_in), dim=1)
     return y.reshape(b, nC * Q, E).narrow(1, 0, T).contiguous(), s[:, 0].contiguous()
