@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+from typing import Awaitable, TypeVar
 
 from fastapi import Request
 
@@ -31,6 +33,29 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ServeError(413, f"body exceeds the {limit}-byte limit")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+T = TypeVar("T")
+
+
+async def until_disconnect(receive) -> None:
+    """Returns once the client has gone (ASGI `http.disconnect`); only after the body was read."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(work: Awaitable[T], receive) -> T | None:
+    """`work`'s result, or None when the client goes away first. Then `work` is cancelled, which
+    makes an engine drop what it holds for the request (a denoise job's rows, a sequence's slot)
+    instead of computing an answer nobody will read."""
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(until_disconnect(receive))
+    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)   # let the engine's cancel path run now
+    return None
 
 
 def admin_only(request: Request) -> None:

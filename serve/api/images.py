@@ -16,7 +16,7 @@ import time
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from serve.api.deps import repository_of, settings_of
+from serve.api.deps import repository_of, settings_of, unless_disconnected
 from serve.engines.sample import png_grid
 from serve.errors import ENGINE_REFUSALS, ServeError, engine_refusal
 from serve.sample_request import GENERATIVE_KINDS, query_request
@@ -51,7 +51,10 @@ async def images(request: Request, model: str,
         req = query_request(engine.manifest, label, n, seed,
                             {"steps": steps, "sampler": sampler, "eta": eta, "guidance": guidance},
                             settings.max_samples_per_request)
-        outputs = await engine.sample(req, started + settings.request_timeout_s)
+        outputs = await unless_disconnected(engine.sample(req, started + settings.request_timeout_s), request.receive)
+        if outputs is None:                         # the client left: its rows were freed
+            status = 499
+            return Response(status_code=499)
         png = png_grid(outputs["image"], per_row, scale)
         status = 200
     except ServeError as exc:

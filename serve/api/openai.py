@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from serve.api.deps import read_body, repository_of, settings_of
+from serve.api.deps import read_body, repository_of, settings_of, unless_disconnected
 from serve.batching import Closed, QueueFull
 from serve.engines.tokens import GenerationRequest, TokenEngine, TokenEvent
 from serve.errors import ServeError
@@ -182,28 +182,17 @@ def _engine_error(exc: BaseException) -> OpenAIError:
     return OpenAIError(500, f"generation failed: {exc}")
 
 
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def _collect(request: Request, engine: TokenEngine, jobs: list[GenerationRequest]) -> list[Choice] | None:
     """Run jobs to the end; None when the client disconnected first (everything aborted)."""
     choices = [Choice(i) for i in range(len(jobs))]
 
-    async def run() -> None:
+    async def run() -> list[Choice]:
         async for index, events in _fan_out(engine, jobs):
             for event in events:
                 choices[index].add(event)
+        return choices
 
-    work, watcher = asyncio.ensure_future(run()), asyncio.ensure_future(_until_disconnect(request))
-    done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    if work not in done:
-        work.cancel()
-        return None
-    watcher.cancel()
-    work.result()
-    return choices
+    return await unless_disconnected(run(), request.receive)
 
 
 def _usage(prompt_tokens: int, choices_tokens: int) -> dict:

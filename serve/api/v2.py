@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serve import __version__
-from serve.api.deps import admin_only, read_body, repository_of, settings_of
+from serve.api.deps import admin_only, read_body, repository_of, settings_of, unless_disconnected
 from serve.engines.sample import bind_sample_request
 from serve.engines.sequence import route_sequence
 from serve.errors import ENGINE_REFUSALS, ServeError, engine_refusal, unavailable
@@ -271,10 +271,12 @@ async def _receive_body(receive, declared: bytes | None, limit: int) -> bytes | 
     return b"".join(chunks)
 
 
-async def _infer(repo, settings, model: str, version: str | None, started: float, body_of,
+async def _infer(repo, settings, model: str, version: str | None, started: float, body_of, receive,
                  encoding: str | None, header_length: str | None) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
     """One v2 inference: (body, headers) of the 200 answer, ServeError otherwise, None when the
-    client went away before its body arrived. `body_of(limit)` reads the request body."""
+    client went away before its body arrived, or, for an engine whose requests run many steps
+    (`cancellable`: the denoise engine), before its answer. `body_of(limit)` reads the request
+    body; `receive` is the ASGI channel that says when the client has gone."""
     lv = repo.resolve(model, version)
     engine = lv.engine
     if not hasattr(engine, "infer"):
@@ -297,7 +299,14 @@ async def _infer(repo, settings, model: str, version: str | None, started: float
         timeout_us = req.parameters.get("timeout")
         timeout_s = timeout_us / 1e6 if isinstance(timeout_us, (int, float)) and timeout_us > 0 \
             else settings.request_timeout_s
-        outputs = await engine.infer(req.inputs, req.batch_size, started + timeout_s)
+        work = engine.infer(req.inputs, req.batch_size, started + timeout_s)
+        if getattr(engine, "cancellable", False):   # watching costs two tasks: only where requests run long
+            outputs = await unless_disconnected(work, receive)
+            if outputs is None:
+                status = 499
+                return None
+        else:
+            outputs = await work
         version_text = str(lv.version)
         if hasattr(engine, "response"):        # a sampler: tensors or a PNG, and the seed it used
             payload, extra = engine.response(model, version_text, req.id, outputs)
@@ -335,7 +344,7 @@ async def fast_infer(scope, receive, send, state, model: str, version: str | Non
     length, encoding, header_length = _header_values(scope["headers"])
     try:
         result = await _infer(state.repository, state.settings, model, version, started,
-                              lambda limit: _receive_body(receive, length, limit), encoding, header_length)
+                              lambda limit: _receive_body(receive, length, limit), receive, encoding, header_length)
         if result is None:
             return                  # nobody to answer
         status, (payload, headers) = 200, result
@@ -354,7 +363,7 @@ async def _routed_infer(request: Request, model: str, version: str | None) -> Re
     started = time.perf_counter()
     headers = request.headers
     result = await _infer(repository_of(request), settings_of(request), model, version, started,
-                          lambda limit: read_body(request, limit), headers.get("content-encoding"),
+                          lambda limit: read_body(request, limit), request.receive, headers.get("content-encoding"),
                           headers.get("inference-header-content-length"))
     if result is None:
         return Response(status_code=499)

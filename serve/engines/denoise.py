@@ -121,6 +121,8 @@ class DenoiseScheduler:
 class DenoiseEngine(StepLoop):
     """One (model, version) of kind `denoise`: scheduler + the batched diffusion loop on one thread."""
 
+    cancellable = True   # a request runs many steps: the routes cancel it when its client leaves
+
     def __init__(self, name: str, version: int, manifest: Manifest, denoiser: Denoiser, config,
                  metrics: DenoiseMetrics, max_rows: int = 256, max_waiting: int = 1024):
         super().__init__()

@@ -192,6 +192,7 @@ class SampleCall:
 
     def __init__(self, engine, request: SampleRequest, binary: dict[str, bool]):
         self.engine, self.request, self.binary = engine, request, binary
+        self.cancellable = getattr(engine, "cancellable", False)
 
     @property
     def metrics(self) -> ModelMetrics:

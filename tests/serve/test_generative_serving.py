@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -294,6 +296,39 @@ def test_requests_started_apart_share_unet_steps_and_answer_as_alone(server):
     for key in ("a", "b"):
         together, by_itself = tensors(results[key])["image"], tensors(alone[key])["image"]
         assert np.array_equal(together, by_itself), np.abs(together - by_itself).max()
+
+
+@pytest.mark.parametrize("route", ["v2", "png"])
+def test_a_client_that_leaves_mid_denoise_frees_its_rows(server, route):
+    """A DDPM request of 1,000 steps whose client closes the connection after ~20 steps: the
+    engine stops stepping it (the step counter stands still well before 1,000), the request counts
+    as 499 and nothing stays running; the next request is answered normally."""
+    model = "diffusion-digits"
+    if route == "v2":
+        body = json.dumps(sampler_body([1, 2], 5, sampler="ddpm", steps=1000)).encode()
+        request = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    else:
+        request = f"GET /v1/images/{model}?label=3&n=2&seed=5&sampler=ddpm&steps=1000 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    steps0, left0 = metric(server, "zooserve_denoise_steps_total", model), metric(
+        server, "zooserve_requests_total", model, status="499")
+    host, port = server.url.removeprefix("http://").split(":")
+    client = socket.create_connection((host, int(port)))
+    client.sendall(request)
+    deadline = time.monotonic() + 20
+    while metric(server, "zooserve_denoise_steps_total", model) < steps0 + 20:      # it is running
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    client.close()
+    deadline = time.monotonic() + 10
+    while metric(server, "zooserve_requests_total", model, status="499") < left0 + 1:
+        assert time.monotonic() < deadline, "the request was not counted as abandoned"
+        time.sleep(0.02)
+    stopped = metric(server, "zooserve_denoise_steps_total", model)
+    time.sleep(0.3)
+    assert metric(server, "zooserve_denoise_steps_total", model) == stopped < steps0 + 1000
+    assert metric(server, "zooserve_requests_running", model) == 0
+    assert tensors(post(server, model, sampler_body([4], 1, steps=5)))["image"].shape == (1, 1, 8, 8)
 
 
 def test_metrics_parse_and_carry_the_sampler_families(server):
