@@ -149,12 +149,12 @@ def served_version(registry: Path, model: str) -> tuple[int, Path]:
 class Server:
     """`zooserve serve` as a subprocess on a free loopback port."""
 
-    def __init__(self, registry: Path, threads: int, log_path: Path):
+    def __init__(self, registry: Path, threads: int, log_path: Path, extra_args: list[str] | None = None):
         self.host, self.port = "127.0.0.1", free_port()
         self.log_path = log_path
         self._log = open(log_path, "wb")
         cmd = [*zooserve_cmd(), "serve", "--registry", str(registry), "--host", self.host,
-               "--port", str(self.port), "--threads", str(threads), "--log-level", "warning"]
+               "--port", str(self.port), "--threads", str(threads), "--log-level", "warning", *(extra_args or [])]
         self.cmd = cmd
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT)
 
