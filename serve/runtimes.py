@@ -93,10 +93,10 @@ def prepare_trace_for_cuda(module, device: str) -> None:
     """Two things a trace bakes in that `map_location` does not touch, fixed in every method's
     graph before the first run compiles it:
     - the tracing device in ops that create tensors (`torch.arange(n, device=x.device)` becomes
-      `device="cpu"`): the decoder, Mamba and diffusion steps failed on cuda with "two devices";
+      `device="cpu"`): the decoder and Mamba steps failed on cuda with "two devices";
     - `allow_tf32=True` in every `aten::_convolution` (cuDNN's default when traced), so that the
       global `torch.backends.cudnn.allow_tf32` has no effect: TF32 convolutions put the diffusion
-      denoiser 5e-4 off its fp32 golden on an H200 (tolerance 1e-4). Set to False: fp32 as exported.
+      denoiser 4-5e-4 off its fp32 golden on an H200 (tolerance 1e-4). Set to False: fp32 as exported.
     """
     for sub in module.modules():
         for name in sub._c._method_names():
