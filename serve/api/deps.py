@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from typing import Awaitable, TypeVar
+import logging
+import time
+from typing import Any, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 
-from serve.errors import ServeError
+from serve.errors import ENGINE_REFUSALS, ServeError, engine_refusal
+from serve.v2_codec import V2Error
 from serve.repository import ModelRepository
 from serve.settings import ServeSettings
 
@@ -36,6 +39,42 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 T = TypeVar("T")
+log = logging.getLogger("zooserve.http")
+
+
+class RequestOutcome:
+    """How one model request ends, in one place (`with RequestOutcome(...) as outcome:`): a failure
+    becomes a ServeError (a V2Error keeps its status, an engine's refusal is 429/504/503, anything
+    else a logged 500), and the status (`outcome.status`, set by the route on success or 499) and
+    the duration are recorded once. `answered_by()` gives (metrics, version) when the request ends:
+    a v2 request can move to a sampler call or to the version its sequence started on."""
+
+    def __init__(self, model: str, started: float, what: str, answered_by: Callable[[], tuple[Any, int]]):
+        self.model, self.started, self.what, self.answered_by = model, started, what, answered_by
+        self.status = 500
+
+    def __enter__(self) -> "RequestOutcome":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        metrics, version = self.answered_by()
+        try:
+            if exc is None or isinstance(exc, ServeError):
+                self.status = exc.status if exc is not None else self.status
+                return False
+            if isinstance(exc, V2Error):
+                self.status = exc.status
+                raise ServeError(exc.status, exc.message) from None
+            if isinstance(exc, ENGINE_REFUSALS):
+                error = engine_refusal(exc, self.model)
+                self.status = error.status
+                raise error from None
+            if isinstance(exc, Exception):          # the model failed on this request; the server stays up
+                log.error("%s failed for %s/%s", self.what, self.model, version, exc_info=(kind, exc, tb))
+                raise ServeError(500, f"{self.what} failed: {type(exc).__name__}: {exc}") from None
+            return False                            # cancellation and the like: counted as 500, re-raised
+        finally:
+            metrics.request_done(self.status, time.perf_counter() - self.started)
 
 
 async def until_disconnect(receive) -> None:

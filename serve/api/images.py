@@ -10,18 +10,16 @@ list and seed returns. The answer carries `x-model-version` and `x-seed` (the se
 
 from __future__ import annotations
 
-import logging
 import time
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from serve.api.deps import repository_of, settings_of, unless_disconnected
+from serve.api.deps import RequestOutcome, repository_of, settings_of, unless_disconnected
 from serve.engines.sample import png_grid
-from serve.errors import ENGINE_REFUSALS, ServeError, engine_refusal
+from serve.errors import ServeError
 from serve.sample_request import GENERATIVE_KINDS, query_request
 
-log = logging.getLogger("zooserve.http")
 router = APIRouter()
 INT64 = dict(ge=-(2**63), le=2**63 - 1)
 
@@ -46,27 +44,14 @@ async def images(request: Request, model: str,
     if engine.manifest.kind not in GENERATIVE_KINDS:
         raise ServeError(400, f"model {model!r} is of kind {engine.manifest.kind!r}; images come from the "
                               f"samplers (kinds sample and denoise)")
-    status = 500
-    try:
+    with RequestOutcome(model, started, "sampling", lambda: (engine.metrics, lv.version)) as outcome:
         req = query_request(engine.manifest, label, n, seed,
                             {"steps": steps, "sampler": sampler, "eta": eta, "guidance": guidance},
                             settings.max_samples_per_request)
         outputs = await unless_disconnected(engine.sample(req, started + settings.request_timeout_s), request.receive)
         if outputs is None:                         # the client left: its rows were freed
-            status = 499
+            outcome.status = 499
             return Response(status_code=499)
         png = png_grid(outputs["image"], per_row, scale)
-        status = 200
-    except ServeError as exc:
-        status = exc.status
-        raise
-    except ENGINE_REFUSALS as exc:
-        error = engine_refusal(exc, model)
-        status = error.status
-        raise error from None
-    except Exception as exc:  # noqa: BLE001 - the model failed on this request; the server stays up
-        log.exception("sampling failed for %s/%s", model, lv.version)
-        raise ServeError(500, f"sampling failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        engine.metrics.request_done(status, time.perf_counter() - started)
+        outcome.status = 200
     return Response(png, media_type="image/png", headers={"x-model-version": str(lv.version), "x-seed": str(req.seed)})

@@ -7,7 +7,6 @@ queued on the version's batcher and encoded once; no per-request pydantic model 
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 import zlib
@@ -18,15 +17,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serve import __version__
-from serve.api.deps import admin_only, read_body, repository_of, settings_of, unless_disconnected
+from serve.api.deps import RequestOutcome, admin_only, read_body, repository_of, settings_of, unless_disconnected
 from serve.engines.sample import bind_sample_request
 from serve.engines.sequence import route_sequence
-from serve.errors import ENGINE_REFUSALS, ServeError, engine_refusal, unavailable
+from serve.errors import ServeError, unavailable
 from serve.repository import LoadedVersion, State
 from serve.sample_request import GENERATIVE_KINDS
-from serve.v2_codec import V2Error, decode_infer_request, encode_infer_response
+from serve.v2_codec import decode_infer_request, encode_infer_response
 
-log = logging.getLogger("zooserve.http")
 router = APIRouter()
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics", "parameters",
@@ -281,11 +279,10 @@ async def _infer(repo, settings, model: str, version: str | None, started: float
     engine = lv.engine
     if not hasattr(engine, "infer"):
         raise ServeError(400, f"model {model!r} generates tokens: use POST /v1/completions or /v1/chat/completions")
-    status = 500
-    try:
+    with RequestOutcome(model, started, "inference", lambda: (engine.metrics, lv.version)) as outcome:
         body = await body_of(settings.max_body_bytes)
         if body is None:
-            status = 499
+            outcome.status = 499
             return None
         body = _decompress(body, encoding, settings.max_body_bytes)
         sig, cfg = engine.manifest.signature, repo.configs[model]
@@ -303,7 +300,7 @@ async def _infer(repo, settings, model: str, version: str | None, started: float
         if getattr(engine, "cancellable", False):   # watching costs two tasks: only where requests run long
             outputs = await unless_disconnected(work, receive)
             if outputs is None:
-                status = 499
+                outcome.status = 499
                 return None
         else:
             outputs = await work
@@ -313,25 +310,10 @@ async def _infer(repo, settings, model: str, version: str | None, started: float
         else:
             payload, extra = encode_infer_response(model, version_text, req.id, outputs, req.outputs,
                                                    {s.name: s.datatype for s in sig.outputs})
-        status = 200
+        outcome.status = 200
         headers = [(b"content-type", extra.pop("Content-Type").encode()), (b"x-model-version", version_text.encode())]
         headers.extend((k.lower().encode(), v.encode()) for k, v in extra.items())
         return payload, headers
-    except V2Error as exc:
-        status = exc.status
-        raise ServeError(exc.status, exc.message) from None
-    except ServeError as exc:
-        status = exc.status
-        raise
-    except ENGINE_REFUSALS as exc:
-        error = engine_refusal(exc, model)
-        status = error.status
-        raise error from None
-    except Exception as exc:  # noqa: BLE001 - the model failed on this request; the server stays up
-        log.exception("inference failed for %s/%s", model, lv.version)
-        raise ServeError(500, f"inference failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        engine.metrics.request_done(status, time.perf_counter() - started)
 
 
 INFER_PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
