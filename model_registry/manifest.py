@@ -94,6 +94,19 @@ class PartSpec(_Strict):
     parity: list[ParityReport] = Field(default_factory=list)
 
 
+class SplitPrefillSpec(_Strict):
+    """A recurrent token model's prefill in ONNX segments with a native kernel between them
+    (training/split_prefill.py): a server that can load the kernel runs prompts through these and
+    decode steps through the main artifact; one that cannot runs the main artifact for both."""
+
+    # segment files, in order (prefill_0.onnx .. prefill_<layers>.onnx)
+    segments: list[str]
+    # the native op run between segments (training/kernels/<kernel>.c)
+    kernel: str
+    # prefill through the segments and decode through the main artifact, against eager
+    parity: ParityReport
+
+
 class Manifest(_Strict):
     """manifest.json of one version. `name`, `version` and `files` are written by publish."""
 
@@ -127,6 +140,8 @@ class Manifest(_Strict):
     # models served as several artifacts (sample and denoise kinds): part name -> its artifacts,
     # tensors and parity; None for a model that is one artifact
     parts: dict[str, PartSpec] | None = None
+    # recurrent token models whose prompts can run split around a native kernel; None otherwise
+    prefill: SplitPrefillSpec | None = None
 
 
 class Batching(_Strict):

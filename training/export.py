@@ -191,6 +191,18 @@ def _export_recurrent_model(fam, model, config, out: Path, formats) -> tuple[lis
     return reports, rec.signature(fam, config), rec.golden(fam, model, config)
 
 
+def _export_split_prefill(fam, model, config, out: Path, formats) -> dict | None:
+    """The prefill segments beside model.onnx (Mamba), checked; None where not applicable."""
+    from training import split_prefill
+
+    if "onnx" not in formats or not split_prefill.supported(fam):
+        return None
+    spec = split_prefill.export_and_check(fam, model, config, out, out / ARTIFACTS["onnx"])
+    if spec is not None:
+        _check(spec["parity"])
+    return spec
+
+
 def package(checkpoint_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = ("onnx", "torchscript"),
             serve_format: str = "onnx") -> Manifest:
     """Export, check parity, and write a publishable folder; ParityError if any format fails."""
@@ -207,9 +219,10 @@ def package(checkpoint_dir: str | Path, out_dir: str | Path, formats: tuple[str,
     def make_inputs(batch: int) -> tuple[torch.Tensor, ...]:
         return fam.example_inputs(config, batch)
 
-    state = parts = None   # sequence kind: the artifact's server-side inputs/outputs; generative: its parts
-    if fam.KIND == "tokens":
+    state = parts = prefill = None   # sequence kind: the artifact's server-side inputs/outputs; generative:
+    if fam.KIND == "tokens":         # its parts; recurrent tokens: the split prefill
         reports, signature, tensors = _export_token_model(fam, model, config, out, formats)
+        prefill = _export_split_prefill(fam, model, config, out, formats)
         extra_files = [name for name in (TOKENIZER,) if (src / name).exists()]
         generation = {"max_model_len": _max_model_len(fam, config)}
     elif fam.KIND == "sequence":
@@ -243,6 +256,7 @@ def package(checkpoint_dir: str | Path, out_dir: str | Path, formats: tuple[str,
         parity=reports,
         state=state,
         parts=parts,
+        prefill=prefill,
     )
     (out / "manifest.json").write_text(json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
     return manifest

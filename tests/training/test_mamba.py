@@ -397,6 +397,64 @@ def test_exported_onnx_prefills_and_decodes_in_onnxruntime(packaged):
             np.testing.assert_allclose(got_state[b], want[0].numpy(), atol=1e-4, rtol=0, err_msg=name)
 
 
+def test_package_exports_the_split_prefill_with_its_parity(packaged):
+    vdir, manifest = packaged
+    stored = json.loads((vdir / "manifest.json").read_text())["prefill"]
+    assert stored["segments"] == ["prefill_0.onnx", "prefill_1.onnx", "prefill_2.onnx"]   # L + 1 for 2 layers
+    assert stored["kernel"] == "selective_scan" and all((vdir / f).exists() for f in stored["segments"])
+    report = stored["parity"]
+    print(f"\nsplit prefill: max abs error {report['max_abs_error']:.2e}")
+    assert report["passed"] and 0 <= report["max_abs_error"] <= report["tolerance"] == 1e-4
+
+
+def test_split_prefill_equals_eager_at_untraced_shapes_and_the_whole_step(packaged):
+    """Prompts of 40, 6, 1 and 23 tokens (B = 4, T = 40; the segments were traced at B 2, T 7):
+    logits at each prompt's last token and every state, against the eager sequential reference
+    and against the whole ONNX step."""
+    from training.split_prefill import SplitPrefill
+
+    vdir, manifest = packaged
+    model, config = checkpoint.load(vdir)
+    tokens = torch.randint(0, V, (4, 40))
+    lengths = [40, 6, 1, 23]
+    names = list(M.state_names(config))
+    feed = {"ids": tokens.numpy(), "n_new": np.array(lengths),
+            **{n: s.numpy() for n, s in zip(names, M.init_state(config, 4).per_layer())}}
+    got = SplitPrefill(vdir, manifest.prefill.segments).run(feed)
+    whole = export_recurrent.onnx_step_runner(vdir / "model.onnx")(feed)
+    assert set(got) == set(whole)
+    for name in whole:
+        np.testing.assert_allclose(got[name], whole[name], atol=1e-4, rtol=0, err_msg=name)
+    for b, n in enumerate(lengths):
+        with torch.no_grad():
+            logits, *alone = model.run(tokens[b:b + 1, :n], M.init_state(config, 1).per_layer(), scan=M.scan_sequential)
+        np.testing.assert_allclose(got["logits"][b, 0], logits[0, -1].numpy(), atol=1e-4, rtol=0)
+        for name, want in zip(names, alone, strict=True):
+            np.testing.assert_allclose(got[f"new_{name}"][b], want[0].numpy(), atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_a_server_without_the_kernel_runs_prompts_through_the_whole_step(packaged, monkeypatch):
+    from serve.runtimes import SplitPrefillRuntime, open_runtime, with_split_prefill
+    from training.kernels import selective_scan
+
+    vdir, manifest = packaged
+    names = [t.name for t in manifest.signature.inputs], [t.name for t in manifest.signature.outputs]
+    split = with_split_prefill(open_runtime(vdir, "onnx", "model.onnx", *names), manifest, vdir)
+    assert isinstance(split, SplitPrefillRuntime) and split.prefill.startswith("split")
+    monkeypatch.setenv("ZOOSERVE_NATIVE_KERNELS", "0")
+    selective_scan.load.cache_clear()
+    try:
+        whole = with_split_prefill(open_runtime(vdir, "onnx", "model.onnx", *names), manifest, vdir)
+    finally:
+        monkeypatch.delenv("ZOOSERVE_NATIVE_KERNELS")
+        selective_scan.load.cache_clear()
+    assert not isinstance(whole, SplitPrefillRuntime) and "ZOOSERVE_NATIVE_KERNELS=0" in whole.prefill
+    feed = export_recurrent.step_inputs(M, checkpoint.load(vdir)[1], batch=3, new=9, seed=4)
+    a, b = split.run(feed), whole.run(feed)
+    for name in names[1]:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-4, rtol=0, err_msg=name)
+
+
 def test_parity_check_catches_a_step_that_ignores_padding():
     model = randomized(tiny(n_layer=1), seed=3)
     config = model.config

@@ -279,6 +279,18 @@ class Mixer(nn.Module):
         """h (B, T, D); conv_state (B, K-1, E) the conv inputs before these tokens; ssm_state (B, N, E);
         n_new (B,): only the first n_new[b] tokens of row b are real (None: all T).
         Returns out (B, T, D) and the states after the real tokens: (B, K-1, E), (B, N, E)."""
+        x, z, dt, B, C, new_conv = self.project(h, conv_state, n_new)
+        y, new_ssm = (scan or _scan_for_context())(x, dt, self.decay(), B, C, ssm_state)
+        return self.out_proj(self.gate(y, x, z)), new_conv, new_ssm
+
+    def decay(self) -> Tensor:
+        """A (E, N) = -exp(A_log) < 0: a stable decay."""
+        return -torch.exp(self.A_log.float())
+
+    def project(self, h: Tensor, conv_state: Tensor, n_new: Tensor | None = None,
+                raw_dt: bool = False) -> tuple[Tensor, ...]:
+        """Everything before the scan: x, z, dt (B, T, E), B, C (B, T, N) and the new conv state
+        (B, K-1, E). dt is softplus'd and 0 at padding (n_new); raw_dt: dt_proj's output as is."""
         R, N, K = self.sizes
         T = h.shape[1]
         x, z = self.in_proj(h).chunk(2, dim=-1)                            # (B, T, E) each
@@ -293,14 +305,18 @@ class Mixer(nn.Module):
             idx = n_new[:, None, None] + torch.arange(K - 1, device=h.device)[:, None]   # (B, K-1, 1)
             new_conv = xc.gather(1, idx.expand(-1, -1, xc.shape[2]))
         dt, B, C = self.x_proj(x).split([R, N, N], dim=-1)                 # (B, T, R), (B, T, N), (B, T, N)
-        dt = _softplus(self.dt_proj(dt))                                   # (B, T, E) step size > 0
+        dt = self.dt_proj(dt)                                              # (B, T, E)
+        if raw_dt:
+            return x, z, dt, B, C, new_conv
+        dt = _softplus(dt)                                                 # step size > 0
         if n_new is not None:                                              # dt = 0 at padding: exp(0 A) = 1 and
             real = torch.arange(T, device=h.device)[None, :] < n_new[:, None]   # dt B x = 0, so the state
             dt = dt * real[:, :, None].to(dt.dtype)                        # passes padding unchanged
-        A = -torch.exp(self.A_log.float())                                 # (E, N) < 0: a stable decay
-        y, new_ssm = (scan or _scan_for_context())(x, dt, A, B, C, ssm_state)
-        y = y + x * self.D                                                 # (B, T, E) skip term
-        return self.out_proj(y * F.silu(z)), new_conv, new_ssm
+        return x, z, dt, B, C, new_conv
+
+    def gate(self, y: Tensor, x: Tensor, z: Tensor) -> Tensor:
+        """After the scan: y, x, z (B, T, E) -> (y + D x) * silu(z) (B, T, E), out_proj's input."""
+        return (y + x * self.D) * F.silu(z)                                # D x: the skip term
 
     def decode(self, h: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One token: h (B, 1, D) -> out (B, 1, D) and the new states; forward at T = 1 without
@@ -428,6 +444,69 @@ class StepModule(nn.Module):
 
     def _prefill(self, ids: Tensor, n_new: Tensor, *states: Tensor) -> tuple[Tensor, ...]:
         return tuple(t.contiguous() for t in self.model.run(ids, states, n_new, last=True))
+
+
+# --- the split prefill: the layers' projections as ONNX segments, the scan native in between ---
+# Segment i (0..L) finishes layer i-1 (out_proj and the residual) and starts layer i (its norm
+# and projections), up to the scan's inputs; the server runs the scan, with dt's softplus before
+# it and gate() after it, in the fused kernel (training/kernels) and feeds its y to segment i+1
+# (training/split_prefill.py). Tensors: h (B, T, D) the residual stream; x, z (B, T, E); dt (B, T, E)
+# before its softplus; B, C (B, T, N); a_t (N, E) = A transposed; d (E,) = D; conv_state /
+# new_conv_state (B, K-1, E) of layer i; prev_h, prev_y (B, T, E): h and the gated scan output of
+# the layer before.
+SEGMENT_SCAN_OUTPUTS = ("h", "x", "z", "dt", "B", "C", "a_t", "d", "new_conv_state")
+
+
+class _PrefillSegment(nn.Module):
+    def __init__(self, model: Mamba, layer: int):
+        super().__init__()
+        self.model, self.layer = model, layer
+        self.train(model.training)
+
+    def _start(self, h: Tensor, n_new: Tensor, conv_state: Tensor) -> tuple[Tensor, ...]:
+        block = self.model.layers[self.layer]
+        mixer = block.mixer
+        x, z, dt, B, C, new_conv = mixer.project(block.norm(h), conv_state, n_new, raw_dt=True)
+        a_t = mixer.decay().t().contiguous()                               # (N, E)
+        return (h, x.contiguous(), z.contiguous(), dt, B.contiguous(), C.contiguous(), a_t,
+                mixer.D.detach().clone(), new_conv.contiguous())
+
+    def _finish(self, h: Tensor, y: Tensor) -> Tensor:
+        return h + self.model.layers[self.layer - 1].mixer.out_proj(y)
+
+
+class PrefillEntry(_PrefillSegment):
+    """Segment 0: (ids (B, T), n_new (B,), conv_state_0) -> SEGMENT_SCAN_OUTPUTS of layer 0."""
+
+    def __init__(self, model: Mamba):
+        super().__init__(model, 0)
+
+    def forward(self, ids: Tensor, n_new: Tensor, conv_state: Tensor) -> tuple[Tensor, ...]:
+        return self._start(self.model.embeddings(ids), n_new, conv_state)
+
+
+class PrefillLink(_PrefillSegment):
+    """Segment i in 1..L-1: (prev_h, prev_y of layer i-1, n_new, conv_state_i) -> SEGMENT_SCAN_OUTPUTS of layer i."""
+
+    def forward(self, prev_h: Tensor, prev_y: Tensor, n_new: Tensor, conv_state: Tensor) -> tuple[Tensor, ...]:
+        return self._start(self._finish(prev_h, prev_y), n_new, conv_state)
+
+
+class PrefillExit(_PrefillSegment):
+    """Segment L: (prev_h, prev_y of the last layer, n_new) -> logits (B, 1, V) at each row's last real token."""
+
+    def __init__(self, model: Mamba):
+        super().__init__(model, model.config.n_layer)
+
+    def forward(self, prev_h: Tensor, prev_y: Tensor, n_new: Tensor) -> Tensor:
+        h = last_positions(self._finish(prev_h, prev_y), n_new - 1)       # (B, 1, D)
+        return self.model.lm_head(self.model.norm_f(h))
+
+
+def prefill_segments(model: Mamba) -> list[nn.Module]:
+    """The L + 1 segments, in order (PrefillEntry, PrefillLink 1..L-1, PrefillExit)."""
+    L = model.config.n_layer
+    return [PrefillEntry(model), *(PrefillLink(model, i) for i in range(1, L)), PrefillExit(model)]
 
 
 def state_names(config: Config) -> tuple[str, ...]:
