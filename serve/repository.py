@@ -23,7 +23,7 @@ from serve.engines.stateless import StatelessEngine
 from serve.golden import check_golden
 from serve.errors import ServeError, not_found, unavailable
 from serve.metrics import Metrics
-from serve.runtimes import open_runtime
+from serve.runtimes import open_runtime, with_split_prefill
 from serve.sample_request import GENERATIVE_KINDS
 from serve.sequence_store import SequenceStore
 from serve.settings import ServeSettings
@@ -49,6 +49,7 @@ class LoadedVersion:
     reason: str = ""
     engine: Engine | None = None   # when READY: Stateless, Token, Sequence, Sample or Denoise engine
     device: str = ""               # when READY: "cuda" or "cpu", where its runtime really runs
+    prefill: str = ""              # recurrent token models: how prompts run (split around a kernel, or why not)
 
 
 def versions_to_load(cfg: ModelConfig, available: list[int]) -> list[int]:
@@ -184,6 +185,8 @@ class ModelRepository:
                                        self.settings.intra_op_threads, self.settings.device)
                 if manifest.kind == "sequence":
                     runtime = SequenceRuntime(runtime, manifest, vdir)
+                if manifest.kind == "tokens":
+                    runtime = with_split_prefill(runtime, manifest, vdir, self.settings.intra_op_threads)
                 error = check_golden(manifest, runtime, vdir)
                 engine = self._make_engine(cfg, version, manifest, runtime, vdir)
         except Exception as exc:  # noqa: BLE001 - any failure makes this version unavailable, not the server
@@ -193,7 +196,8 @@ class ModelRepository:
         log.info("loaded %s/%s (%s %s on %s, golden max abs error %.3g)", name, version, manifest.kind,
                  manifest.format, runtime.device, error)
         engine.metrics.ready.set(1)
-        return LoadedVersion(name, version, State.READY, engine=engine, device=runtime.device)
+        return LoadedVersion(name, version, State.READY, engine=engine, device=runtime.device,
+                             prefill=getattr(runtime, "prefill", ""))
 
     def _make_engine(self, cfg: ModelConfig, version: int, manifest, runtime, vdir: Path):
         if manifest.kind == "sequence":

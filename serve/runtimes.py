@@ -89,6 +89,45 @@ class TorchScriptRuntime:
         return {n: o.cpu().numpy() for n, o in zip(self.output_names, outs)}
 
 
+class SplitPrefillRuntime:
+    """A recurrent token model's step with prompts (T > 1) through its split prefill (ONNX
+    segments with the native selective scan between them: training/split_prefill.py, ~1.7x faster
+    on a 512-token Mamba prompt) and decode steps (T = 1) through the whole step."""
+
+    def __init__(self, whole: Runtime, version_dir: Path, segments: list[str], threads: int = 1):
+        from training.split_prefill import SplitPrefill   # KernelUnavailable where the kernel cannot load
+
+        self.whole, self.format, self.device = whole, whole.format, whole.device
+        self.split = SplitPrefill(version_dir, segments, threads)
+        self.prefill = f"split: ONNX segments and the native {Path(self.split.kernel.path).name}"
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if inputs["ids"].shape[1] == 1:
+            return self.whole.run(inputs)
+        return self.split.run(inputs)
+
+
+def with_split_prefill(runtime: Runtime, manifest, version_dir: Path, threads: int = 1) -> Runtime:
+    """`runtime`, wrapped in SplitPrefillRuntime where the manifest has a split prefill, the step
+    runs in ONNX Runtime on the CPU (the kernel is CPU code) and the kernel loads; otherwise as
+    it is, with `prefill` saying why."""
+    from training.kernels.selective_scan import KernelUnavailable
+
+    spec = getattr(manifest, "prefill", None)
+    if spec is None:
+        return runtime
+    why = ("the step runs on cuda; the kernel is CPU code" if runtime.device != "cpu"
+           else f"the server runs {runtime.format}" if runtime.format != "onnx" else None)
+    if why is None:
+        try:
+            return SplitPrefillRuntime(runtime, version_dir, spec.segments, threads)
+        except KernelUnavailable as exc:
+            why = str(exc)
+    log.warning("%s: prompts run through the whole step (%s)", version_dir, why)
+    runtime.prefill = f"whole step: {why}"
+    return runtime
+
+
 def prepare_trace_for_cuda(module, device: str) -> None:
     """Two things a trace bakes in that `map_location` does not touch, fixed in every method's
     graph before the first run compiles it:

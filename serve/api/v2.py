@@ -151,7 +151,8 @@ def _config(repo, lv: LoadedVersion, settings) -> dict:
         # where the runtime really runs (a CUDA provider that failed to load falls back to the CPU)
         "instance_group": [{"name": f"{lv.name}_0", "kind": "KIND_GPU" if lv.device == "cuda" else "KIND_CPU",
                             "count": 1, **({"gpus": [0]} if lv.device == "cuda" else {})}],
-        "parameters": {"routing": {"string_value": orjson.dumps(cfg.routing.model_dump()).decode()}},
+        "parameters": {"routing": {"string_value": orjson.dumps(cfg.routing.model_dump()).decode()},
+                       **({"prefill": {"string_value": lv.prefill}} if lv.prefill else {})},
         **_sequence_batching(manifest, settings),
     }
 

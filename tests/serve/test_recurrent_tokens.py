@@ -52,8 +52,17 @@ def hf_greedy(token_registry, ids: list[int], new_tokens: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+def test_prompts_run_through_the_split_prefill(server):
+    """mamba-tiny's prompts go through the ONNX segments and the native scan (the tests below
+    check what they compute); the character LSTM has no split prefill."""
+    config = httpx.get(f"{server.url}/v2/models/mamba-tiny/config", timeout=30).json()
+    assert config["parameters"]["prefill"]["string_value"].startswith("split: ONNX segments and the native selective_scan")
+    assert "prefill" not in httpx.get(f"{server.url}/v2/models/lstm-charlm/config", timeout=30).json()["parameters"]
+
+
 def test_greedy_text_matches_hf_mamba_generate_on_converted_weights(client, token_registry, tokenizer):
-    """Tokenizer, ONNX step (chunked prefill + O(1) decode), state slots and sampler against transformers."""
+    """Tokenizer, split prefill (ONNX segments + native scan), O(1) decode step, state slots and
+    sampler against transformers."""
     ids = tokenizer.encode(PROMPT)
     expected = hf_greedy(token_registry, ids, 24)
     out = client.completions.create(model="mamba-tiny", prompt=PROMPT, max_tokens=24, temperature=0,
