@@ -13,7 +13,7 @@
 
    Per real token: dt = softplus(dt_raw); s = exp(dt * A) * s + (dt * x) B; y = C . s.
    The inner loops run along E with unit stride, so gcc vectorises them (-O3 -ffast-math: glibc's
-   libmvec supplies vector expf and logf). The standard-op graph made eight passes over a
+   libmvec supplies vector exp2f, expf and logf). The standard-op graph made eight passes over a
    (chunk, N, E) tensor for the scan alone. One thread: the server sets threads per process. */
 
 #include <math.h>
@@ -22,9 +22,13 @@
 int zooserve_selective_scan(const float *x, const float *z, const float *dt_raw, const float *a_t,
                             const float *bm, const float *cm, const float *d, const long long *n_new,
                             float *s, float *y, long nb, long nt, long ne, long nn) {
-  float *dt = malloc(sizeof(float) * (size_t)(2 * (ne > 0 ? ne : 1)));   /* (E,) dt, then (E,) dt * x */
+  /* (E,) dt, (E,) dt * x, then (N, E) A * log2(e): exp(dt A) = exp2(dt A log2(e)), and libmvec's
+     vector exp2f ran the whole scan 25-35 % faster than its expf (one thread, E 512, N 16) */
+  const size_t e1 = (size_t)(ne > 0 ? ne : 1), n1 = (size_t)(nn > 0 ? nn : 1);
+  float *dt = malloc(sizeof(float) * (2 * e1 + n1 * e1));
   if (!dt) return 1;
-  float *dtx = dt + ne;
+  float *dtx = dt + ne, *a2 = dt + 2 * ne;
+  for (long i = 0; i < nn * ne; ++i) a2[i] = a_t[i] * 1.4426950408889634f;
   for (long b = 0; b < nb; ++b) {
     float *sb = s + b * nn * ne;                                          /* (N, E) this row's state */
     const long real = n_new[b] < 0 ? 0 : (n_new[b] > nt ? nt : (long)n_new[b]);
@@ -47,10 +51,10 @@ int zooserve_selective_scan(const float *x, const float *z, const float *dt_raw,
       }
       for (long n = 0; n < nn; ++n) {
         const float bn = bt[n], cn = ct[n];
-        const float *a = a_t + n * ne;
+        const float *a = a2 + n * ne;
         float *sn = sb + n * ne;
         for (long e = 0; e < ne; ++e) {
-          const float v = expf(dt[e] * a[e]) * sn[e] + dtx[e] * bn;
+          const float v = exp2f(dt[e] * a[e]) * sn[e] + dtx[e] * bn;
           sn[e] = v;
           yt[e] += v * cn;
         }
