@@ -8,7 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /app
 # a C compiler: Mamba's fused selective scan is built on first use (training/kernels); without
-# one the server runs the standard-op prefill, ~1.6x slower
+# one the server runs the standard-op prefill, ~1.8x slower (docs/benchmarks.md)
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 # torch first: the CPU wheel index for the default image keeps it small

@@ -91,7 +91,7 @@ class TorchScriptRuntime:
 
 class SplitPrefillRuntime:
     """A recurrent token model's step with prompts (T > 1) through its split prefill (ONNX
-    segments with the native selective scan between them: training/split_prefill.py, ~1.7x faster
+    segments with the native selective scan between them: training/split_prefill.py, ~1.8x faster
     on a 512-token Mamba prompt) and decode steps (T = 1) through the whole step."""
 
     def __init__(self, whole: Runtime, version_dir: Path, segments: list[str], threads: int = 1):
