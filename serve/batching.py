@@ -101,17 +101,27 @@ class DynamicBatcher:
 
     async def submit(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None = None) -> dict[str, np.ndarray]:
         """Queue one request of `rows` rows and wait for its outputs (each `(rows, ...)`)."""
+        return await self.submit_all([(inputs, rows)], deadline)[0]
+
+    def submit_all(self, parts: list[tuple[dict[str, np.ndarray], int]],
+                   deadline: float | None = None) -> list[asyncio.Future]:
+        """Queue several requests (the slices of one larger request) all or none: QueueFull or
+        Closed before any is queued, so a refused request leaves no slice behind to compute.
+        Returns one future per part, each resolving to that part's outputs."""
         if self._closing:
             raise Closed("model is shutting down")
-        if len(self._queue) >= self.max_queue_size:
+        # an empty queue admits any request whole, so that one larger than the queue is not refused forever
+        if self._queue and len(self._queue) + len(parts) > self.max_queue_size:
             batches_ahead = len(self._queue) / self.max_batch_size + 1
             raise QueueFull(retry_after_s=batches_ahead * self._mean_batch_s)
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(inputs, rows, future, time.perf_counter(), deadline))
-        self._rows_queued += rows
+        loop, now, futures = asyncio.get_running_loop(), time.perf_counter(), []
+        for inputs, rows in parts:
+            futures.append(loop.create_future())
+            self._queue.append(_Pending(inputs, rows, futures[-1], now, deadline))
+            self._rows_queued += rows
         if self._wake_on_any or self._rows_queued >= self.max_batch_size:
             self._wake()
-        return await future
+        return futures
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():

@@ -145,7 +145,8 @@ class SampleEngine:
         if rows <= cap:
             return await batcher.submit(feeds, rows, deadline)
         slices = [{k: v[i:i + cap] for k, v in feeds.items()} for i in range(0, rows, cap)]
-        outs = await asyncio.gather(*(batcher.submit(s, len(next(iter(s.values()))), deadline) for s in slices))
+        # all slices queue at once or the request is refused whole (429): no orphan slice computes
+        outs = await asyncio.gather(*batcher.submit_all([(s, len(next(iter(s.values())))) for s in slices], deadline))
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
     def stats(self) -> EngineStats:

@@ -17,6 +17,7 @@ class RecordingModel:
 
     def __init__(self, delay_s: float = 0.0):
         self.batch_rows: list[int] = []
+        self.seen_values: list[float] = []        # the first column of every row run
         self.delay_s = delay_s
         self.release = threading.Event()
         self.release.set()
@@ -25,6 +26,7 @@ class RecordingModel:
         self.release.wait(10)
         x = inputs["x"]
         self.batch_rows.append(len(x))
+        self.seen_values += x[:, 0].tolist()
         if np.isnan(x).any():
             raise ValueError("poisoned row")
         time.sleep(self.delay_s)
@@ -103,6 +105,33 @@ def test_full_queue_is_refused_with_a_retry_hint():
         return info.value
     err = run(main())
     assert err.retry_after_s > 0
+
+
+def test_the_slices_of_one_request_queue_all_or_none():
+    """A request cut in slices (a large sampler request) is refused whole when the queue cannot
+    take every slice: no slice of a refused request computes. An empty queue takes any request."""
+    model = RecordingModel()
+    model.release.clear()
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=3)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(rows(1), 1))
+        await asyncio.sleep(0.05)                       # taken off the queue: it blocks in the model
+        queued = asyncio.ensure_future(batcher.submit(rows(1, 2.0), 1))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):                  # 1 queued + 3 slices > 3
+            batcher.submit_all([(rows(1, 9.0), 1)] * 3)
+        assert batcher.queue_depth == 1                 # nothing of the refused request stayed
+        fits = batcher.submit_all([(rows(1, 3.0), 1)] * 2)
+        model.release.set()
+        await asyncio.gather(running, queued, *fits)
+        big = await asyncio.gather(*batcher.submit_all([(rows(1, 4.0), 1)] * 5))   # > max_queue_size, queue empty
+        await batcher.close()
+        return big
+    big = run(main())
+    assert len(big) == 5
+    assert 9.0 not in model.seen_values
 
 
 def test_expired_request_is_answered_504_without_computing():

@@ -12,10 +12,12 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -267,6 +269,33 @@ def test_bad_input_is_a_400_naming_the_field_and_the_server_stays_up(server):
     assert timed_out.status_code == 504 and "deadline" in timed_out.json()["error"]
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
     assert post(server, "diffusion-digits", sampler_body([1], 1, steps=2)).status_code == 200
+
+
+def test_a_full_sampler_queue_answers_429_and_loses_nothing(generative_registry, start_server, tmp_path):
+    """gan-digits with room for one waiting request, 16 large requests at once: those beyond the
+    room get 429 with a JSON error and Retry-After; every accepted one answers 200 with all its
+    images (sliced across batches: admitted whole or refused whole); the server stays ready."""
+    root = tmp_path / "registry"
+    shutil.copytree(generative_registry, root)
+    registry = Registry(root)
+    cfg = registry.model_config("gan-digits")
+    cfg.batching.max_batch_size, cfg.batching.max_queue_size, cfg.batching.max_queue_delay_ms = 256, 1, 0.0
+    registry.write_model_config(cfg)
+    labels = [i % 10 for i in range(1024)]                               # 4 slices of 256 rows each
+    with start_server(root, env={"ZOOSERVE_MAX_SAMPLES_PER_REQUEST": "1024"}) as s:
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(lambda seed: post(s, "gan-digits", sampler_body(labels, seed)), range(16)))
+        codes = sorted(r.status_code for r in responses)
+        assert 429 in codes and 200 in codes and set(codes) == {200, 429}, codes
+        for seed, r in enumerate(responses):
+            if r.status_code == 429:
+                assert "queue is full" in r.json()["error"] and int(r.headers["Retry-After"]) >= 1
+            else:
+                images = tensors(r)["image"]
+                assert images.shape == (1024, 1, 8, 8) and np.isfinite(images).all()
+        assert httpx.get(f"{s.url}/v2/health/ready").status_code == 200
+        assert tensors(post(s, "gan-digits", sampler_body([3], 1)))["image"].shape == (1, 1, 8, 8)
+        assert metric(s, "zooserve_requests_total", "gan-digits", status="429") == codes.count(429)
 
 
 # ---- the denoise engine: requests at different timesteps in one UNet batch ----------------------
