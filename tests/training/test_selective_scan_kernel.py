@@ -1,5 +1,6 @@
-"""The fused native selective scan (training/kernels) against the eager reference: Mamba's
-softplus, `scan_sequential` and gate, for padded rows, odd widths and steep steps."""
+"""The native kernels (training/kernels) against the eager reference: the fused selective scan
+against Mamba's softplus, `scan_sequential` and gate, and the causal conv against the Mixer's, for
+padded rows, odd widths and steep steps."""
 
 from __future__ import annotations
 
@@ -74,12 +75,32 @@ def test_steep_and_large_steps(kernel):
     np.testing.assert_allclose(s, want_s.numpy(), atol=1e-4 * float(want_s.abs().max()), rtol=0)
 
 
+@pytest.mark.parametrize("b, T, E, K, n_new", [(1, 33, 32, 4, [33]), (3, 6, 13, 4, [6, 1, 2]), (2, 2, 8, 3, [0, 2])])
+def test_conv_matches_the_mixers_causal_conv(kernel, b, T, E, K, n_new):
+    """silu(causal depthwise conv) and the conv state after each row's real tokens, against
+    Mixer.causal_conv; prompts shorter than the conv window take part of the old state along."""
+    mixer = M.Mixer(M.Config(vocab_size=11, d_model=E, n_layer=1, d_conv=K, expand=1))   # E channels
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        mixer.conv1d.weight.copy_(torch.randn(mixer.conv1d.weight.shape, generator=g))
+        mixer.conv1d.bias.copy_(torch.randn(E, generator=g))
+        x, state = torch.randn(b, T, E, generator=g), torch.randn(b, K - 1, E, generator=g)
+        want, want_state = mixer.causal_conv(x, state, torch.tensor(n_new))
+    out, new_state = kernel.conv(x.numpy(), state.numpy(), mixer.conv1d.weight[:, 0].t().contiguous().detach().numpy(),
+                                 mixer.conv1d.bias.detach().numpy(), np.array(n_new, np.int64))
+    np.testing.assert_allclose(out, want.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(new_state, want_state.numpy())
+
+
 def test_a_wrong_shape_is_refused_before_the_loop_reads(kernel):
     x, z, dt_raw, A, B, C, D, s0 = inputs(2, 8, 16, 4)
     with pytest.raises(ValueError, match="state has shape"):
         run(kernel, x, z, dt_raw, A, B, C, D, s0[:1], [8, 8])
     with pytest.raises(ValueError, match="n_new has shape"):
         run(kernel, x, z, dt_raw, A, B, C, D, s0, [8])
+    with pytest.raises(ValueError, match="causal conv: state has shape"):
+        kernel.conv(x.numpy(), np.zeros((2, 2, 16), np.float32), np.zeros((4, 16), np.float32),
+                    np.zeros(16, np.float32), np.array([8, 8]))
 
 
 def test_turned_off_says_why(monkeypatch):

@@ -30,6 +30,7 @@ import numpy as np
 SOURCE = Path(__file__).with_name("selective_scan.c")
 FLAGS = ("-O3", "-ffast-math", "-march=native", "-shared", "-fPIC")
 SYMBOL = "zooserve_selective_scan"
+CONV_SYMBOL = "zooserve_causal_conv_silu"
 
 
 class KernelUnavailable(RuntimeError):
@@ -37,13 +38,17 @@ class KernelUnavailable(RuntimeError):
 
 
 class SelectiveScanKernel:
-    """One layer's scan with its softplus, skip term and gate (selective_scan.c has the shapes)."""
+    """One layer's scan with its softplus, skip term and gate, and the causal conv before it
+    (selective_scan.c has the shapes)."""
 
     def __init__(self, library: ctypes.CDLL, path: Path):
         self.path = path
         self._fn = getattr(library, SYMBOL)
         self._fn.restype = ctypes.c_int
         self._fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_long] * 4
+        self._conv = getattr(library, CONV_SYMBOL)
+        self._conv.restype = ctypes.c_int
+        self._conv.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 4
 
     def scan(self, x: np.ndarray, z: np.ndarray, dt_raw: np.ndarray, a_t: np.ndarray, B: np.ndarray,
              C: np.ndarray, d: np.ndarray, n_new: np.ndarray, state: np.ndarray,
@@ -67,6 +72,23 @@ class SelectiveScanKernel:
         # ctypes releases the GIL for the call: other engine threads run meanwhile
         if self._fn(*(v.ctypes.data for v in (x, z, dt_raw, a_t, B, C, d, n_new, new_state, out)), b, t, e, n):
             raise MemoryError("selective scan: out of memory")
+        return out, new_state
+
+    def conv(self, x: np.ndarray, state: np.ndarray, w: np.ndarray, bias: np.ndarray,
+             n_new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The causal depthwise conv with its silu: x (B, T, E), state (B, K-1, E), w (K, E),
+        bias (E,), n_new (B,) -> out (B, T, E) and the conv state after each row's real tokens."""
+        b, t, e = x.shape
+        k = w.shape[0]
+        expected = {"x": (b, t, e), "state": (b, k - 1, e), "w": (k, e), "bias": (e,), "n_new": (b,)}
+        given = {"x": x, "state": state, "w": w, "bias": bias, "n_new": n_new}
+        for name, shape in expected.items():
+            if given[name].shape != shape:
+                raise ValueError(f"causal conv: {name} has shape {given[name].shape}, expected {shape}")
+        x, state, w, bias = (np.ascontiguousarray(v, dtype=np.float32) for v in (x, state, w, bias))
+        n_new = np.ascontiguousarray(n_new, dtype=np.int64)
+        out, new_state = np.empty((b, t, e), np.float32), np.empty((b, k - 1, e), np.float32)
+        self._conv(*(v.ctypes.data for v in (x, state, w, bias, n_new, out, new_state)), b, t, e, k)
         return out, new_state
 
 

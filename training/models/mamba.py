@@ -287,36 +287,43 @@ class Mixer(nn.Module):
         """A (E, N) = -exp(A_log) < 0: a stable decay."""
         return -torch.exp(self.A_log.float())
 
-    def project(self, h: Tensor, conv_state: Tensor, n_new: Tensor | None = None,
-                raw_dt: bool = False) -> tuple[Tensor, ...]:
+    def project(self, h: Tensor, conv_state: Tensor, n_new: Tensor | None = None) -> tuple[Tensor, ...]:
         """Everything before the scan: x, z, dt (B, T, E), B, C (B, T, N) and the new conv state
-        (B, K-1, E). dt is softplus'd and 0 at padding (n_new); raw_dt: dt_proj's output as is."""
-        R, N, K = self.sizes
-        T = h.shape[1]
-        # two products with halves of the weight, not one and a split: the split copied the
-        # (B, T, 2E) product again, ~5 % of an exported prefill segment
-        w_x, w_z = self.in_proj.weight.chunk(2, dim=0)                     # (E, D) each
-        x, z = F.linear(h, w_x), F.linear(h, w_z)                          # (B, T, E) each
-        xc = torch.cat([conv_state, x], dim=1)                             # (B, K-1+T, E)
-        # causal depthwise conv (HF: conv1d, left pad K-1). Over a prompt, ONNX Runtime's grouped
-        # Conv with its two transposes took 0.5 ms where K shifted multiply-adds took 1.3 (512
-        # tokens, E 512); decode() keeps the multiply-adds, where the Conv was 27 % of a step.
-        x = F.silu(F.conv1d(xc.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
-                            groups=xc.shape[2]).transpose(1, 2))           # (B, T, E)
-        if n_new is None:
-            new_conv = xc[:, T:]                                           # (B, K-1, E) the last K-1 inputs
-        else:                                                              # the last K-1 *real* inputs of each row
-            idx = n_new[:, None, None] + torch.arange(K - 1, device=h.device)[:, None]   # (B, K-1, 1)
-            new_conv = xc.gather(1, idx.expand(-1, -1, xc.shape[2]))
-        dt, B, C = self.x_proj(x).split([R, N, N], dim=-1)                 # (B, T, R), (B, T, N), (B, T, N)
-        dt = self.dt_proj(dt)                                              # (B, T, E)
-        if raw_dt:
-            return x, z, dt, B, C, new_conv
+        (B, K-1, E). dt is softplus'd and 0 at padding (n_new)."""
+        x, z = self.in_projections(h)
+        x, new_conv = self.causal_conv(x, conv_state, n_new)
+        dt, B, C = self.ssm_inputs(x)
         dt = _softplus(dt)                                                 # step size > 0
         if n_new is not None:                                              # dt = 0 at padding: exp(0 A) = 1 and
-            real = torch.arange(T, device=h.device)[None, :] < n_new[:, None]   # dt B x = 0, so the state
-            dt = dt * real[:, :, None].to(dt.dtype)                        # passes padding unchanged
+            real = torch.arange(h.shape[1], device=h.device)[None, :] < n_new[:, None]   # dt B x = 0, so the
+            dt = dt * real[:, :, None].to(dt.dtype)                        # state passes padding unchanged
         return x, z, dt, B, C, new_conv
+
+    def in_projections(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """h (B, T, D) -> x, z (B, T, E): two products with halves of in_proj's weight, not one and
+        a split (the split copied the (B, T, 2E) product again, ~5 % of an exported prefill segment)."""
+        w_x, w_z = self.in_proj.weight.chunk(2, dim=0)                     # (E, D) each
+        return F.linear(h, w_x), F.linear(h, w_z)
+
+    def causal_conv(self, x: Tensor, conv_state: Tensor, n_new: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, T, E) -> silu(causal depthwise conv) (B, T, E) and the conv state after the real
+        tokens (B, K-1, E). HF: conv1d with K-1 left padding. Over a prompt, ONNX Runtime's grouped
+        Conv and two transposes took 0.5 ms where K shifted multiply-adds took 1.3 (512 tokens, E
+        512); decode() keeps the multiply-adds, where the Conv was 27 % of a step."""
+        T, K = x.shape[1], self.sizes[2]
+        xc = torch.cat([conv_state, x], dim=1)                             # (B, K-1+T, E)
+        out = F.silu(F.conv1d(xc.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                              groups=xc.shape[2]).transpose(1, 2))         # (B, T, E)
+        if n_new is None:
+            return out, xc[:, T:]                                          # (B, K-1, E) the last K-1 inputs
+        idx = n_new[:, None, None] + torch.arange(K - 1, device=x.device)[:, None]   # (B, K-1, 1)
+        return out, xc.gather(1, idx.expand(-1, -1, xc.shape[2]))         # the last K-1 *real* inputs
+
+    def ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, E) -> dt before its softplus (B, T, E), B, C (B, T, N)."""
+        R, N, _ = self.sizes
+        dt, B, C = self.x_proj(x).split([R, N, N], dim=-1)                 # (B, T, R), (B, T, N), (B, T, N)
+        return self.dt_proj(dt), B, C
 
     def gate(self, y: Tensor, x: Tensor, z: Tensor) -> Tensor:
         """After the scan: y, x, z (B, T, E) -> (y + D x) * silu(z) (B, T, E), out_proj's input."""
@@ -450,15 +457,16 @@ class StepModule(nn.Module):
         return tuple(t.contiguous() for t in self.model.run(ids, states, n_new, last=True))
 
 
-# --- the split prefill: the layers' projections as ONNX segments, the scan native in between ---
-# Segment i (0..L) finishes layer i-1 (out_proj and the residual) and starts layer i (its norm
-# and projections), up to the scan's inputs; the server runs the scan, with dt's softplus before
-# it and gate() after it, in the fused kernel (training/kernels) and feeds its y to segment i+1
-# (training/split_prefill.py). Tensors: h (B, T, D) the residual stream; x, z (B, T, E); dt (B, T, E)
-# before its softplus; B, C (B, T, N); a_t (N, E) = A transposed; d (E,) = D; conv_state /
-# new_conv_state (B, K-1, E) of layer i; prev_h, prev_y (B, T, E): h and the gated scan output of
-# the layer before.
-SEGMENT_SCAN_OUTPUTS = ("h", "x", "z", "dt", "B", "C", "a_t", "d", "new_conv_state")
+# --- the split prefill: the layers' products as ONNX segments, conv and scan native between them ---
+# Per layer i, two segments: "open" finishes layer i-1 (out_proj and the residual) and computes
+# layer i's norm and in_proj; "mid" computes the scan's inputs from the conv's output. Between
+# them the server runs the causal conv, and after "mid" the scan with dt's softplus before it and
+# gate() after it, in native code (training/kernels; training/split_prefill.py). Tensors:
+#   h (B, T, D) the residual stream; x_in, z (B, T, E) in_proj's halves; conv_w (K, E), conv_b (E,);
+#   x (B, T, E) the conv's output; dt (B, T, E) before its softplus; B, C (B, T, N); a_t (N, E) = A
+#   transposed; d (E,) = D; prev_h, prev_y: h and the gated scan output of the layer before.
+SEGMENT_OPEN_OUTPUTS = ("h", "x_in", "z", "conv_w", "conv_b")
+SEGMENT_MID_OUTPUTS = ("dt", "B", "C", "a_t", "d")
 
 
 class _PrefillSegment(nn.Module):
@@ -467,37 +475,44 @@ class _PrefillSegment(nn.Module):
         self.model, self.layer = model, layer
         self.train(model.training)
 
-    def _start(self, h: Tensor, n_new: Tensor, conv_state: Tensor) -> tuple[Tensor, ...]:
+    def _open(self, h: Tensor) -> tuple[Tensor, ...]:
         block = self.model.layers[self.layer]
-        mixer = block.mixer
-        x, z, dt, B, C, new_conv = mixer.project(block.norm(h), conv_state, n_new, raw_dt=True)
-        a_t = mixer.decay().t().contiguous()                               # (N, E)
-        return (h, x.contiguous(), z.contiguous(), dt, B.contiguous(), C.contiguous(), a_t,
-                mixer.D.detach().clone(), new_conv.contiguous())
+        x, z = block.mixer.in_projections(block.norm(h))
+        conv = block.mixer.conv1d
+        return h, x, z, conv.weight[:, 0].t().contiguous(), conv.bias.detach().clone()
 
     def _finish(self, h: Tensor, y: Tensor) -> Tensor:
         return h + self.model.layers[self.layer - 1].mixer.out_proj(y)
 
 
 class PrefillEntry(_PrefillSegment):
-    """Segment 0: (ids (B, T), n_new (B,), conv_state_0) -> SEGMENT_SCAN_OUTPUTS of layer 0."""
+    """Layer 0's open: ids (B, T) -> SEGMENT_OPEN_OUTPUTS."""
 
     def __init__(self, model: Mamba):
         super().__init__(model, 0)
 
-    def forward(self, ids: Tensor, n_new: Tensor, conv_state: Tensor) -> tuple[Tensor, ...]:
-        return self._start(self.model.embeddings(ids), n_new, conv_state)
+    def forward(self, ids: Tensor) -> tuple[Tensor, ...]:
+        return self._open(self.model.embeddings(ids))
 
 
 class PrefillLink(_PrefillSegment):
-    """Segment i in 1..L-1: (prev_h, prev_y of layer i-1, n_new, conv_state_i) -> SEGMENT_SCAN_OUTPUTS of layer i."""
+    """Layer i's open, i in 1..L-1: (prev_h, prev_y of layer i-1) -> SEGMENT_OPEN_OUTPUTS."""
 
-    def forward(self, prev_h: Tensor, prev_y: Tensor, n_new: Tensor, conv_state: Tensor) -> tuple[Tensor, ...]:
-        return self._start(self._finish(prev_h, prev_y), n_new, conv_state)
+    def forward(self, prev_h: Tensor, prev_y: Tensor) -> tuple[Tensor, ...]:
+        return self._open(self._finish(prev_h, prev_y))
+
+
+class PrefillMid(_PrefillSegment):
+    """Layer i's scan inputs: x (the conv's output) -> SEGMENT_MID_OUTPUTS."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        mixer = self.model.layers[self.layer].mixer
+        dt, B, C = mixer.ssm_inputs(x)
+        return dt, B.contiguous(), C.contiguous(), mixer.decay().t().contiguous(), mixer.D.detach().clone()
 
 
 class PrefillExit(_PrefillSegment):
-    """Segment L: (prev_h, prev_y of the last layer, n_new) -> logits (B, 1, V) at each row's last real token."""
+    """After the last layer: (prev_h, prev_y, n_new) -> logits (B, 1, V) at each row's last real token."""
 
     def __init__(self, model: Mamba):
         super().__init__(model, model.config.n_layer)
@@ -508,9 +523,10 @@ class PrefillExit(_PrefillSegment):
 
 
 def prefill_segments(model: Mamba) -> list[nn.Module]:
-    """The L + 1 segments, in order (PrefillEntry, PrefillLink 1..L-1, PrefillExit)."""
+    """The 2L + 1 segments, in order: open and mid of each layer, then the exit."""
     L = model.config.n_layer
-    return [PrefillEntry(model), *(PrefillLink(model, i) for i in range(1, L)), PrefillExit(model)]
+    opens = [PrefillEntry(model), *(PrefillLink(model, i) for i in range(1, L))]
+    return [seg for i in range(L) for seg in (opens[i], PrefillMid(model, i))] + [PrefillExit(model)]
 
 
 def state_names(config: Config) -> tuple[str, ...]:
