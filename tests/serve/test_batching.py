@@ -86,15 +86,22 @@ def test_requests_arriving_while_a_batch_runs_grow_the_next_batch():
     assert model.batch_rows == [1, 6]
 
 
+async def one_running(model: RecordingModel, max_queue_size: int) -> tuple[DynamicBatcher, asyncio.Future]:
+    """A started batcher (one row a batch) whose first request has left the queue and blocks in
+    `model` (its release cleared) until the test sets it."""
+    batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=max_queue_size)
+    batcher.start()
+    running = asyncio.ensure_future(batcher.submit(rows(1), 1))
+    await asyncio.sleep(0.05)
+    return batcher, running
+
+
 def test_full_queue_is_refused_with_a_retry_hint():
     model = RecordingModel()
     model.release.clear()                  # the model blocks, so the queue fills
 
     async def main():
-        batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=2)
-        batcher.start()
-        running = asyncio.ensure_future(batcher.submit(rows(1), 1))
-        await asyncio.sleep(0.05)
+        batcher, running = await one_running(model, max_queue_size=2)
         queued = [asyncio.ensure_future(batcher.submit(rows(1), 1)) for _ in range(2)]
         await asyncio.sleep(0)
         with pytest.raises(QueueFull) as info:
@@ -114,10 +121,7 @@ def test_the_slices_of_one_request_queue_all_or_none():
     model.release.clear()
 
     async def main():
-        batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=3)
-        batcher.start()
-        running = asyncio.ensure_future(batcher.submit(rows(1), 1))
-        await asyncio.sleep(0.05)                       # taken off the queue: it blocks in the model
+        batcher, running = await one_running(model, max_queue_size=3)
         queued = asyncio.ensure_future(batcher.submit(rows(1, 2.0), 1))
         await asyncio.sleep(0)
         with pytest.raises(QueueFull):                  # 1 queued + 3 slices > 3
@@ -139,10 +143,7 @@ def test_expired_request_is_answered_504_without_computing():
     model.release.clear()
 
     async def main():
-        batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=10)
-        batcher.start()
-        blocker = asyncio.ensure_future(batcher.submit(rows(1), 1))
-        await asyncio.sleep(0.05)
+        batcher, blocker = await one_running(model, max_queue_size=10)
         late = asyncio.ensure_future(batcher.submit(rows(1, 7.0), 1, deadline=time.perf_counter() + 0.01))
         await asyncio.sleep(0.05)
         model.release.set()
