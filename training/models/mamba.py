@@ -20,7 +20,9 @@ obviously correct reference) and `scan_chunked` (whole chunks at once, used by `
 holds them equal. The exported step (ONNX) is two graphs under one If on T: a decode step (T = 1,
 `Mamba.decode`, no loop at all) and a prefill (`_scan_export`: one ONNX Scan over chunks of
 EXPORT_CHUNK tokens, each chunk in closed form; a sequential Scan where the decay is too steep).
-TorchScript traces the general path with a scripted `scan_sequential`.
+TorchScript traces the general path with a scripted `scan_sequential`. A server with the native
+kernels (training/kernels) runs prompts through the split prefill instead: `prefill_segments`
+below, ONNX segments around a native conv and scan (training/split_prefill.py).
 """
 
 from __future__ import annotations
