@@ -95,16 +95,15 @@ class SplitPrefillRuntime:
     on a 512-token Mamba prompt) and decode steps (T = 1) through the whole step."""
 
     def __init__(self, whole: Runtime, version_dir: Path, segments: list[str], threads: int = 1):
-        from training.split_prefill import SplitPrefill   # KernelUnavailable where the kernel cannot load
+        from training.split_prefill import SplitPrefill, step_runner   # KernelUnavailable where it cannot load
 
         self.whole, self.format, self.device = whole, whole.format, whole.device
         self.split = SplitPrefill(version_dir, segments, threads)
         self.prefill = f"split: ONNX segments and the native {Path(self.split.kernel.path).name}"
+        self._step = step_runner(self.split, whole.run)     # the same dispatch export's parity checked
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if inputs["ids"].shape[1] == 1:
-            return self.whole.run(inputs)
-        return self.split.run(inputs)
+        return self._step(inputs)
 
 
 def with_split_prefill(runtime: Runtime, manifest, version_dir: Path, threads: int = 1) -> Runtime:

@@ -61,9 +61,7 @@ class SelectiveScanKernel:
                     "C": (b, t, n), "d": (e,), "n_new": (b,), "state": (b, n, e)}
         given = {"x": x, "z": z, "dt_raw": dt_raw, "a_t": a_t, "B": B, "C": C, "d": d, "n_new": n_new,
                  "state": state}
-        for name, shape in expected.items():   # the C loop trusts these: check before it reads
-            if given[name].shape != shape:
-                raise ValueError(f"selective scan: {name} has shape {given[name].shape}, expected {shape}")
+        _require_shapes("selective scan", expected, given)
         x, z, dt_raw, a_t, B, C, d = (np.ascontiguousarray(v, dtype=np.float32) for v in (x, z, dt_raw, a_t, B, C, d))
         n_new = np.ascontiguousarray(n_new, dtype=np.int64)
         new_state = np.array(state, dtype=np.float32, order="C", copy=True)
@@ -82,14 +80,19 @@ class SelectiveScanKernel:
         k = w.shape[0]
         expected = {"x": (b, t, e), "state": (b, k - 1, e), "w": (k, e), "bias": (e,), "n_new": (b,)}
         given = {"x": x, "state": state, "w": w, "bias": bias, "n_new": n_new}
-        for name, shape in expected.items():
-            if given[name].shape != shape:
-                raise ValueError(f"causal conv: {name} has shape {given[name].shape}, expected {shape}")
+        _require_shapes("causal conv", expected, given)
         x, state, w, bias = (np.ascontiguousarray(v, dtype=np.float32) for v in (x, state, w, bias))
         n_new = np.ascontiguousarray(n_new, dtype=np.int64)
         out, new_state = np.empty((b, t, e), np.float32), np.empty((b, k - 1, e), np.float32)
         self._conv(*(v.ctypes.data for v in (x, state, w, bias, n_new, out, new_state)), b, t, e, k)
         return out, new_state
+
+
+def _require_shapes(op: str, expected: dict[str, tuple], given: dict[str, np.ndarray]) -> None:
+    """The C loops trust their shapes: check every array before they read."""
+    for name, shape in expected.items():
+        if given[name].shape != shape:
+            raise ValueError(f"{op}: {name} has shape {given[name].shape}, expected {shape}")
 
 
 def _compiler() -> str | None:
