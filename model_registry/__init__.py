@@ -3,18 +3,19 @@
 Standard library and pydantic only; see DESIGN.md section 3 for the on-disk contract.
 """
 
-from .errors import IntegrityError, InvalidName, NotFound, RegistryError
+from .errors import Conflict, IntegrityError, InvalidName, NotFound, RegistryError
+from .lease import Lease
 from .manifest import (
     Batching,
     Lineage,
     Manifest,
     ModelConfig,
     ParityReport,
-    Routing,
     Signature,
     TensorSpec,
     VersionPolicy,
 )
+from .routing import Rollout, RolloutEvent, RolloutStatus, Routing, Shadow
 from .names import is_valid_name, validate_alias, validate_name
 from .store import MANIFEST, MODEL_CONFIG, Registry, dump_json, sha256_file
 
@@ -22,8 +23,10 @@ __all__ = [
     "MANIFEST",
     "MODEL_CONFIG",
     "Batching",
+    "Conflict",
     "IntegrityError",
     "InvalidName",
+    "Lease",
     "Lineage",
     "Manifest",
     "ModelConfig",
@@ -31,7 +34,11 @@ __all__ = [
     "ParityReport",
     "Registry",
     "RegistryError",
+    "Rollout",
+    "RolloutEvent",
+    "RolloutStatus",
     "Routing",
+    "Shadow",
     "Signature",
     "TensorSpec",
     "VersionPolicy",

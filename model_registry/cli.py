@@ -1,4 +1,5 @@
-"""`registry` subcommands of the project CLI: list, show, publish, alias, split, verify."""
+"""`registry` subcommands of the project CLI: list, show, publish, alias, split, shadow, promote,
+rollback, verify."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import argparse
 import functools
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import IntegrityError, RegistryError
+from .manifest import ModelConfig
 from .store import Registry, dump_json
 
 ENV_VAR = "ZOOSERVE_REGISTRY"
@@ -94,9 +97,72 @@ def _split(args: argparse.Namespace, reg: Registry) -> int:
         if alias in weights:
             raise RegistryError(f"alias {alias!r} appears twice in the split")
         weights[alias] = weight
-    reg.set_split(args.name, weights)
-    print(f"{args.name}: split " + " ".join(f"{a}={w}" for a, w in weights.items()))
+    cfg = reg.set_split(args.name, weights, sticky_key=args.sticky_key)
+    sticky = f"sticky key {cfg.routing.sticky_key}" if cfg.routing.sticky_key else "no sticky key"
+    print(f"{args.name}: split {_split_text(cfg)}, {sticky} (revision {cfg.revision})")
     return 0
+
+
+def _split_text(cfg: ModelConfig) -> str:
+    return " ".join(f"{a}={w}" for a, w in cfg.routing.split.items()) or "none"
+
+
+SHADOW_OFF = "off"
+
+
+def _parse_percent(text: str) -> float:
+    try:
+        percent = float(text)
+    except ValueError:
+        percent = float("nan")
+    if not 0 < percent <= 100:
+        raise RegistryError(f"bad shadow percent {text!r}: expected a number in (0, 100], e.g. 10 or 2.5")
+    return percent
+
+
+@_command
+def _shadow(args: argparse.Namespace, reg: Registry) -> int:
+    if args.alias == SHADOW_OFF:
+        if args.percent is not None:
+            raise RegistryError(f"give no PERCENT with '{SHADOW_OFF}'")
+        cfg = reg.set_shadow(args.name, None, None)
+        print(f"{args.name}: shadow off (revision {cfg.revision})")
+        return 0
+    if args.percent is None:
+        raise RegistryError(f"PERCENT is required (or use '{SHADOW_OFF}' to turn the shadow off)")
+    cfg = reg.set_shadow(args.name, args.alias, _parse_percent(args.percent))
+    shadow = cfg.routing.shadow
+    version = cfg.routing.aliases[shadow.alias]
+    print(f"{args.name}: shadow {shadow.alias} (version {version}) on {shadow.percent:g}% of requests "
+          f"(revision {cfg.revision})")
+    return 0
+
+
+@_command
+def _promote(args: argparse.Namespace, reg: Registry) -> int:
+    now = time.time()
+    cfg = reg.promote(args.name, args.reason, now, canary=args.canary)
+    stable = next(iter(cfg.routing.split))
+    print(f"{args.name}: {stable} -> version {cfg.routing.aliases[stable]}, split {_split_text(cfg)}"
+          f"{_rollout_note(cfg, now)} (revision {cfg.revision})")
+    return 0
+
+
+@_command
+def _rollback(args: argparse.Namespace, reg: Registry) -> int:
+    now = time.time()
+    cfg = reg.rollback(args.name, args.reason, now, canary=args.canary)
+    stable = next(iter(cfg.routing.split))
+    print(f"{args.name}: rolled back to {stable} (version {cfg.routing.aliases[stable]}), split "
+          f"{_split_text(cfg)}{_rollout_note(cfg, now)} (revision {cfg.revision})")
+    return 0
+
+
+def _rollout_note(cfg: ModelConfig, now: float) -> str:
+    """', rollout promoted' when this command ended a running rollout (its last event is now's)."""
+    status = cfg.rollout.status if cfg.rollout else None
+    ended_now = status is not None and status.history and status.history[-1].at == now
+    return f", rollout {status.state}" if ended_now else ""
 
 
 @_command
@@ -119,6 +185,23 @@ def _verify(args: argparse.Namespace, reg: Registry) -> int:
         else:
             print(f"{args.name}/{version}: OK")
     return 1 if failed else 0
+
+
+@_command
+def _import(args: argparse.Namespace, reg: Registry) -> int:
+    from training.import_model import import_model   # onnx / torch: loaded only by this verb
+
+    imported = import_model(reg, args.name, args.file, labels=args.labels, input_shape=args.input_shape,
+                            input_name=args.input_name, output_name=args.output_name, datatype=args.datatype,
+                            batch=not args.no_batch, seed=args.seed)
+    sig = imported.manifest.signature
+    tensors = [", ".join(f"{s.name} {s.datatype} {s.shape}" for s in specs) for specs in (sig.inputs, sig.outputs)]
+    print(f"{imported.name}: imported {args.file} as version {imported.version} "
+          f"({imported.manifest.format}: {tensors[0]} -> {tensors[1]})", file=sys.stderr)
+    for note in imported.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(imported.version)
+    return 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -157,10 +240,57 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("name", metavar="NAME", help="model name")
     p.add_argument("weights", metavar="ALIAS=WEIGHT", nargs="+",
                    help="integer weight (>= 0) of an existing alias, e.g. stable=90 canary=10")
-    p.set_defaults(func=_split)
+    sticky = p.add_mutually_exclusive_group()
+    sticky.add_argument("--sticky-key", dest="sticky_key", metavar="HEADER",
+                        help="pin each caller to one alias by this request header's value")
+    sticky.add_argument("--no-sticky-key", dest="sticky_key", action="store_const", const=None,
+                        help="stop pinning callers (default: keep the sticky key as it is)")
+    p.set_defaults(func=_split, sticky_key=...)
+
+    _add_routing_parsers(sub, common)
 
     p = sub.add_parser("verify", parents=[common], help="re-hash version files against their manifests")
     p.add_argument("name", metavar="NAME", help="model name")
     p.add_argument("ref", metavar="VERSION", nargs="?", default=None,
                    help="version number or alias to verify (default: every version)")
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser("import", parents=[common],
+                       help="publish an ONNX or TorchScript file trained elsewhere as the next version (classify)")
+    p.add_argument("name", metavar="NAME", help="model name")
+    p.add_argument("file", metavar="FILE", help="model file: FILE.onnx, or TorchScript FILE.pt / FILE.ts")
+    p.add_argument("--labels", metavar="FILE", default=None, help="class names, one a line (classifiers)")
+    p.add_argument("--input-shape", metavar="DIMS", default=None,
+                   help="example input shape, batch dim first, e.g. 1,1,8,8 (required for TorchScript; for ONNX, "
+                        "fills variable dims beyond the batch)")
+    p.add_argument("--input-name", metavar="NAME", default=None,
+                   help="TorchScript input name (default: input); ONNX takes the graph's")
+    p.add_argument("--output-name", metavar="NAME", default=None,
+                   help="TorchScript output name (default: output; NAME_<i> for a tuple); ONNX takes the graph's")
+    p.add_argument("--datatype", metavar="TYPE", default=None,
+                   help="KServe v2 datatype of the TorchScript input (default: FP32); ONNX takes the graph's")
+    p.add_argument("--no-batch", action="store_true",
+                   help="the model has no batch axis (fixed first dim): serve one request at a time")
+    p.add_argument("--seed", type=int, default=0, help="seed of the golden inputs (default: 0)")
+    p.set_defaults(func=_import)
+
+
+def _add_routing_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """The shadow, promote and rollback subcommands."""
+    p = sub.add_parser("shadow", parents=[common], help="copy a share of requests to an alias, or stop")
+    p.add_argument("name", metavar="NAME", help="model name")
+    p.add_argument("alias", metavar="ALIAS",
+                   help=f"alias to shadow (same signature as the primary), or '{SHADOW_OFF}'")
+    p.add_argument("percent", metavar="PERCENT", nargs="?", default=None,
+                   help=f"share of the primary's requests copied to it, in (0, 100]; omit with '{SHADOW_OFF}'")
+    p.set_defaults(func=_shadow)
+
+    for verb, func, text in (("promote", _promote, "point stable at the canary's version, all traffic to it"),
+                             ("rollback", _rollback, "send all traffic to stable at once (canary kept)")):
+        p = sub.add_parser(verb, parents=[common], help=text)
+        p.add_argument("name", metavar="NAME", help="model name")
+        p.add_argument("--canary", metavar="ALIAS", default=None,
+                       help="canary alias (default: the running rollout's canary, else 'canary')")
+        p.add_argument("--reason", metavar="TEXT", default=f"{verb} from the command line",
+                       help="why, recorded in the rollout's history")
+        p.set_defaults(func=func)

@@ -26,3 +26,14 @@ class IntegrityError(RegistryError):
             f"  - {p}" for p in self.problems
         )
         super().__init__(text)
+
+
+class Conflict(RegistryError):
+    """A write based on a model.json revision that another writer has since replaced (HTTP 409).
+
+    `current` is the revision on disk, `expected` the one the writer read."""
+
+    def __init__(self, message: str, current: int, expected: int):
+        self.current = current
+        self.expected = expected
+        super().__init__(message)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .routing import Rollout, Routing
+
 # KServe v2 datatypes the registry accepts in a signature.
 DATATYPES = (
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
@@ -54,7 +56,8 @@ class ParityReport(_Strict):
 
 
 class Lineage(_Strict):
-    """Where a version came from: enough to retrain it."""
+    """Where a version came from: enough to retrain it, or for an imported model (trained
+    elsewhere, `zooserve registry import`) the file it was imported from."""
 
     training_config: dict[str, Any] = Field(default_factory=dict)
     dataset: str = ""
@@ -64,6 +67,11 @@ class Lineage(_Strict):
     metrics: dict[str, float] = Field(default_factory=dict)
     code_revision: str | None = None
     created_at: str = ""
+    # imported models only (None for models trained here): the source file's absolute path and
+    # sha256, and the import's options (format, example input shape, batch, golden seed)
+    imported_from: str | None = None
+    imported_sha256: str | None = None
+    import_options: dict[str, Any] | None = None
 
 
 class StateSpec(_Strict):
@@ -151,16 +159,6 @@ class Batching(_Strict):
     max_queue_size: int = Field(1024, ge=1)
 
 
-class Routing(_Strict):
-    # alias -> version number
-    aliases: dict[str, int] = Field(default_factory=dict)
-    # alias -> weight, used when a request names no version
-    split: dict[str, int] = Field(default_factory=dict)
-    # request header whose hash pins a caller to one alias of the split
-    sticky_key: str | None = None
-    shadow: dict[str, Any] | None = None
-
-
 class VersionPolicy(_Strict):
     """Which versions a server loads (Triton's version_policy); aliased versions always load."""
 
@@ -178,3 +176,7 @@ class ModelConfig(_Strict):
     batching: Batching = Field(default_factory=Batching)
     routing: Routing = Field(default_factory=Routing)
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    # the progressive rollout in force or last run (None: never started)
+    rollout: Rollout | None = None
+    # raised by one on every write: a writer that read an older revision is refused (409)
+    revision: int = Field(0, ge=0)

@@ -2,7 +2,12 @@
 
 Publishing copies into a staging folder, hashes and fsyncs it, then renames it to the next
 version number under an exclusive lock on `<root>/<model>/.lock`, so a reader never sees half a
-version and two publishers never get the same number. `model.json` is replaced atomically.
+version and two publishers never get the same number. `model.json` is replaced atomically under
+the same lock, each write checked against the versions on disk and one revision higher than the
+last (a writer holding an older revision gets Conflict); the routing and rollout changes
+themselves are pure functions in `rollout_ops`. `<root>/<model>/.rollout-lease` lets one rollout
+controller at a time drive a model. Files in the model folder whose names start with '.' (the
+lock, the lease, temporary files) are never versions.
 """
 
 from __future__ import annotations
@@ -15,15 +20,20 @@ import os
 import re
 import shutil
 import stat
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import EllipsisType
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import IntegrityError, NotFound, RegistryError
-from .manifest import Manifest, ModelConfig
+from . import rollout_ops as ops
+from .errors import Conflict, IntegrityError, NotFound, RegistryError
+from .lease import LEASE, Lease, can_take
+from .manifest import Manifest, ModelConfig, Signature
 from .names import is_valid_name, validate_alias, validate_name
+from .routing import Rollout
 
 MANIFEST = "manifest.json"
 MODEL_CONFIG = "model.json"
@@ -90,6 +100,18 @@ def _walk_files(top: Path) -> Iterator[tuple[str, Path]]:
                 yield rel, path
 
 
+def _replace_file(path: Path, text: str) -> None:
+    """Replace `path` atomically: a temporary file in the same folder, fsync, rename, fsync the
+    folder. The temporary name starts with '.', so version scanning never mistakes it."""
+    tmp = path.parent / f".{path.name.lstrip('.')}.tmp-{uuid.uuid4().hex}"
+    try:
+        _write_file_durably(tmp, text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
 def _read_model(cls: type[BaseModel], path: Path):
     try:
         return cls.model_validate_json(path.read_bytes())
@@ -99,6 +121,52 @@ def _read_model(cls: type[BaseModel], path: Path):
 
 def _fmt(items) -> str:
     return ", ".join(str(i) for i in items) or "none"
+
+
+def _check_revision(name: str, stored: int, expected: int | None) -> None:
+    """Conflict when a writer's revision is not the one on disk (None: the writer does not care)."""
+    if expected is not None and expected != stored:
+        raise Conflict(
+            f"model.json of {name!r} is at revision {stored}, but this write was based on revision "
+            f"{expected}; another writer changed it since: re-read it and apply the change again",
+            current=stored, expected=expected,
+        )
+
+
+def _revalidated(cfg: ModelConfig) -> ModelConfig:
+    """Run the schema's validators again: edits made in place (cfg.routing.split = ...) skip them."""
+    try:
+        return ModelConfig.model_validate(cfg.model_dump(mode="json"))
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'model.json'}: {err['msg']}" for err in e.errors()
+        )
+        raise RegistryError(f"refusing to write model.json of {cfg.name!r}: {problems}") from None
+
+
+def _describe(signature: Signature) -> str:
+    """'inputs image FP32 [-1, 8]; outputs logits FP32 [-1, 10]', for error messages."""
+    def tensors(specs) -> str:
+        return ", ".join(f"{t.name} {t.datatype} {t.shape}" for t in specs) or "none"
+    return f"inputs {tensors(signature.inputs)}; outputs {tensors(signature.outputs)}"
+
+
+def _read_lease(path: Path) -> Lease | None:
+    if not path.is_file():
+        return None
+    try:
+        return Lease.model_validate_json(path.read_bytes())
+    except ValidationError as e:
+        raise RegistryError(
+            f"rollout lease {path} is not valid JSON {{owner, expires_at}} ({e.error_count()} problem(s)); "
+            "delete it once no rollout controller runs"
+        ) from None
+
+
+def _assign(cfg: ModelConfig, new: ModelConfig) -> None:
+    """Make `cfg` equal to `new` in place (update_model_config's changes edit their argument)."""
+    for field in ModelConfig.model_fields:
+        setattr(cfg, field, getattr(new, field))
 
 
 class Registry:
@@ -183,12 +251,78 @@ class Registry:
         if problems:
             raise IntegrityError(f"{name} version {version} ({vdir}) failed verification:", problems)
 
-    # ---- writing -------------------------------------------------------------------------
+    # ---- writing model.json ----------------------------------------------------------------
+    # Every write goes through _write_checked under the model lock: the config is checked (schema,
+    # then against the versions on disk), its revision raised by one, and it replaces model.json
+    # atomically. A writer that read an older revision is refused with Conflict.
 
-    def write_model_config(self, cfg: ModelConfig) -> None:
-        """Replace model.json atomically (temporary file in the same folder, fsync, rename)."""
+    def write_model_config(self, cfg: ModelConfig, expected_revision: int | None = None) -> ModelConfig:
+        """Replace model.json with `cfg` (creating the model if needed) and return what was written.
+
+        `expected_revision`: the revision `cfg` was read at; Conflict if model.json has moved on
+        (None: no check, the old last-writer-wins behaviour). The written revision is also set on
+        `cfg`, so the caller can write the same object again with expected_revision=cfg.revision."""
         with self._lock(cfg.name, create=True):
-            self._replace_model_config(cfg)
+            stored = self._stored_revision(cfg.name)
+            _check_revision(cfg.name, stored, expected_revision)
+            written = self._write_checked(cfg, stored)
+        cfg.revision = written.revision
+        return written
+
+    def update_model_config(
+        self,
+        name: str,
+        change: Callable[[ModelConfig], None],
+        expected_revision: int | None = None,
+    ) -> ModelConfig:
+        """Read model.json, let `change` edit a copy in place, check and write it, all under one
+        lock (so no other writer can slip in between); return the written config."""
+        with self._lock(name):
+            current = self.model_config(name)
+            _check_revision(name, current.revision, expected_revision)
+            draft = current.model_copy(deep=True)
+            change(draft)
+            if draft.name != name:
+                raise RegistryError(f"a change to model.json of {name!r} may not rename it to {draft.name!r}")
+            return self._write_checked(draft, current.revision)
+
+    def set_alias(
+        self, name: str, alias: str, version: int, expected_revision: int | None = None
+    ) -> ModelConfig:
+        """Point an alias at an existing version."""
+        validate_alias(alias)
+        return self._apply(name, lambda cfg: ops.set_alias(cfg, alias, version), expected_revision)
+
+    def remove_alias(self, name: str, alias: str, expected_revision: int | None = None) -> ModelConfig:
+        """Drop an alias; refused while the split, the shadow or a running rollout uses it."""
+        validate_alias(alias)
+        return self._apply(name, lambda cfg: ops.remove_alias(cfg, alias), expected_revision)
+
+    def set_split(
+        self,
+        name: str,
+        weights: dict[str, int],
+        sticky_key: str | None | EllipsisType = ...,
+        expected_revision: int | None = None,
+    ) -> ModelConfig:
+        """Set the traffic split over aliases (weights >= 0, at least one positive);
+        `sticky_key` ... keeps the sticky key, None clears it, a header name sets it."""
+        ops.check_split_weights(weights)
+        return self._apply(name, lambda cfg: ops.set_split(cfg, weights, sticky_key), expected_revision)
+
+    def set_sticky_key(
+        self, name: str, header: str | None, expected_revision: int | None = None
+    ) -> ModelConfig:
+        """Pin each caller to one alias of the split by this request header (None: no pinning)."""
+        return self._apply(name, lambda cfg: ops.set_sticky_key(cfg, header), expected_revision)
+
+    def set_shadow(
+        self, name: str, alias: str | None, percent: float | None, expected_revision: int | None = None
+    ) -> ModelConfig:
+        """Copy `percent` of the primary's requests to `alias` (same signature required); None: off."""
+        return self._apply(name, lambda cfg: ops.set_shadow(cfg, alias, percent), expected_revision)
+
+    # ---- publishing -----------------------------------------------------------------------
 
     def publish(self, name: str, src_dir: str | os.PathLike) -> int:
         """Copy src_dir into the next version of `name` and return its number."""
@@ -208,51 +342,82 @@ class Registry:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def set_alias(self, name: str, alias: str, version: int) -> None:
-        """Point an alias at an existing version."""
-        validate_alias(alias)
-        with self._lock(name):
-            self.version_dir(name, version)
-            cfg = self.model_config(name)
-            cfg.routing.aliases[alias] = version
-            self._replace_model_config(cfg)
+    # ---- rollouts --------------------------------------------------------------------------
 
-    def remove_alias(self, name: str, alias: str) -> None:
-        """Drop an alias; refused while the traffic split still uses it."""
-        validate_alias(alias)
-        with self._lock(name):
-            cfg = self.model_config(name)
-            routing = cfg.routing
-            if alias not in routing.aliases:
-                raise NotFound(
-                    f"model {name!r} has no alias {alias!r}; aliases: {_fmt(sorted(routing.aliases))}"
-                )
-            if alias in routing.split:
-                raise RegistryError(
-                    f"alias {alias!r} of {name!r} is used by the split {routing.split}; "
-                    "change the split first"
-                )
-            del routing.aliases[alias]
-            self._replace_model_config(cfg)
+    def start_rollout(
+        self, name: str, rollout: Rollout, now: float, reason: str = "", expected_revision: int | None = None
+    ) -> ModelConfig:
+        """Start a rollout of rollout.canary against rollout.stable at steps[0]; refused while
+        another one runs, or when both aliases point at the same version."""
+        return self._apply(name, lambda cfg: ops.start_rollout(cfg, rollout, now, reason), expected_revision)
 
-    def set_split(self, name: str, weights: dict[str, int]) -> None:
-        """Set the traffic split over aliases (weights >= 0, at least one positive)."""
-        for alias, weight in weights.items():
-            validate_alias(alias)
-            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
-                raise RegistryError(
-                    f"split weight of {alias!r} must be an integer >= 0, got {weight!r}"
-                )
-        if sum(weights.values()) <= 0:
-            raise RegistryError(f"split weights must sum to more than 0, got {weights}")
+    def rollout_step(
+        self, name: str, step: int, reason: str, now: float, expected_revision: int | None = None
+    ) -> ModelConfig:
+        """Move the running rollout to steps[step]; the split follows."""
+        return self._apply(name, lambda cfg: ops.rollout_step(cfg, step, reason, now), expected_revision)
+
+    def rollout_hold(
+        self, name: str, reason: str, now: float, expected_revision: int | None = None
+    ) -> ModelConfig:
+        """Record a `held` decision and start a new analysis window; the split stays."""
+        return self._apply(name, lambda cfg: ops.rollout_hold(cfg, reason, now), expected_revision)
+
+    def promote(
+        self, name: str, reason: str, now: float, canary: str | None = None,
+        expected_revision: int | None = None,
+    ) -> ModelConfig:
+        """Point the stable alias at the canary's version and route everything to it.
+
+        `canary`: default the running rollout's canary, else alias "canary"."""
+        return self._apply(name, lambda cfg: ops.promote(cfg, reason, now, canary), expected_revision)
+
+    def rollback(
+        self, name: str, reason: str, now: float, canary: str | None = None,
+        expected_revision: int | None = None,
+    ) -> ModelConfig:
+        """Route everything to the stable alias at once; the canary alias stays for inspection."""
+        return self._apply(name, lambda cfg: ops.rollback(cfg, reason, now, canary), expected_revision)
+
+    def abort_rollout(
+        self, name: str, reason: str, now: float, expected_revision: int | None = None
+    ) -> ModelConfig:
+        """Stop the running rollout without a verdict; everything back to the stable alias."""
+        return self._apply(name, lambda cfg: ops.abort_rollout(cfg, reason, now), expected_revision)
+
+    # ---- the rollout lease -----------------------------------------------------------------
+
+    def acquire_lease(self, name: str, owner: str, ttl_s: float, now: float | None = None) -> bool:
+        """Take or renew `<model>/.rollout-lease` for `owner` until now + ttl_s; False while
+        another owner holds an unexpired lease."""
+        if not isinstance(owner, str) or not owner:
+            raise RegistryError(f"lease owner must be a non-empty string, got {owner!r}")
+        if not ttl_s > 0:
+            raise RegistryError(f"lease ttl_s must be > 0 seconds, got {ttl_s!r}")
+        now = time.time() if now is None else now
         with self._lock(name):
-            cfg = self.model_config(name)
-            unknown = sorted(set(weights) - set(cfg.routing.aliases))
-            if unknown:
-                known = _fmt(sorted(cfg.routing.aliases))
-                raise NotFound(f"model {name!r} has no alias {_fmt(unknown)}; aliases: {known}")
-            cfg.routing.split = dict(weights)
-            self._replace_model_config(cfg)
+            path = self._model_dir(name) / LEASE
+            if not can_take(_read_lease(path), owner, now):
+                return False
+            _replace_file(path, dump_json(Lease(owner=owner, expires_at=now + ttl_s)))
+            return True
+
+    def release_lease(self, name: str, owner: str) -> bool:
+        """Drop the lease if `owner` holds it (expired or not); True if it was dropped. Another
+        owner's lease is left in place."""
+        with self._lock(name):
+            path = self._model_dir(name) / LEASE
+            current = _read_lease(path)
+            if current is None or current.owner != owner:
+                return False
+            path.unlink()
+            _fsync_dir(path.parent)
+            return True
+
+    def lease(self, name: str) -> Lease | None:
+        """The lease as stored (possibly expired), or None; NotFound for an unknown model."""
+        self.versions(name)
+        return _read_lease(self._model_dir(name) / LEASE)
 
     # ---- internals -----------------------------------------------------------------------
 
@@ -282,16 +447,76 @@ class Registry:
         finally:
             os.close(fd)  # closing the descriptor releases the lock
 
+    def _apply(
+        self, name: str, op: Callable[[ModelConfig], ModelConfig], expected_revision: int | None
+    ) -> ModelConfig:
+        """update_model_config with one of rollout_ops' pure transformations."""
+        return self.update_model_config(name, lambda cfg: _assign(cfg, op(cfg)), expected_revision)
+
+    def _stored_revision(self, name: str) -> int:
+        """Revision of model.json on disk; 0 when there is none. Read leniently, so that a damaged
+        model.json can still be replaced by write_model_config."""
+        path = self._model_dir(name) / MODEL_CONFIG
+        try:
+            revision = json.loads(path.read_bytes()).get("revision", 0)
+        except (OSError, ValueError, AttributeError):
+            return 0
+        return revision if isinstance(revision, int) and not isinstance(revision, bool) and revision >= 0 else 0
+
+    def _write_checked(self, cfg: ModelConfig, stored_revision: int) -> ModelConfig:
+        """Under the model lock: check `cfg`, write it as revision stored_revision + 1, return it."""
+        self._check_references(cfg)
+        checked = _revalidated(cfg)
+        self._check_against_versions(checked)
+        written = checked.model_copy(update={"revision": stored_revision + 1})
+        self._replace_model_config(written)
+        return written
+
+    @staticmethod
+    def _check_references(cfg: ModelConfig) -> None:
+        """Split and shadow must name known aliases, with weights the split can hold (checked
+        before the schema, whose messages are less direct)."""
+        routing = cfg.routing
+        if routing.split:
+            ops.check_split_weights(routing.split)
+        for alias in routing.split:
+            ops.require_alias(cfg, alias)
+        if routing.shadow is not None:
+            ops.require_alias(cfg, routing.shadow.alias, "shadow alias")
+
+    def _check_against_versions(self, cfg: ModelConfig) -> None:
+        """Refuse aliases naming missing versions, a running rollout that no longer matches its
+        aliases, and a shadow whose signature differs from the primary's."""
+        versions = self._scan_versions(self._model_dir(cfg.name))
+        for alias, version in sorted(cfg.routing.aliases.items()):
+            if version not in versions:
+                raise NotFound(
+                    f"alias {alias!r} of {cfg.name!r} would point at version {version}, but model "
+                    f"{cfg.name!r} has no version {version}; versions: {_fmt(versions)}; "
+                    "publish it first or choose an existing version"
+                )
+        ops.check_running_rollout(cfg)
+        self._check_shadow_signature(cfg, versions)
+
+    def _check_shadow_signature(self, cfg: ModelConfig, versions: list[int]) -> None:
+        shadow = cfg.routing.shadow
+        if shadow is None:
+            return
+        shadow_version = cfg.routing.aliases[shadow.alias]
+        shadow_signature = self.manifest(cfg.name, shadow_version).signature
+        for version in _primary_versions(cfg, versions):
+            signature = self.manifest(cfg.name, version).signature
+            if signature != shadow_signature:
+                raise RegistryError(
+                    f"shadow {shadow.alias!r} of {cfg.name!r} is version {shadow_version} with "
+                    f"{_describe(shadow_signature)}, but primary version {version} has {_describe(signature)}; "
+                    "a shadow must take and return the same tensors as the versions it shadows"
+                )
+
     def _replace_model_config(self, cfg: ModelConfig) -> None:
         model_dir = self._model_dir(cfg.name)
         model_dir.mkdir(parents=True, exist_ok=True)
-        tmp = model_dir / f".{MODEL_CONFIG}.tmp-{uuid.uuid4().hex}"
-        try:
-            _write_file_durably(tmp, dump_json(cfg))
-            os.replace(tmp, model_dir / MODEL_CONFIG)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(model_dir)
+        _replace_file(model_dir / MODEL_CONFIG, dump_json(cfg))
 
     def _resolve_default(self, name: str) -> int:
         versions = self.versions(name)
@@ -386,5 +611,16 @@ class Registry:
         os.rename(staging, model_dir / str(version))
         _fsync_dir(model_dir)
         if cfg is None:
-            self._replace_model_config(ModelConfig(name=name, family=manifest.family, kind=manifest.kind))
+            self._write_checked(ModelConfig(name=name, family=manifest.family, kind=manifest.kind), 0)
         return version
+
+
+def _primary_versions(cfg: ModelConfig, versions: list[int]) -> list[int]:
+    """Versions that answer requests naming no version: each one the split routes to, else the
+    `stable` alias's, else the newest (as `Registry.resolve` picks)."""
+    aliases = cfg.routing.aliases
+    if cfg.routing.split:
+        return sorted({aliases[a] for a, weight in cfg.routing.split.items() if weight > 0})
+    if ops.STABLE in aliases:
+        return [aliases[ops.STABLE]]
+    return versions[-1:]

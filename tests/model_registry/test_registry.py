@@ -297,7 +297,11 @@ def test_resolve_alias_to_missing_version(reg: Registry, src: Path) -> None:
     reg.publish("digits", src)
     cfg = reg.model_config("digits")
     cfg.routing.aliases["stable"] = 4
-    reg.write_model_config(cfg)
+    # the registry refuses to write a dangling alias, so make one as a hand edit (or a version
+    # folder deleted by hand) would
+    with pytest.raises(NotFound, match="no version 4"):
+        reg.write_model_config(cfg)
+    (reg.root / "digits" / "model.json").write_text(dump_json(cfg))
     with pytest.raises(NotFound, match="points at version 4"):
         reg.resolve("digits")
 
