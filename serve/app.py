@@ -6,6 +6,8 @@ import asyncio
 import gc
 import inspect
 import logging
+import os
+import socket
 from contextlib import asynccontextmanager
 
 import orjson
@@ -16,9 +18,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_registry import Registry
 from serve import __version__
-from serve.api import images, openai, ops, v2
+from serve.api import admin, images, openai, ops, v2
 from serve.errors import ServeError
 from serve.metrics import Metrics
+from serve.registry_watch import RegistryWatcher
+from serve.rollout import InProcessSource, RolloutController
+from serve.rollout import run as run_rollouts
+from serve.shadow import ShadowTraffic
 from serve.repository import ModelRepository
 from serve.settings import ServeSettings
 
@@ -40,20 +46,31 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         repository = ModelRepository(Registry(settings.registry), settings, metrics)
         app.state.settings, app.state.metrics, app.state.repository = settings, metrics, repository
         app.state.draining = False
-        loading = asyncio.create_task(_load_then_freeze(repository))
+        app.state.shadow = ShadowTraffic(metrics, settings.shadow_max_in_flight)
+        watcher = RegistryWatcher(repository, settings.watch_interval_s)
+        app.state.watcher = watcher
+        loading = asyncio.create_task(_load_then_watch(repository, watcher))
         loading.add_done_callback(_log_load_failure)
+        stop_rollouts = asyncio.Event()
+        rollouts = asyncio.create_task(_embedded_rollouts(settings, metrics, stop_rollouts)) \
+            if settings.rollout_controller else None
         try:
             yield
         finally:
             app.state.draining = True
             if not loading.done():
                 loading.cancel()
+            if rollouts is not None:
+                stop_rollouts.set()
+                await rollouts
+            await app.state.shadow.close()
             await repository.close()
 
     app = FastAPI(title="zooserve", version=__version__, lifespan=lifespan,
                   description="One server for every model family: KServe v2 and (for token models) OpenAI.",
                   **_NO_TELEMETRY)
     app.include_router(v2.router)
+    app.include_router(admin.router)
     app.include_router(ops.router)
     app.include_router(openai.router)
     app.include_router(images.router)
@@ -101,13 +118,25 @@ _NO_TELEMETRY = ({"telemetry": {"tracing": False, "metrics": False, "logs": Fals
                  if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
 
 
-async def _load_then_freeze(repository: ModelRepository) -> None:
+async def _load_then_watch(repository: ModelRepository, watcher: RegistryWatcher) -> None:
     """Load every model, then move everything allocated so far out of the garbage collector's
-    sight: imports leave ~200k tracked objects, and each full collection of them stalled the
-    event loop for ~100 ms under load (bench/classify.py, p99)."""
+    sight (imports leave ~200k tracked objects, and each full collection of them stalled the
+    event loop for ~100 ms under load: bench/classify.py, p99), then follow the registry."""
+    watcher.prime()        # before the load: a change made while loading is seen by the first poll
     await repository.load_all()
     gc.collect()
     gc.freeze()
+    if watcher.interval_s > 0:
+        await watcher.run()
+
+
+async def _embedded_rollouts(settings: ServeSettings, metrics: Metrics, stop: asyncio.Event) -> None:
+    """The rollout controller inside a lone server, judging on this server's own metrics; the
+    registry's lease keeps it to one writer when several servers share the registry."""
+    owner = f"{socket.gethostname()}:{os.getpid()}:{settings.port}"
+    controller = RolloutController(Registry(settings.registry), InProcessSource(metrics), owner,
+                                   models=settings.models, events=metrics.rollout_events)
+    await run_rollouts(controller, stop, settings.rollout_period_s)
 
 
 def _log_load_failure(task: asyncio.Task) -> None:

@@ -62,13 +62,17 @@ class BatchRecord:
 class DynamicBatcher:
     """Collects requests into batches and runs them one at a time on a dedicated thread."""
 
+    def reconfigure(self, max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int) -> None:
+        """New limits (model.json's batching changed); batches already cut keep theirs."""
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_ms / 1000.0
+        self.max_queue_size = max_queue_size
+
     def __init__(self, run_batch: RunBatch, max_batch_size: int, max_queue_delay_ms: float,
                  max_queue_size: int, on_batch: Callable[[BatchRecord], None] | None = None,
                  name: str = "batcher", inline_below_ms: float = 0.2):
         self.run_batch = run_batch
-        self.max_batch_size = max_batch_size
-        self.max_queue_delay_s = max_queue_delay_ms / 1000.0
-        self.max_queue_size = max_queue_size
+        self.reconfigure(max_batch_size, max_queue_delay_ms, max_queue_size)
         self.on_batch = on_batch
         self._queue: deque[_Pending] = deque()
         # the collector sleeps on this future: woken by any submit when idle, by a full batch

@@ -60,12 +60,14 @@ def _batch(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from model_registry import cli as registry_cli
+    from serve import rollout_cli
     from training import cli as training_cli
 
     parser = argparse.ArgumentParser(prog="zooserve", description="Train, register, export and serve models.")
     sub = parser.add_subparsers(dest="command", required=True)
     training_cli.add_parsers(sub)
     registry_cli.add_parser(sub)
+    rollout_cli.add_parser(sub)
     p = sub.add_parser("serve", help="serve a registry over HTTP (KServe v2)")
     p.add_argument("--registry", default=None, help="registry root (default: $ZOOSERVE_REGISTRY or ./registry)")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")

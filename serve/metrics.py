@@ -18,9 +18,11 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the /metrics route)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+disable_created_metrics()     # no `*_created` series beside every counter: ours have none either
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -147,6 +149,15 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._series: dict[tuple[str, str], ModelMetrics] = {}
         self.registry.register(self)
+        # routing families: rare events (a shadow copy, a rollout decision), so prometheus_client's own
+        self.shadow_results = Counter("zooserve_shadow_requests", "Shadow copies by outcome (agree, disagree, "
+                                      "dropped, error)", ["model", "alias", "result"], registry=self.registry)
+        self.shadow_differences = Histogram("zooserve_shadow_difference", "Shadow answer against the primary's: "
+                                            "max |difference| of tensors, share of differing tokens",
+                                            ["model", "alias"], registry=self.registry,
+                                            buckets=(0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0, 10.0, 100.0))
+        self.rollout_events = Counter("zooserve_rollout_events", "Rollout decisions (started, stepped, held, "
+                                      "promoted, rolled_back, aborted)", ["model", "event"], registry=self.registry)
 
     def for_model(self, model: str, version: int | str) -> "ModelMetrics":
         return self._add(ModelMetrics(self, model, str(version)))
@@ -180,7 +191,9 @@ class Metrics:
             if kind == "counter" and attribute == "status_counts":
                 family = CounterMetricFamily(name, help_text, labels=[*LABELS, "status"])
                 for s in rows:
-                    for status, count in sorted(s.status_counts.items()):
+                    with s.lock:      # the embedded rollout controller collects from its own thread
+                        counts = sorted(s.status_counts.items())
+                    for status, count in counts:
                         family.add_metric([*s.labels, status], count)
             elif kind == "counter":
                 family = CounterMetricFamily(name, help_text, labels=LABELS)

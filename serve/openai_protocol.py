@@ -30,6 +30,8 @@ class _Sampling(BaseModel):
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-text")
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # the end user: the sticky routing key when model.json's sticky_key header is absent
+    user: str | None = Field(None, max_length=256)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -10,29 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 from model_registry import ModelConfig, Registry, RegistryError
 from serve.engines.base import Engine
-from serve.engines.factory import make_token_engine
-from serve.engines.sample import make_generative_engine
-from serve.engines.sequence import SequenceEngine, SequenceRuntime, artifact_names
-from serve.engines.stateless import StatelessEngine
-from serve.golden import check_golden
+from serve.engines.factory import BuildContext, build_engine
 from serve.errors import ServeError, not_found, unavailable
 from serve.metrics import Metrics
-from serve.runtimes import open_runtime, with_split_prefill
-from serve.sample_request import GENERATIVE_KINDS
+from serve.routing import choose_alias
 from serve.sequence_store import SequenceStore
 from serve.settings import ServeSettings
 
 log = logging.getLogger("zooserve.repository")
-
-# kinds with an engine
-ENGINE_KINDS = {"classify", "tokens", "sequence", "sample", "denoise"}
-
 
 class State(str, Enum):
     LOADING = "LOADING"
@@ -65,6 +57,34 @@ def versions_to_load(cfg: ModelConfig, available: list[int]) -> list[int]:
     return sorted(chosen)
 
 
+def _check_aliases(cfg: ModelConfig, available: list[int]) -> None:
+    """Refuse a model.json (edited by hand: the registry's own writes check this) whose aliases
+    name versions that do not exist."""
+    missing = {a: v for a, v in cfg.routing.aliases.items() if v not in available}
+    if missing:
+        raise RegistryError(f"{cfg.name}: alias(es) {missing} name versions that do not exist; "
+                            f"versions: {', '.join(map(str, available)) or 'none'}")
+
+
+def _ready_aliases(cfg: ModelConfig, last: ModelConfig | None,
+                   table: dict[int, LoadedVersion]) -> tuple[ModelConfig, list[str]]:
+    """`cfg` with each alias whose new version is not READY kept at its last version where that one
+    serves: a version takes traffic only once its golden check passed. Returns the notes why."""
+    if last is None:
+        return cfg, []
+    aliases, held = dict(cfg.routing.aliases), []
+    for alias, version in cfg.routing.aliases.items():
+        lv, before = table.get(version), last.routing.aliases.get(alias)
+        if (lv is None or lv.state != State.READY) and before is not None and before != version \
+                and before in table and table[before].state == State.READY:
+            aliases[alias] = before
+            why = lv.reason if lv is not None else "not loaded"
+            held.append(f"alias {alias!r} stays at version {before}: version {version} is not ready ({why})")
+    if not held:
+        return cfg, []
+    return cfg.model_copy(update={"routing": cfg.routing.model_copy(update={"aliases": aliases})}), held
+
+
 class ModelRepository:
     def __init__(self, registry: Registry, settings: ServeSettings, metrics: Metrics):
         self.registry, self.settings, self.metrics = registry, settings, metrics
@@ -76,27 +96,47 @@ class ModelRepository:
         self.wanted: dict[str, set[int]] = {}      # model -> versions its policy and aliases load
         # (model, version) -> the task that unloads a dropped version once its live sequences are over
         self._retiring: dict[tuple[str, int], asyncio.Task] = {}
+        # model -> why its model.json as it is now on disk is not in force (the last good one is)
+        self.config_errors: dict[str, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}   # one (re)load of a model at a time
 
     async def load_all(self) -> None:
         """Load every model of the registry, or those `settings.models` names (start-up)."""
         wanted = self.settings.models
         for name in self.registry.models():
             if wanted is None or name in wanted:
-                await self.load_model(name)
+                try:
+                    await self.load_model(name)
+                except ServeError as exc:       # one unreadable model.json does not keep the others down
+                    self.config_errors[name] = exc.message
+                    log.error("model %s not loaded: %s", name, exc.message)
         self.loaded = True
 
     async def load_model(self, name: str) -> None:
-        """(Re)load one model: new versions come up beside the old, then the old ones drain."""
-        try:
-            cfg = self.registry.model_config(name)
-            wanted = versions_to_load(cfg, self.registry.versions(name))
-        except RegistryError as exc:
-            raise not_found(str(exc)) from exc
+        """(Re)load one model: new versions come up beside the old, then the old ones drain. An
+        alias moved to a version that failed to load stays where it was (and the reason is kept
+        in `config_errors`); a model.json that cannot be read leaves the last good one in force."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            try:
+                cfg = self.registry.model_config(name)
+                available = self.registry.versions(name)
+                _check_aliases(cfg, available)
+            except RegistryError as exc:
+                if name in self.configs:
+                    self.config_errors[name] = f"model.json not applied, the last good one stays in force: {exc}"
+                    log.error("%s: %s", name, self.config_errors[name])
+                raise not_found(str(exc)) from exc
+            await self._load(name, cfg, versions_to_load(cfg, available))
+
+    async def _load(self, name: str, cfg: ModelConfig, wanted: list[int]) -> None:
         old = self.tables.get(name, {})
         new: dict[int, LoadedVersion] = {}
+        last = self.configs.get(name)
         for version in wanted:
             if version in old and old[version].state == State.READY:
                 new[version] = old[version]
+                if last is not None and last.batching != cfg.batching:
+                    new[version].engine.reconfigure(cfg.batching)
                 continue
             new[version] = await asyncio.to_thread(self._open_version, cfg, version)
             if new[version].engine is not None:
@@ -111,10 +151,20 @@ class ModelRepository:
                 # its stateful sequences are pinned to it: it serves them until they end or expire
                 new[version] = lv
                 self._retire_when_idle(name, version)
+        cfg, held = _ready_aliases(cfg, self.configs.get(name), new)
+        if held:
+            self.config_errors[name] = "; ".join(held)
+            log.error("%s: %s", name, self.config_errors[name])
+        else:
+            self.config_errors.pop(name, None)
         self.configs[name], self.tables[name], self.wanted[name] = cfg, new, set(wanted)
-        for version, lv in old.items():
-            if new.get(version) is not lv:
-                await self._close_version(lv)
+        dropped = [lv for version, lv in old.items() if new.get(version) is not lv]
+        if dropped and any(lv.engine is not None for lv in dropped):
+            # a request routed just before the swap may not have reached its engine yet (a body
+            # still arriving, a stream that starts once the handler returns): give it the grace
+            await asyncio.sleep(self.settings.swap_grace_s)
+        for lv in dropped:
+            await self._close_version(lv)
 
     async def unload_model(self, name: str) -> None:
         """Stop routing to the model, drain its in-flight requests, release it."""
@@ -132,10 +182,9 @@ class ModelRepository:
         for name in list(self.tables):
             await self.unload_model(name)
 
-    @staticmethod
-    def _live_sequences(lv: LoadedVersion) -> int:
+    def _live_sequences(self, lv: LoadedVersion) -> int:
         """Live stateful sequences pinned to a version (0 for kinds without them)."""
-        store = getattr(lv.engine, "store", None)
+        store = self.sequence_stores.get(lv.name)
         return store.counts(lv.version)[0] if store is not None and lv.state == State.READY else 0
 
     def _retire_when_idle(self, name: str, version: int) -> None:
@@ -156,7 +205,7 @@ class ModelRepository:
                 if version in self.wanted.get(name, ()):       # loaded again: it stays
                     lv.reason = ""
                     return
-                lv.engine.store.expire(version)
+                self.sequence_stores[name].expire(version)
                 if not self._live_sequences(lv):
                     break
                 await asyncio.sleep(min(1.0, self.settings.sequence_idle_timeout_s / 4))
@@ -172,44 +221,21 @@ class ModelRepository:
         try:
             self.registry.verify(name, version)
             manifest = self.registry.manifest(name, version)
-            if manifest.kind not in ENGINE_KINDS:
-                raise RuntimeError(f"kind {manifest.kind!r} has no engine in this server yet")
-            vdir = self.registry.version_dir(name, version)
-            if manifest.kind in GENERATIVE_KINDS:   # parts, a sampling loop, part and end-to-end goldens
-                runtime = engine = make_generative_engine(name, version, manifest, vdir, cfg.batching,
-                                                          self.settings, self.metrics)
-                error = engine.golden_error
-            else:
-                runtime = open_runtime(vdir, manifest.format, manifest.artifacts[manifest.format],
-                                       *artifact_names(manifest),   # the signature's (+ lengths and state)
-                                       self.settings.intra_op_threads, self.settings.device)
-                if manifest.kind == "sequence":
-                    runtime = SequenceRuntime(runtime, manifest, vdir)
-                if manifest.kind == "tokens":
-                    runtime = with_split_prefill(runtime, manifest, vdir, self.settings.intra_op_threads)
-                error = check_golden(manifest, runtime, vdir)
-                engine = self._make_engine(cfg, version, manifest, runtime, vdir)
+            built = build_engine(version, manifest, self.registry.version_dir(name, version),
+                                 BuildContext(cfg, self.settings, self.metrics, lambda: self._sequence_store(name)))
         except Exception as exc:  # noqa: BLE001 - any failure makes this version unavailable, not the server
             log.error("version %s/%s refused: %s", name, version, exc)
             self.metrics.for_model(name, version).ready.set(0)
             return LoadedVersion(name, version, State.UNAVAILABLE, reason=f"{type(exc).__name__}: {exc}")
         log.info("loaded %s/%s (%s %s on %s, golden max abs error %.3g)", name, version, manifest.kind,
-                 manifest.format, runtime.device, error)
-        engine.metrics.ready.set(1)
-        return LoadedVersion(name, version, State.READY, engine=engine, device=runtime.device,
-                             prefill=getattr(runtime, "prefill", ""))
+                 manifest.format, built.device, built.golden_error)
+        built.engine.metrics.ready.set(1)
+        return LoadedVersion(name, version, State.READY, engine=built.engine, device=built.device,
+                             prefill=built.prefill)
 
-    def _make_engine(self, cfg: ModelConfig, version: int, manifest, runtime, vdir: Path):
-        if manifest.kind == "sequence":
-            store = self.sequence_stores.setdefault(cfg.name, SequenceStore(
-                self.settings.sequence_idle_timeout_s, self.settings.max_sequences))
-            return SequenceEngine(cfg.name, version, manifest, runtime, cfg.batching, store, self.settings,
-                                  self.metrics.for_sequence_model(cfg.name, version))
-        if manifest.kind == "tokens":
-            return make_token_engine(cfg.name, version, manifest, runtime, vdir, self.settings,
-                                     self.metrics.for_token_model(cfg.name, version))
-        return StatelessEngine(cfg.name, version, manifest, runtime, cfg.batching,
-                               self.metrics.for_model(cfg.name, version))
+    def _sequence_store(self, name: str) -> SequenceStore:
+        return self.sequence_stores.setdefault(name, SequenceStore(self.settings.sequence_idle_timeout_s,
+                                                                   self.settings.max_sequences))
 
     async def _close_version(self, lv: LoadedVersion) -> None:
         if lv.engine is None:
@@ -247,6 +273,47 @@ class ModelRepository:
                             f"{', '.join(map(str, sorted(table))) or 'none'}")
         if lv.state != State.READY:
             raise ServeError(503, f"version {version} of model {name!r} is {lv.state.value}: {lv.reason}")
+        return lv
+
+    def route(self, name: str, ref: str | None, header: Callable[[str], str | None],
+              user: str | None = None) -> tuple[LoadedVersion, str | None]:
+        """(the version that answers, the alias that chose it or None) for a request to `name`.
+        A request that names a version or an alias gets it; otherwise the split chooses among the
+        aliases whose version is ready, by the sticky key when the caller sends one (the header
+        `routing.sticky_key`, else `user`: the OpenAI routes' field), by a weighted draw otherwise
+        (serve/routing.py). With no split, or none of its aliases ready: `stable`, else the newest."""
+        if ref:
+            lv = self.resolve(name, ref)
+            return lv, None if ref.isdigit() else ref
+        cfg = self.configs.get(name)
+        if cfg is not None and cfg.routing.split:
+            table, aliases = self.tables[name], cfg.routing.aliases
+            serving = {a for a in cfg.routing.split
+                       if (lv := table.get(aliases.get(a, -1))) is not None and lv.state == State.READY}
+            sticky = cfg.routing.sticky_key
+            key = (header(sticky) if sticky else None) or user
+            alias = choose_alias(cfg.routing.split, serving, key)
+            if alias is not None:
+                return table[aliases[alias]], alias
+        lv = self.resolve(name, None)
+        return lv, "stable" if cfg is not None and cfg.routing.aliases.get("stable") == lv.version else None
+
+    def serving(self, name: str, alias: str) -> LoadedVersion | None:
+        """The READY version an alias points at now, or None."""
+        cfg, table = self.configs.get(name), self.tables.get(name, {})
+        version = cfg.routing.aliases.get(alias) if cfg is not None else None
+        lv = table.get(version) if version is not None else None
+        return lv if lv is not None and lv.state == State.READY else None
+
+    def pinned(self, name: str, version: int, ref: str | None, what: str) -> LoadedVersion:
+        """The version a request pinned to `version` (a live sequence's chunk) runs on: a request
+        that named an alias or no version follows the pin; one that named another number is refused."""
+        if ref is not None and ref.isdigit():
+            raise ServeError(400, f"{what} runs on version {version}, not {ref}; send its requests to version "
+                                  f"{version} or through an alias")
+        lv = self.tables.get(name, {}).get(version)
+        if lv is None or lv.state != State.READY:
+            raise ServeError(400, f"{what} ran on version {version}, which no longer serves; start it again")
         return lv
 
     def index(self) -> list[dict]:

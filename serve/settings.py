@@ -39,6 +39,16 @@ class ServeSettings(BaseSettings):
                                          "for; more is a 400")
     denoise_max_rows: int = Field(256, ge=1, description="UNet rows one denoising step may carry (a guided sample "
                                   "is two rows); requests beyond wait for the next steps")
+    watch_interval_s: float = Field(0.5, ge=0, description="how often the server polls its registry for new "
+                                    "versions and model.json changes; 0 = never (reload through the admin API)")
+    swap_grace_s: float = Field(0.5, ge=0, description="after a swap, how long a version that left the routing "
+                                "still takes requests routed to it before the swap, before it drains and unloads")
+    rollout_controller: bool = Field(True, description="run the rollout controller inside this server (judging "
+                                     "on its own metrics); off for a fleet, where `zooserve rollout run` judges "
+                                     "every replica's")
+    rollout_period_s: float = Field(1.0, gt=0, description="how often the embedded controller looks at rollouts")
+    shadow_max_in_flight: int = Field(32, ge=1, description="shadow copies one model runs at once; more are "
+                                      "dropped (and counted), never a live request")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # batch jobs load only the models their lines name
     models: list[str] | None = Field(None, description="load only these models of the registry at start-up; "

@@ -58,20 +58,24 @@ class RequestOutcome:
 
     def __exit__(self, kind, exc, tb) -> bool:
         metrics, version = self.answered_by()
+        named = {"x-model-version": str(version)}   # an error names the version that gave it, as an answer does
         try:
             if exc is None or isinstance(exc, ServeError):
                 self.status = exc.status if exc is not None else self.status
+                if exc is not None:
+                    exc.headers = {**named, **exc.headers}
                 return False
             if isinstance(exc, V2Error):
                 self.status = exc.status
-                raise ServeError(exc.status, exc.message) from None
+                raise ServeError(exc.status, exc.message, named) from None
             if isinstance(exc, ENGINE_REFUSALS):
                 error = engine_refusal(exc, self.model)
                 self.status = error.status
+                error.headers = {**named, **error.headers}
                 raise error from None
             if isinstance(exc, Exception):          # the model failed on this request; the server stays up
                 log.error("%s failed for %s/%s", self.what, self.model, version, exc_info=(kind, exc, tb))
-                raise ServeError(500, f"{self.what} failed: {type(exc).__name__}: {exc}") from None
+                raise ServeError(500, f"{self.what} failed: {type(exc).__name__}: {exc}", named) from None
             return False                            # cancellation and the like: counted as 500, re-raised
         finally:
             metrics.request_done(self.status, time.perf_counter() - self.started)

@@ -39,7 +39,7 @@ async def images(request: Request, model: str,
                  scale: int = Query(4, ge=1, le=32, description="screen pixels per image pixel")) -> Response:
     started = time.perf_counter()
     repo, settings = repository_of(request), settings_of(request)
-    lv = repo.resolve(model, version)
+    lv, alias = repo.route(model, version, request.headers.get)
     engine = lv.engine
     if engine.manifest.kind not in GENERATIVE_KINDS:
         raise ServeError(400, f"model {model!r} is of kind {engine.manifest.kind!r}; images come from the "
@@ -54,4 +54,5 @@ async def images(request: Request, model: str,
             return Response(status_code=499)
         png = png_grid(outputs["image"], per_row, scale)
         outcome.status = 200
-    return Response(png, media_type="image/png", headers={"x-model-version": str(lv.version), "x-seed": str(req.seed)})
+    headers = {"x-model-version": str(lv.version), "x-seed": str(req.seed), **({"x-model-alias": alias} if alias else {})}
+    return Response(png, media_type="image/png", headers=headers)

@@ -10,10 +10,11 @@ engine's continuous batch; `stream: true` answers with server-sent events ending
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import orjson
 from fastapi import APIRouter, Request
@@ -26,6 +27,7 @@ from serve.engines.tokens import GenerationRequest, TokenEngine, TokenEvent
 from serve.errors import ServeError
 from serve.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serve.repository import State
+from serve.shadow import compare_tokens
 from training.sampling import SamplingParams
 
 router = APIRouter(prefix="/v1")
@@ -64,21 +66,39 @@ async def _parse(request: Request, model: type[BaseModel]):
         raise OpenAIError(400, f"{param}: {first['msg']}", param) from None
 
 
-def _engine_for(request: Request, model: str) -> tuple[TokenEngine, int]:
-    """Resolve `name`, `name:version` or `name@alias` to a token engine."""
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """The token engine a request reaches, and what to tell the caller about it."""
+
+    engine: TokenEngine
+    version: int
+    alias: str | None
+
+    @property
+    def model(self) -> str:
+        """The model string of the answer: `name:version`, what produced it."""
+        return f"{self.engine.name}:{self.version}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"x-model-version": str(self.version), **({"x-model-alias": self.alias} if self.alias else {})}
+
+
+def _engine_for(request: Request, model: str, user: str | None = None) -> Routed:
+    """Route `name` (split, sticky by header or `user`), `name:version` or `name@alias` to a token engine."""
     name, ref = model, None
     if "@" in model:
         name, ref = model.split("@", 1)
     elif ":" in model:
         name, ref = model.split(":", 1)
     try:
-        lv = repository_of(request).resolve(name, ref)
+        lv, alias = repository_of(request).route(name, ref, request.headers.get, user)
     except ServeError as exc:
         raise OpenAIError(exc.status, exc.message, "model") from None
-    if not isinstance(lv.engine, TokenEngine):
+    if lv.engine.api != "openai":
         raise OpenAIError(400, f"model {name!r} is a {lv.engine.manifest.kind!r} model; the OpenAI API serves "
                                "token models (use /v2/models/{name}/infer)", "model")
-    return lv.engine, lv.version
+    return Routed(lv.engine, lv.version, alias)
 
 
 def _check_prompt(engine: TokenEngine, ids: list[int], max_tokens: int | None, default_tokens: int | None) -> int:
@@ -200,6 +220,30 @@ def _usage(prompt_tokens: int, choices_tokens: int) -> dict:
             "total_tokens": prompt_tokens + choices_tokens}
 
 
+def _shadow_tokens(request: Request, routed: Routed, jobs: list[GenerationRequest], produced: list[list[int]]) -> None:
+    """Copy an answered completion to the shadow version when model.json's shadow samples it; only
+    greedy or seeded requests (an unseeded sample has nothing to agree with). Only the token
+    agreement is kept."""
+    repo, shadows = repository_of(request), request.app.state.shadow
+    name = routed.engine.name
+    shadow = repo.configs[name].routing.shadow
+    if shadow is None or not all(j.params.temperature == 0 or j.params.seed is not None for j in jobs):
+        return
+    target = repo.serving(name, shadow.alias)
+    if not shadows.wanted(name, shadow, routed.alias, routed.version, target.version if target else None):
+        return
+    engine = target.engine
+    if not shadows.admit(name, shadow.alias, int(engine.metrics.waiting.get()), engine.max_waiting):
+        return
+
+    async def run() -> tuple[bool, float]:
+        tokens: list[list[int]] = [[] for _ in jobs]
+        async for index, events in _fan_out(engine, jobs):
+            tokens[index].extend(e.token for e in events if e.token is not None)
+        return compare_tokens(produced, tokens)
+    shadows.start(name, shadow.alias, run)
+
+
 async def _guarded(handler) -> Response:
     """Errors of /v1 routes in OpenAI's error shape."""
     try:
@@ -217,7 +261,7 @@ async def list_models(request: Request) -> Response:
     repo = repository_of(request)
     data = []
     for name, table in sorted(repo.tables.items()):
-        ready = [(v, lv) for v, lv in sorted(table.items()) if lv.state == State.READY and isinstance(lv.engine, TokenEngine)]
+        ready = [(v, lv) for v, lv in sorted(table.items()) if lv.state == State.READY and lv.engine.api == "openai"]
         if not ready:
             continue
         created = int(time.time())
@@ -232,23 +276,26 @@ async def list_models(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     async def handle() -> Response:
         body: CompletionRequest = await _parse(request, CompletionRequest)
-        engine, version = _engine_for(request, body.model)
+        routed = _engine_for(request, body.model, body.user)
+        engine = routed.engine
         prompts = [engine.tokenizer.encode(p) if isinstance(p, str) else _token_ids(engine, p) for p in body.prompt]
         max_tokens = [_check_prompt(engine, ids, body.max_tokens, None) for ids in prompts]
         jobs = [GenerationRequest(ids, mt, _sampling(body, i, body.logprobs), body.stop, body.ignore_eos)
                 for ids, mt in zip(prompts, max_tokens) for i in range(body.n)]
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": body.model}
-        headers = {"x-model-version": str(version)}
+                "model": routed.model}
+        headers = routed.headers
         prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            done = functools.partial(_shadow_tokens, request, routed, jobs)
             return StreamingResponse(_stream_completions(engine, jobs, meta, body.logprobs is not None,
-                                                         include_usage, prompt_tokens),
+                                                         include_usage, prompt_tokens, done),
                                      media_type="text/event-stream", headers=headers)
         choices = await _collect(request, engine, jobs)
         if choices is None:
             return Response(status_code=499)
+        _shadow_tokens(request, routed, jobs, [c.tokens for c in choices])
         out = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
                 "logprobs": _completion_logprobs(engine, c) if body.logprobs is not None else None} for c in choices]
         payload = {**meta, "choices": out, "usage": _usage(prompt_tokens, sum(len(c.tokens) for c in choices))}
@@ -260,7 +307,8 @@ async def completions(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     async def handle() -> Response:
         body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
-        engine, version = _engine_for(request, body.model)
+        routed = _engine_for(request, body.model, body.user)
+        engine = routed.engine
         try:
             text = engine.tokenizer.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
         except ValueError as exc:
@@ -270,15 +318,17 @@ async def chat_completions(request: Request) -> Response:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         jobs = [GenerationRequest(ids, max_tokens, _sampling(body, i, logprobs), body.stop, body.ignore_eos)
                 for i in range(body.n)]
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-        headers = {"x-model-version": str(version)}
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": routed.model}
+        headers = routed.headers
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream_chat(engine, jobs, meta, body.logprobs, include_usage, len(ids)),
+            done = functools.partial(_shadow_tokens, request, routed, jobs)
+            return StreamingResponse(_stream_chat(engine, jobs, meta, body.logprobs, include_usage, len(ids), done),
                                      media_type="text/event-stream", headers=headers)
         choices = await _collect(request, engine, jobs)
         if choices is None:
             return Response(status_code=499)
+        _shadow_tokens(request, routed, jobs, [c.tokens for c in choices])
         out = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "finish_reason": c.finish_reason,
                 "logprobs": {"content": _chat_logprobs(engine, c)} if body.logprobs else None} for c in choices]
@@ -291,16 +341,21 @@ async def chat_completions(request: Request) -> Response:
 # ---- streaming --------------------------------------------------------------------------------
 
 async def _stream(engine, jobs, base: dict, include_usage: bool, prompt_tokens: int,
-                  to_choice, preamble: list[dict]) -> AsyncIterator[bytes]:
-    """SSE chunks: `preamble`, one chunk per event (`to_choice(index, event)`), usage, [DONE]."""
+                  to_choice, preamble: list[dict], done: Callable[[list[list[int]]], None]) -> AsyncIterator[bytes]:
+    """SSE chunks: `preamble`, one chunk per event (`to_choice(index, event)`), usage, [DONE];
+    `done(tokens of each choice)` once every choice has finished."""
     for payload in preamble:
         yield _sse(payload)
     generated = 0
+    tokens: list[list[int]] = [[] for _ in jobs]
     try:
         async for index, events in _fan_out(engine, jobs):
             for event in events:
-                generated += event.token is not None
+                if event.token is not None:
+                    generated += 1
+                    tokens[index].append(event.token)
                 yield _sse({**base, "choices": [to_choice(index, event)]})
+        done(tokens)
         if include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, generated)})
     except OpenAIError as exc:
@@ -308,14 +363,14 @@ async def _stream(engine, jobs, base: dict, include_usage: bool, prompt_tokens: 
     yield b"data: [DONE]\n\n"
 
 
-def _stream_completions(engine, jobs, meta, with_logprobs, include_usage, prompt_tokens) -> AsyncIterator[bytes]:
+def _stream_completions(engine, jobs, meta, with_logprobs, include_usage, prompt_tokens, done) -> AsyncIterator[bytes]:
     def to_choice(index: int, event: TokenEvent) -> dict:
         lp = _completion_logprobs(engine, _one(index, event)) if with_logprobs else None
         return {"index": index, "text": event.text, "logprobs": lp, "finish_reason": event.finish_reason}
-    return _stream(engine, jobs, meta, include_usage, prompt_tokens, to_choice, [])
+    return _stream(engine, jobs, meta, include_usage, prompt_tokens, to_choice, [], done)
 
 
-def _stream_chat(engine, jobs, meta, with_logprobs, include_usage, prompt_tokens) -> AsyncIterator[bytes]:
+def _stream_chat(engine, jobs, meta, with_logprobs, include_usage, prompt_tokens, done) -> AsyncIterator[bytes]:
     base = {**meta, "object": "chat.completion.chunk"}
     roles = [{**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                    "finish_reason": None}]} for i in range(len(jobs))]   # the role comes first
@@ -324,7 +379,7 @@ def _stream_chat(engine, jobs, meta, with_logprobs, include_usage, prompt_tokens
         lp = {"content": _chat_logprobs(engine, _one(index, event))} if with_logprobs else None
         delta = {"content": event.text} if event.text or event.finish_reason is None else {}
         return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": event.finish_reason}
-    return _stream(engine, jobs, base, include_usage, prompt_tokens, to_choice, roles)
+    return _stream(engine, jobs, base, include_usage, prompt_tokens, to_choice, roles, done)
 
 
 def _one(index: int, event: TokenEvent) -> Choice:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 from fastapi import APIRouter, Request
@@ -18,12 +18,10 @@ from fastapi.responses import Response
 
 from serve import __version__
 from serve.api.deps import RequestOutcome, admin_only, read_body, repository_of, settings_of, unless_disconnected
-from serve.engines.sample import bind_sample_request
-from serve.engines.sequence import route_sequence
 from serve.errors import ServeError, unavailable
 from serve.repository import LoadedVersion, State
-from serve.sample_request import GENERATIVE_KINDS
-from serve.v2_codec import decode_infer_request, encode_infer_response
+from serve.shadow import ShadowTraffic, compare_tensors, parity_tolerance
+
 
 router = APIRouter()
 
@@ -152,7 +150,11 @@ def _config(repo, lv: LoadedVersion, settings) -> dict:
         "instance_group": [{"name": f"{lv.name}_0", "kind": "KIND_GPU" if lv.device == "cuda" else "KIND_CPU",
                             "count": 1, **({"gpus": [0]} if lv.device == "cuda" else {})}],
         "parameters": {"routing": {"string_value": orjson.dumps(cfg.routing.model_dump()).decode()},
-                       **({"prefill": {"string_value": lv.prefill}} if lv.prefill else {})},
+                       "revision": {"int64_param": cfg.revision},
+                       **({"prefill": {"string_value": lv.prefill}} if lv.prefill else {}),
+                       # why model.json as it is on disk is not (wholly) in force
+                       **({"routing_error": {"string_value": repo.config_errors[lv.name]}}
+                          if lv.name in repo.config_errors else {})},
         **_sequence_batching(manifest, settings),
     }
 
@@ -270,51 +272,80 @@ async def _receive_body(receive, declared: bytes | None, limit: int) -> bytes | 
     return b"".join(chunks)
 
 
-async def _infer(repo, settings, model: str, version: str | None, started: float, body_of, receive,
-                 encoding: str | None, header_length: str | None) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+async def _infer(repo, settings, shadows: ShadowTraffic, model: str, version: str | None, started: float, body_of,
+                 receive, encoding: str | None, header_length: str | None,
+                 header: Callable[[str], str | None]) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
     """One v2 inference: (body, headers) of the 200 answer, ServeError otherwise, None when the
     client went away before its body arrived, or, for an engine whose requests run many steps
     (`cancellable`: the denoise engine), before its answer. `body_of(limit)` reads the request
-    body; `receive` is the ASGI channel that says when the client has gone."""
-    lv = repo.resolve(model, version)
-    engine = lv.engine
-    if not hasattr(engine, "infer"):
-        raise ServeError(400, f"model {model!r} generates tokens: use POST /v1/completions or /v1/chat/completions")
-    with RequestOutcome(model, started, "inference", lambda: (engine.metrics, lv.version)) as outcome:
+    body; `receive` is the ASGI channel that says when the client has gone; `header(name)` reads a
+    request header (the sticky routing key)."""
+    lv, alias = repo.route(model, version, header)
+    with RequestOutcome(model, started, "inference", lambda: (lv.engine.metrics, lv.version)) as outcome:
         body = await body_of(settings.max_body_bytes)
         if body is None:
             outcome.status = 499
             return None
         body = _decompress(body, encoding, settings.max_body_bytes)
-        sig, cfg = engine.manifest.signature, repo.configs[model]
-        if engine.manifest.kind in GENERATIVE_KINDS:   # optional inputs, sampler parameters: serve/sample_request.py
-            req, engine = bind_sample_request(engine, body, header_length, settings)
-        else:
-            req = decode_infer_request(body, header_length, sig.inputs, sig.outputs,
-                                       cfg.batching.max_batch_size, settings.allow_non_finite)
-        if engine.manifest.kind == "sequence":   # a live sequence is answered by the version it started on
-            lv, engine = route_sequence(repo, lv, version, req.parameters)
-        timeout_us = req.parameters.get("timeout")
+        call = lv.engine.bind(body, header_length, settings, repo.configs[model].batching)
+        pin = call.pinned_version()
+        if pin is not None and pin[0] != lv.version:   # a live sequence's chunk: the version it started on
+            lv, alias = repo.pinned(model, pin[0], version, pin[1]), None
+            call = call.bound_to(lv.engine)
+        timeout_us = call.parameters.get("timeout")
         timeout_s = timeout_us / 1e6 if isinstance(timeout_us, (int, float)) and timeout_us > 0 \
             else settings.request_timeout_s
-        work = engine.infer(req.inputs, req.batch_size, started + timeout_s)
-        if getattr(engine, "cancellable", False):   # watching costs two tasks: only where requests run long
+        work = call.run(started + timeout_s)
+        if lv.engine.cancellable:   # watching costs two tasks: only where requests run long
             outputs = await unless_disconnected(work, receive)
             if outputs is None:
                 outcome.status = 499
                 return None
         else:
             outputs = await work
+        if call.shadowable:
+            _shadow_copy(repo, shadows, settings, model, alias, lv, call, outputs)
         version_text = str(lv.version)
-        if hasattr(engine, "response"):        # a sampler: tensors or a PNG, and the seed it used
-            payload, extra = engine.response(model, version_text, req.id, outputs)
-        else:
-            payload, extra = encode_infer_response(model, version_text, req.id, outputs, req.outputs,
-                                                   {s.name: s.datatype for s in sig.outputs})
+        payload, extra = call.response(model, version_text, outputs)
         outcome.status = 200
         headers = [(b"content-type", extra.pop("Content-Type").encode()), (b"x-model-version", version_text.encode())]
+        if alias is not None:
+            headers.append((b"x-model-alias", alias.encode()))
         headers.extend((k.lower().encode(), v.encode()) for k, v in extra.items())
         return payload, headers
+
+
+def _shadow_copy(repo, shadows: ShadowTraffic, settings, model: str, alias: str | None, lv: LoadedVersion,
+                 call, outputs: dict) -> None:
+    """Copy an answered request to the shadow version, when model.json's shadow samples it; the copy
+    runs after this answer, on its own, and only its comparison with `outputs` is kept."""
+    cfg = repo.configs[model]
+    shadow = cfg.routing.shadow
+    if shadow is None:
+        return
+    target = repo.serving(model, shadow.alias)
+    if not shadows.wanted(model, shadow, alias, lv.version, target.version if target else None):
+        return
+    engine = target.engine
+    if not shadows.admit(model, shadow.alias, int(engine.metrics.queue_depth.get()), cfg.batching.max_queue_size):
+        return
+    copy, kind, tolerance = call.bound_to(engine), engine.manifest.kind, parity_tolerance(engine.manifest)
+
+    async def run() -> tuple[bool, float]:
+        return compare_tensors(kind, outputs, await copy.run(time.perf_counter() + settings.request_timeout_s),
+                               tolerance)
+    shadows.start(model, shadow.alias, run)
+
+
+def _scope_header(raw_headers: list[tuple[bytes, bytes]]) -> Callable[[str], str | None]:
+    """A lookup of one request header by (lower-case) name in ASGI's raw headers."""
+    def header(name: str) -> str | None:
+        wanted = name.encode("latin-1")
+        for key, value in raw_headers:
+            if key == wanted:
+                return value.decode("latin-1")
+        return None
+    return header
 
 
 INFER_PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
@@ -326,8 +357,9 @@ async def fast_infer(scope, receive, send, state, model: str, version: str | Non
     started = time.perf_counter()
     length, encoding, header_length = _header_values(scope["headers"])
     try:
-        result = await _infer(state.repository, state.settings, model, version, started,
-                              lambda limit: _receive_body(receive, length, limit), receive, encoding, header_length)
+        result = await _infer(state.repository, state.settings, state.shadow, model, version, started,
+                              lambda limit: _receive_body(receive, length, limit), receive, encoding, header_length,
+                              _scope_header(scope["headers"]))
         if result is None:
             return                  # nobody to answer
         status, (payload, headers) = 200, result
@@ -345,9 +377,9 @@ async def _routed_infer(request: Request, model: str, version: str | None) -> Re
     ASGI front answers them first)."""
     started = time.perf_counter()
     headers = request.headers
-    result = await _infer(repository_of(request), settings_of(request), model, version, started,
+    result = await _infer(repository_of(request), settings_of(request), request.app.state.shadow, model, version, started,
                           lambda limit: read_body(request, limit), request.receive, headers.get("content-encoding"),
-                          headers.get("inference-header-content-length"))
+                          headers.get("inference-header-content-length"), headers.get)
     if result is None:
         return Response(status_code=499)
     payload, raw_headers = result

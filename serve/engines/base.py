@@ -1,16 +1,45 @@
-"""What every engine offers the repository and the HTTP layer, whatever its execution pattern.
+"""What every engine offers the repository and the HTTP layer, whatever its execution pattern,
+so that routing, shadow traffic and the routes call every kind the same way.
 
-The request verb differs by pattern, so it is not part of this protocol: the stateless engine
-has `async infer(inputs, rows, deadline) -> outputs` (one answer per request), the token engine
-`generate(GenerationRequest) -> AsyncIterator[list[TokenEvent]]` (a stream of events).
+Two request verbs, by API (`Engine.api`):
+- "v2" engines (classify, sequence, sample, denoise) `bind` a v2 infer body into a `V2Call`,
+  which runs once and encodes its answer;
+- "openai" engines (tokens) `generate(GenerationRequest) -> AsyncIterator[list[TokenEvent]]`, a
+  stream of events (serve/engines/tokens.py).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
-from model_registry import Manifest
+import numpy as np
+
+from model_registry import Batching, Manifest
 from serve.metrics import EngineStats, ModelMetrics
+
+if TYPE_CHECKING:
+    from serve.settings import ServeSettings
+
+
+class V2Call(Protocol):
+    """One decoded, validated v2 infer request bound to the engine that answers it."""
+
+    engine: "Engine"
+    parameters: dict        # the request's v2 parameters (timeout, sequence control, sampler knobs)
+    shadowable: bool        # may run again on another version (a sequence's chunk changes its state: no)
+
+    def pinned_version(self) -> tuple[int, str] | None:
+        """(version, what) when the request must run on one version whatever the routing says (a
+        chunk of a live stateful sequence runs on the version its sequence started on); else None."""
+
+    def bound_to(self, engine: "Engine") -> "V2Call":
+        """The same request bound to another version's engine (a pinned version, a shadow)."""
+
+    async def run(self, deadline: float) -> dict[str, np.ndarray]:
+        """Queue it on the engine; its output tensors."""
+
+    def response(self, model: str, version: str, outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+        """(body, headers with Content-Type) of the 200 answer."""
 
 
 class Engine(Protocol):
@@ -18,6 +47,15 @@ class Engine(Protocol):
     version: int
     manifest: Manifest
     metrics: ModelMetrics
+    api: ClassVar[Literal["v2", "openai"]]
+    # requests run many steps: the routes cancel one whose client went away (two tasks per request,
+    # so only where it pays)
+    cancellable: ClassVar[bool]
+
+    def bind(self, body: bytes, header_length: str | None, settings: "ServeSettings",
+             batching: Batching) -> V2Call:
+        """Decode and validate a v2 infer body for this engine (ServeError/V2Error 4xx when bad);
+        an "openai" engine refuses with 400 naming the routes that serve it."""
 
     def start(self) -> None:
         """Start background work; called on the running event loop."""
@@ -28,6 +66,9 @@ class Engine(Protocol):
     @property
     def in_flight(self) -> int:
         """Requests accepted and not yet answered."""
+
+    def reconfigure(self, batching: Batching) -> None:
+        """model.json's batching changed: apply it to the queues (no reload, nothing dropped)."""
 
     async def close(self, drain_timeout_s: float) -> None:
         """Refuse new work, finish what was accepted, release the runtime."""

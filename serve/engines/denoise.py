@@ -35,6 +35,7 @@ from serve.engines.step_loop import StepLoop
 from serve.metrics import DenoiseMetrics, EngineStats
 from serve.runtimes import Runtime
 from serve.sample_request import SampleRequest, sample_request
+from serve.engines.sample import SampleCall, bind_sample_request
 
 
 Denoiser = Callable  # (x_t (B, C, H, W) float32, t (B,) int64, label (B,) int64) -> eps, torch tensors
@@ -121,6 +122,7 @@ class DenoiseScheduler:
 class DenoiseEngine(StepLoop):
     """One (model, version) of kind `denoise`: scheduler + the batched diffusion loop on one thread."""
 
+    api = "v2"
     cancellable = True   # a request runs many steps: the routes cancel it when its client leaves
 
     def __init__(self, name: str, version: int, manifest: Manifest, denoiser: Denoiser, config,
@@ -170,6 +172,13 @@ class DenoiseEngine(StepLoop):
             raise
         finally:
             self._pending -= 1
+
+    def reconfigure(self, batching) -> None:
+        """Requests step together, not in batches: only the queue bound applies."""
+        self.max_waiting = batching.max_queue_size
+
+    def bind(self, body: bytes, header_length: str | None, settings, batching) -> SampleCall:
+        return bind_sample_request(self, body, header_length, settings)
 
     async def infer(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None,
                     parameters: dict | None = None) -> dict[str, np.ndarray]:

@@ -1,21 +1,106 @@
-"""Builds engines that need more than a runtime: state slots sized from the signature, config and
-settings, and the tokenizer."""
+"""The kind-to-engine choice in one table (`BUILDERS`): each builder opens a verified version's
+artifacts, builds its engine and replays its golden pair; and the token engine's state slots,
+sized from the signature, config and settings."""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from model_registry import Manifest
+from model_registry import Manifest, ModelConfig
+from serve.engines.base import Engine
 from serve.engines.kv_slots import KVSlots
+from serve.engines.sample import make_generative_engine
+from serve.engines.sequence import SequenceEngine, SequenceRuntime, artifact_names
 from serve.engines.state_slots import StateSlots
+from serve.engines.stateless import StatelessEngine
 from serve.engines.tokens import TokenEngine
-from serve.metrics import TokenMetrics
-from serve.runtimes import Runtime
+from serve.golden import check_golden
+from serve.metrics import Metrics, TokenMetrics
+from serve.runtimes import Runtime, open_runtime, with_split_prefill
+from serve.sequence_store import SequenceStore
 from serve.settings import ServeSettings
 
 log = logging.getLogger("zooserve.tokens")
+
+
+@dataclass
+class BuildContext:
+    """What a builder needs besides the version: the model's config, the server's settings and
+    metrics, and the model's sequence store (shared by its versions: a sequence outlives a swap)."""
+
+    cfg: ModelConfig
+    settings: ServeSettings
+    metrics: Metrics
+    sequence_store: Callable[[], SequenceStore]
+
+
+@dataclass
+class Built:
+    engine: Engine
+    golden_error: float      # worst error of the golden replay (it raised if over tolerance)
+    device: str              # where the runtime really runs
+    prefill: str = ""        # recurrent token models: how prompts run
+
+
+def build_engine(version: int, manifest: Manifest, vdir: Path, ctx: BuildContext) -> Built:
+    """A verified version's engine, golden-checked (raises on any failure)."""
+    builder = BUILDERS.get(manifest.kind)
+    if builder is None:
+        raise RuntimeError(f"kind {manifest.kind!r} has no engine in this server yet")
+    return builder(version, manifest, vdir, ctx)
+
+
+def _runtime(manifest: Manifest, vdir: Path, settings: ServeSettings) -> Runtime:
+    return open_runtime(vdir, manifest.format, manifest.artifacts[manifest.format],
+                        *artifact_names(manifest),   # the signature's (+ lengths and state)
+                        settings.intra_op_threads, settings.device)
+
+
+def _stateless(version: int, manifest: Manifest, vdir: Path, ctx: BuildContext) -> Built:
+    runtime = _runtime(manifest, vdir, ctx.settings)
+    error = check_golden(manifest, runtime, vdir)
+    name = ctx.cfg.name
+    engine = StatelessEngine(name, version, manifest, runtime, ctx.cfg.batching, ctx.metrics.for_model(name, version))
+    return Built(engine, error, runtime.device)
+
+
+def _sequence(version: int, manifest: Manifest, vdir: Path, ctx: BuildContext) -> Built:
+    runtime = SequenceRuntime(_runtime(manifest, vdir, ctx.settings), manifest, vdir)
+    error = check_golden(manifest, runtime, vdir)
+    name = ctx.cfg.name
+    engine = SequenceEngine(name, version, manifest, runtime, ctx.cfg.batching, ctx.sequence_store(), ctx.settings,
+                            ctx.metrics.for_sequence_model(name, version))
+    return Built(engine, error, runtime.device)
+
+
+def _tokens(version: int, manifest: Manifest, vdir: Path, ctx: BuildContext) -> Built:
+    runtime = with_split_prefill(_runtime(manifest, vdir, ctx.settings), manifest, vdir,
+                                 ctx.settings.intra_op_threads)
+    error = check_golden(manifest, runtime, vdir)
+    name = ctx.cfg.name
+    engine = make_token_engine(name, version, manifest, runtime, vdir, ctx.settings,
+                               ctx.metrics.for_token_model(name, version))
+    return Built(engine, error, runtime.device, getattr(runtime, "prefill", ""))
+
+
+def _generative(version: int, manifest: Manifest, vdir: Path, ctx: BuildContext) -> Built:
+    """Parts, a sampling loop, part and end-to-end goldens (serve/engines/sample.py)."""
+    engine = make_generative_engine(ctx.cfg.name, version, manifest, vdir, ctx.cfg.batching, ctx.settings,
+                                    ctx.metrics)
+    return Built(engine, engine.golden_error, engine.device)
+
+
+BUILDERS: dict[str, Callable[[int, Manifest, Path, BuildContext], Built]] = {
+    "classify": _stateless,
+    "sequence": _sequence,
+    "tokens": _tokens,
+    "sample": _generative,
+    "denoise": _generative,
+}
 
 
 def make_token_engine(name: str, version: int, manifest: Manifest, runtime: Runtime, version_dir: Path,

@@ -20,7 +20,9 @@ import asyncio
 import json
 import logging
 import math
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file
@@ -86,6 +88,9 @@ def check_public(manifest: Manifest, engine, tensors: dict[str, np.ndarray]) -> 
 class SampleEngine:
     """A GAN or VAE version: seeded latents per request, one dynamic batcher per part."""
 
+    api = "v2"
+    cancellable = False
+
     def __init__(self, name: str, version: int, manifest: Manifest, runtimes: dict[str, Runtime], config,
                  batching: Batching, metrics: ModelMetrics):
         self.name, self.version, self.manifest, self.metrics = name, version, manifest, metrics
@@ -127,9 +132,16 @@ class SampleEngine:
         out = {**feeds, **await self._run(self.main, feeds, deadline)}
         return {n: out[n] for n in req.outputs}
 
+    def reconfigure(self, batching: Batching) -> None:
+        for batcher in self.batchers.values():
+            batcher.reconfigure(batching.max_batch_size, batching.max_queue_delay_ms, batching.max_queue_size)
+
+    def bind(self, body: bytes, header_length: str | None, settings: ServeSettings, batching: Batching) -> SampleCall:
+        return bind_sample_request(self, body, header_length, settings)
+
     async def infer(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None,
                     parameters: dict | None = None) -> dict[str, np.ndarray]:
-        """Every engine's verb: decoded inputs (+ request parameters) -> the default outputs."""
+        """Decoded inputs (+ request parameters) -> the default outputs."""
         return await self.sample(sample_request(self.manifest, inputs, parameters or {}), deadline)
 
     def sample_now(self, req: SampleRequest) -> dict[str, np.ndarray]:
@@ -187,27 +199,27 @@ def make_generative_engine(name: str, version: int, manifest: Manifest, version_
     return engine
 
 
+@dataclass(frozen=True, slots=True)
 class SampleCall:
-    """A decoded, validated sampler request bound to its engine; stands in for the engine in the v2
-    infer handler (`infer`, `metrics`, and `response`, which encodes tensors or a PNG)."""
+    """A decoded, validated sampler request bound to its engine (GAN, VAE or diffusion)."""
 
-    def __init__(self, engine, request: SampleRequest, binary: dict[str, bool]):
-        self.engine, self.request, self.binary = engine, request, binary
-        self.cancellable = getattr(engine, "cancellable", False)
+    engine: Any
+    request: SampleRequest
+    request_id: str | None
+    parameters: dict
+    binary: dict[str, bool]
+    shadowable = True       # the request carries its seed: the shadow samples from the same noise
 
-    @property
-    def metrics(self) -> ModelMetrics:
-        return self.engine.metrics
+    def pinned_version(self) -> tuple[int, str] | None:
+        return None
 
-    @property
-    def manifest(self) -> Manifest:
-        return self.engine.manifest
+    def bound_to(self, engine) -> "SampleCall":
+        return replace(self, engine=engine)
 
-    async def infer(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None) -> dict[str, np.ndarray]:
+    async def run(self, deadline: float) -> dict[str, np.ndarray]:
         return await self.engine.sample(self.request, deadline)
 
-    def response(self, model: str, version: str, request_id: str | None,
-                 outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    def response(self, model: str, version: str, outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
         """(body, headers): the v2 JSON/binary answer, or a PNG grid (response_format png); both
         carry the seed used in `x-seed`, so an unseeded request can be repeated."""
         headers = {"x-seed": str(self.request.seed)}
@@ -215,17 +227,17 @@ class SampleCall:
             return png_grid(outputs["image"]), {"Content-Type": "image/png", **headers}
         wanted = [RequestedOutput(n, self.binary.get(n, False)) for n in self.request.outputs]
         datatypes = {s.name: s.datatype for s in self.engine.manifest.signature.outputs}
-        body, extra = encode_infer_response(model, version, request_id, outputs, wanted, datatypes)
+        body, extra = encode_infer_response(model, version, self.request_id, outputs, wanted, datatypes)
         return body, {**extra, **headers}
 
 
-def bind_sample_request(engine, body: bytes, header_length: str | None, settings: ServeSettings):
-    """(the decoded request, the bound call) for a v2 infer body sent to a sampler; 400 when invalid."""
+def bind_sample_request(engine, body: bytes, header_length: str | None, settings: ServeSettings) -> SampleCall:
+    """A v2 infer body sent to a sampler, decoded and bound; 400 when invalid."""
     decoded = decode_sample_request(body, header_length, engine.manifest.signature, settings.max_samples_per_request,
                                     settings.allow_non_finite)
     named = [o.name for o in decoded.outputs] if decoded.outputs_named else None
     req = sample_request(engine.manifest, decoded.inputs, decoded.parameters, named)
-    return decoded, SampleCall(engine, req, {o.name: o.binary for o in decoded.outputs})
+    return SampleCall(engine, req, decoded.id, decoded.parameters, {o.name: o.binary for o in decoded.outputs})
 
 
 def png_grid(images: np.ndarray, per_row: int | None = None, scale: int = 4) -> bytes:

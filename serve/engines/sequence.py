@@ -16,8 +16,8 @@ stream, batch 1. `sequence_start` opens (or restarts) the sequence from zero sta
 (one per model, all versions), replaced only after a chunk succeeds, so streaming a series in
 chunks gives the forecast of sending it whole, and a refused chunk changes nothing. Chunks of
 one sequence run one at a time, in arrival order. A live sequence stays on the version it
-started on: `route_sequence` sends its chunks there when the request names an alias or no version,
-even after the alias moved.
+started on: its chunks say so (`SequenceCall.pinned_version`), and the routes send them there
+when the request names an alias or no version, even after the alias moved or the split changed.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,8 @@ from serve.metrics import EngineStats, SequenceMetrics
 from serve.runtimes import Runtime
 from serve.sequence_store import LiveSequence, SequenceId, SequenceStore, TooManySequences, UnknownSequence
 from serve.settings import ServeSettings
+from serve.engines.stateless import decode_for
+from serve.v2_codec import InferRequest, encode_infer_response
 
 log = logging.getLogger("zooserve.sequence")
 
@@ -154,6 +156,9 @@ def _rows(rows: list[_Row]) -> np.ndarray:
 
 
 class SequenceEngine:
+    api = "v2"
+    cancellable = False
+
     def __init__(self, name: str, version: int, manifest: Manifest, runtime: SequenceRuntime,
                  batching: Batching, store: SequenceStore, settings: ServeSettings, metrics: SequenceMetrics):
         self.name, self.version, self.manifest = name, version, manifest
@@ -173,6 +178,14 @@ class SequenceEngine:
         """Start the batcher and the idle-sequence reaper on the running loop."""
         self.batcher.start()
         self._reaper = asyncio.get_running_loop().create_task(self._expire_forever())
+
+    def bind(self, body: bytes, header_length: str | None, settings: ServeSettings,
+             batching: Batching) -> "SequenceCall":
+        request = decode_for(self.manifest, body, header_length, settings, batching)
+        return SequenceCall(self, request, parse_control(request.parameters))
+
+    def reconfigure(self, batching: Batching) -> None:
+        self.batcher.reconfigure(batching.max_batch_size, batching.max_queue_delay_ms, batching.max_queue_size)
 
     async def infer(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None,
                     control: SequenceControl | None = None) -> dict[str, np.ndarray]:
@@ -281,42 +294,39 @@ class SequenceEngine:
             log.info("%s/%s unloaded with %d live sequences; they are gone", self.name, self.version, dropped)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class SequenceCall:
-    """A sequence-kind request bound to its sequence parameters; stands in for the engine in the
-    v2 infer handler (`infer` and `metrics`, as every engine)."""
+    """A decoded v2 request to a sequence model with its sequence control (None: whole histories)."""
 
     engine: SequenceEngine
+    request: InferRequest
     control: SequenceControl | None
 
     @property
-    def metrics(self) -> SequenceMetrics:
-        return self.engine.metrics
+    def parameters(self) -> dict:
+        return self.request.parameters
 
-    async def infer(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None) -> dict[str, np.ndarray]:
-        return await self.engine.infer(inputs, rows, deadline, self.control)
+    @property
+    def shadowable(self) -> bool:
+        return self.control is None       # a chunk moves its sequence's state: it runs once
 
-
-def route_sequence(repository, lv, ref: str | None, parameters: dict):
-    """(the version that answers, the call) for a request to a sequence-kind model. A chunk of a live
-    sequence goes to the version the sequence started on when the request names an alias or no
-    version (wherever the alias points now); naming another version number is refused (400), as
-    Triton refuses a chunk at a scheduler that never saw the sequence's start."""
-    from serve.repository import State   # here: the repository imports this module
-
-    control = parse_control(parameters)
-    if control is not None and not control.start:
+    def pinned_version(self) -> tuple[int, str] | None:
+        """A chunk of a live sequence runs on the version the sequence started on (Triton refuses a
+        chunk at a scheduler that never saw the sequence's start); a start goes where routing says."""
+        if self.control is None or self.control.start:
+            return None
         try:
-            seq = lv.engine.store.get(control.id)
+            seq = self.engine.store.get(self.control.id)
         except UnknownSequence as exc:
             raise ServeError(400, str(exc)) from None
-        if seq.version != lv.version:
-            if ref is not None and ref.isdigit():
-                raise ServeError(400, f"sequence {control.id!r} runs on version {seq.version}, not {lv.version}; "
-                                      f"send its requests to version {seq.version} or through an alias")
-            pinned = repository.tables.get(lv.name, {}).get(seq.version)
-            if pinned is None or pinned.state != State.READY:
-                raise ServeError(400, f"sequence {control.id!r} ran on version {seq.version}, which no longer "
-                                      f"serves; start it again")
-            lv = pinned
-    return lv, SequenceCall(lv.engine, control)
+        return seq.version, f"sequence {self.control.id!r}"
+
+    def bound_to(self, engine: SequenceEngine) -> "SequenceCall":
+        return replace(self, engine=engine)
+
+    async def run(self, deadline: float) -> dict[str, np.ndarray]:
+        return await self.engine.infer(self.request.inputs, self.request.batch_size, deadline, self.control)
+
+    def response(self, model: str, version: str, outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+        datatypes = {s.name: s.datatype for s in self.engine.manifest.signature.outputs}
+        return encode_infer_response(model, version, self.request.id, outputs, self.request.outputs, datatypes)

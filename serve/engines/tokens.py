@@ -24,6 +24,7 @@ from model_registry import Manifest
 from serve.batching import Closed, QueueFull
 from serve.engines.base import TokenState
 from serve.engines.step_loop import StepLoop
+from serve.errors import ServeError
 from serve.metrics import EngineStats, TokenMetrics
 from serve.runtimes import Runtime
 from serve.scheduler import FINISH_REASON, RequestStatus, StepPlan, TokenRequest, TokenScheduler
@@ -134,6 +135,9 @@ class TokenRunner:
 class TokenEngine(StepLoop):
     """One (model, version) of kind `tokens`: scheduler + runner + samplers on one thread."""
 
+    api = "openai"
+    cancellable = True     # a client that leaves aborts its sequences
+
     def __init__(self, name: str, version: int, manifest: Manifest, runtime: Runtime, tokenizer,
                  slots: TokenState, metrics: TokenMetrics, max_waiting: int = 1024):
         super().__init__()
@@ -149,6 +153,13 @@ class TokenEngine(StepLoop):
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         super().start()
+
+    def reconfigure(self, batching) -> None:
+        """Sequences run in the continuous batch (max_num_seqs), not in model.json's batches."""
+
+    def bind(self, body: bytes, header_length: str | None, settings, batching) -> None:
+        raise ServeError(400, f"model {self.name!r} generates tokens: use POST /v1/completions or "
+                              "/v1/chat/completions")
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
         """Queue one sequence; yields its events step by step until the last one (finish_reason set)."""
