@@ -147,8 +147,9 @@ class ModelRepository:
                 if version not in new and lv.state == State.READY:
                     new[version] = lv
         for version, lv in old.items():
-            if version not in new and self._live_sequences(lv):
-                # its stateful sequences are pinned to it: it serves them until they end or expire
+            if version not in new and lv.state == State.READY and name in self.sequence_stores:
+                # stateful sequences are pinned to it: it serves them until they end or expire, those
+                # a start routed to it just before the swap opens during the grace period included
                 new[version] = lv
                 self._retire_when_idle(name, version)
         cfg, held = _ready_aliases(cfg, self.configs.get(name), new)
@@ -193,11 +194,12 @@ class ModelRepository:
             self._retiring[(name, version)] = asyncio.get_running_loop().create_task(self._retire(name, version))
 
     async def _retire(self, name: str, version: int) -> None:
-        """Unload a version the policy dropped once its last live sequence ends or expires; a
-        reload that wants it again, or an unload of the model, takes it over."""
+        """Unload a version the policy dropped once its last live sequence ends or expires (after the
+        swap grace, so that a start routed to it just before the swap is served too); a reload that
+        wants it again, or an unload of the model, takes it over."""
         try:
-            log.info("%s/%s is retiring: it serves its %d live sequences until they end or expire",
-                     name, version, self._live_sequences(self.tables[name][version]))
+            await asyncio.sleep(self.settings.swap_grace_s)
+            announced = False
             while True:
                 lv = self.tables.get(name, {}).get(version)
                 if lv is None:
@@ -206,11 +208,16 @@ class ModelRepository:
                     lv.reason = ""
                     return
                 self.sequence_stores[name].expire(version)
-                if not self._live_sequences(lv):
+                live = self._live_sequences(lv)
+                if not live:
                     break
+                if not announced:
+                    log.info("%s/%s is retiring: it serves its %d live sequences until they end or expire",
+                             name, version, live)
+                    announced = True
                 await asyncio.sleep(min(1.0, self.settings.sequence_idle_timeout_s / 4))
             self.tables[name] = {v: x for v, x in self.tables[name].items() if v != version}
-            log.info("%s/%s retired: its last sequence is over", name, version)
+            log.info("%s/%s retired: no live sequence left", name, version)
             await self._close_version(lv)
         finally:
             self._retiring.pop((name, version), None)

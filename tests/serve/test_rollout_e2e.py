@@ -102,6 +102,15 @@ def wait_for_end(root: Path, timeout: float) -> dict:
     raise AssertionError(f"rollout still running after {timeout} s: {status}")
 
 
+def figure(what: str, answers: list, canary: int, status: dict, started: float) -> None:
+    """One line for docs/routing.md (shown with pytest -s): when it was decided, what the callers saw."""
+    failed = sum(a[1] != 200 for a in answers)
+    on_canary = sum(a[2] == str(canary) for a in answers)
+    print(f"\nrollout figure: {what}: {status['state']} {status['history'][-1]['at'] - started:.1f} s after the "
+          f"start; {len(answers)} requests, {on_canary} on the canary, {failed} failed (all on the canary); "
+          f"reason: {status['reason']}")
+
+
 def check_answers(answers: list, canary: int, status: dict, settle: float = 0.7) -> None:
     """Only the canary fails; the canary never takes more than its step's share (3 sigma over the
     answers of that step); after a rollback it takes nothing. `settle`: the watch interval plus the
@@ -135,6 +144,7 @@ def test_a_faulty_canary_is_rolled_back_within_two_intervals(kind, registry_copy
             started = time.time()
             status = wait_for_end(registry_copy, 6 * interval)
             time.sleep(1.5)
+    figure(f"{kind} canary, embedded controller, interval {interval} s", load.answers, canary, status, started)
     assert status["state"] == "rolled_back", status
     decided = status["history"][-1]["at"]
     assert decided - started <= 2 * interval + 1.5, (decided - started, status["history"])
@@ -154,8 +164,10 @@ def test_a_good_canary_is_promoted(registry_copy, start_server, tmp_path):
             # alpha 0.01: identical twins on a shared 2-core machine; a window is still judged on evidence
             start_rollout(registry_copy, "--steps", "50,100", "--interval", "2s", "--min-requests", "40",
                           "--alpha", "0.01", "--max-p99-ratio", "2")
+            started = time.time()
             status = wait_for_end(registry_copy, 30)
             time.sleep(1.5)
+    figure("good canary, embedded controller, steps 50,100, interval 2 s", load.answers, canary, status, started)
     assert status["state"] == "promoted", status
     assert [e["event"] for e in status["history"]] == ["started", "stepped", "promoted"]
     assert not [a for a in load.answers if a[1] != 200]
@@ -201,6 +213,8 @@ def test_two_replicas_converge_and_one_controller_drives_both(registry_copy, sta
         finally:
             controller.terminate()
             out, _ = controller.communicate(timeout=30)
+    figure(f"failing canary, `zooserve rollout run --servers` over 2 replicas, interval {interval} s", load.answers,
+           canary, status, started)
     assert status["state"] == "rolled_back", (status, out[-2000:])
     assert status["history"][-1]["at"] - started <= 2 * interval + 1.5
     # two servers, a controller and four callers on two cores: a poll can come late

@@ -153,7 +153,8 @@ def test_the_controller_steps_on_prometheus_numbers(two_versions, start_server, 
     registry.start_rollout(MODEL, Rollout(canary="canary", interval_s=30, min_requests=20,
                                           max_p99_ratio=10.0), now=0.0)
     clock = [0.0]
-    with start_server(two_versions) as server:
+    # this test's controller drives the rollout: the server's own (embedded) one stays off
+    with start_server(two_versions, env={"ZOOSERVE_ROLLOUT_CONTROLLER": "false"}) as server:
         prometheus = PrometheusSource(prometheus_for(server))
         controller = RolloutController(registry, prometheus, owner="test", clock=lambda: clock[0])
         # a version's first requests are slow (runtime warm-up) and would weigh more in the small canary

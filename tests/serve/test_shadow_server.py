@@ -134,3 +134,19 @@ def test_token_shadow_compares_greedy_tokens(token_registry, tmp_path, start_ser
         time.sleep(0.5)
         assert shadow_count(server.url, "decoder-tiny", "agree") == 4
         assert shadow_count(server.url, "decoder-tiny", "disagree") == 0
+
+
+def test_sampler_shadow_compares_images_of_the_same_seed(generative_registry, tmp_path, start_server):
+    root = tmp_path / "registry"
+    shutil.copytree(generative_registry, root)
+    reg = Registry(root)
+    reg.set_alias("gan-digits", "twin", reg.publish("gan-digits", root / "gan-digits" / "1"))
+    reg.set_shadow("gan-digits", "twin", 100)
+    labels = {"name": "label", "shape": [3], "datatype": "INT64", "data": [1, 7, -1]}
+    with start_server(root) as server:
+        for seed in (None, 5):        # unseeded: the server draws a seed, and the copy samples with it
+            inputs = [labels] + ([{"name": "seed", "shape": [1], "datatype": "INT64", "data": [seed]}] if seed else [])
+            r = httpx.post(f"{server.url}/v2/models/gan-digits/infer", json={"inputs": inputs})
+            assert r.status_code == 200 and r.headers["x-model-version"] == "1"
+        wait_until(lambda: shadow_count(server.url, "gan-digits", "agree") == 2, 15)
+        assert shadow_count(server.url, "gan-digits", "disagree") == 0
