@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import re
 import time
 from typing import Any, Callable
@@ -28,6 +29,8 @@ from model_registry.errors import Conflict, NotFound, RegistryError
 from model_registry.routing import Rollout
 from serve.api.deps import read_body, repository_of, settings_of
 from serve.errors import ServeError
+
+log = logging.getLogger("zooserve.rollout")
 
 MODEL = "/v2/repository/models/{model}"
 # an ETag as this API writes it: the model.json revision in double quotes (digits capped so that
@@ -200,11 +203,17 @@ async def _in_registry(call: Callable[[], ModelConfig]) -> ModelConfig:
         raise _registry_failure(exc) from None
 
 
-async def _write(request: Request, model: str, change: Callable[[Registry, int | None], ModelConfig]) -> Response:
-    """Apply `change(registry, expected_revision)` and put the result in force in this server."""
+async def _write(request: Request, model: str, change: Callable[[Registry, int | None], ModelConfig],
+                 event: str | None = None) -> Response:
+    """Apply `change(registry, expected_revision)` and put the result in force in this server; a
+    rollout decision taken by hand (`event`) is logged and counted as the controller's are."""
     expected = _expected_revision(request)
     repository = repository_of(request)
     cfg = await _in_registry(lambda: change(repository.registry, expected))
+    if event is not None:
+        request.app.state.metrics.rollout_events.labels(model=model, event=event).inc()
+        log.info("rollout of %s %s through the admin API: %s", model, event,
+                 cfg.rollout.status.reason if cfg.rollout is not None and cfg.rollout.status is not None else "")
     served = settings_of(request).models
     if served is None or model in served:     # the models this server follows (as the registry watch)
         await repository.load_model(model)
@@ -267,7 +276,8 @@ async def start_rollout(request: Request, model: str) -> Response:
     body = await _body(request, StartRollout, '{"canary": "canary", "steps": [5, 25, 50, 100], "interval_s": 30}')
     rollout, reason = body.rollout(), body.reason or "started through the admin API"
     return await _write(request, model,
-                        lambda reg, rev: reg.start_rollout(model, rollout, time.time(), reason, expected_revision=rev))
+                        lambda reg, rev: reg.start_rollout(model, rollout, time.time(), reason, expected_revision=rev),
+                        "started")
 
 
 @router.post(f"{MODEL}/rollout/abort", summary="Stop the running rollout; everything back to stable (admin)",
@@ -276,7 +286,8 @@ async def abort_rollout(request: Request, model: str) -> Response:
     body = await _body(request, EndRollout, '{"reason": "..."}', required=False)
     reason = body.reason or "aborted through the admin API"
     return await _write(request, model,
-                        lambda reg, rev: reg.abort_rollout(model, reason, time.time(), expected_revision=rev))
+                        lambda reg, rev: reg.abort_rollout(model, reason, time.time(), expected_revision=rev),
+                        "aborted")
 
 
 @router.post(f"{MODEL}/promote", summary="Point stable at the canary's version and send it everything (admin)",
@@ -285,7 +296,8 @@ async def promote(request: Request, model: str) -> Response:
     body = await _body(request, PromoteOrRollBack, '{"reason": "...", "canary": "canary"}', required=False)
     reason = body.reason or "promoted through the admin API"
     return await _write(request, model,
-                        lambda reg, rev: reg.promote(model, reason, time.time(), body.canary, expected_revision=rev))
+                        lambda reg, rev: reg.promote(model, reason, time.time(), body.canary, expected_revision=rev),
+                        "promoted")
 
 
 @router.post(f"{MODEL}/rollback", summary="Send everything to stable at once (admin)",
@@ -294,4 +306,5 @@ async def rollback(request: Request, model: str) -> Response:
     body = await _body(request, PromoteOrRollBack, '{"reason": "...", "canary": "canary"}', required=False)
     reason = body.reason or "rolled back through the admin API"
     return await _write(request, model,
-                        lambda reg, rev: reg.rollback(model, reason, time.time(), body.canary, expected_revision=rev))
+                        lambda reg, rev: reg.rollback(model, reason, time.time(), body.canary, expected_revision=rev),
+                        "rolled_back")

@@ -194,6 +194,11 @@ def test_every_route_writes_the_registry_and_answers_the_new_revision(registry_c
         assert promoted["rollout"]["status"]["state"] == "promoted"              # the last rollout's, unchanged
         rolled_back = write("POST", "rollback", {"reason": "by hand"})
         assert rolled_back["routing"]["split"] == {"stable": 100}
+        # decisions taken by hand are counted as the controller's are
+        from prometheus_client.parser import text_string_to_metric_families
+        events = {s.labels["event"]: s.value for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+                  for s in f.samples if s.name == "zooserve_rollout_events_total" and s.labels["model"] == "mlp-digits"}
+        assert events == {"started": 2, "aborted": 1, "promoted": 2, "rolled_back": 1}
 
 
 def test_a_split_set_through_the_route_is_in_force_when_the_write_answers(registry_copy, start_server):

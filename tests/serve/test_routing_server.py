@@ -167,3 +167,33 @@ def test_an_alias_moved_to_a_version_that_fails_its_check_stays_where_it_was(reg
         assert f"alias 'stable' stays at version {good}: version {bad} is not ready" in error
         assert infer(server.url).headers["x-model-version"] == str(good)     # stable answers where it was
         assert index_versions(server.url, "mlp-digits")[str(bad)] == "UNAVAILABLE"
+
+
+def test_openai_callers_are_pinned_by_their_user_field_and_told_what_answered(token_registry, tmp_path,
+                                                                            start_server):
+    import shutil
+
+    from openai import OpenAI
+
+    root = tmp_path / "registry"
+    shutil.copytree(token_registry, root)
+    reg = Registry(root)
+    twin = reg.publish("decoder-tiny", root / "decoder-tiny" / "1")
+    reg.set_alias("decoder-tiny", "canary", twin)
+    reg.set_split("decoder-tiny", {"stable": 50, "canary": 50})
+    with start_server(root) as server, \
+            OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
+        def model_for(user: str | None) -> str:
+            out = client.completions.create(model="decoder-tiny", prompt="ROMEO.", max_tokens=2, temperature=0,
+                                            **({"user": user} if user else {}))
+            return out.model
+        pinned = {u: model_for(u) for u in (f"user-{i}" for i in range(16))}
+        assert set(pinned.values()) == {"decoder-tiny:1", f"decoder-tiny:{twin}"}
+        assert all(model_for(u) == m for u, m in list(pinned.items())[:8])
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": "decoder-tiny", "prompt": "A", "max_tokens": 1,
+                                                             "user": "user-0"})
+        assert r.json()["model"] == pinned["user-0"]
+        assert r.headers["x-model-version"] == pinned["user-0"].split(":")[1]
+        assert r.headers["x-model-alias"] in {"stable", "canary"}
+        named = client.completions.create(model="decoder-tiny@canary", prompt="A", max_tokens=1)
+        assert named.model == f"decoder-tiny:{twin}"
