@@ -1,12 +1,13 @@
 """zooserve's model registry: versioned, hashed model folders with aliases and traffic splits.
 
-Standard library and pydantic only; see DESIGN.md section 3 for the on-disk contract.
+Standard library and pydantic only; docs/architecture.md describes the on-disk contract.
 """
 
 from .errors import Conflict, IntegrityError, InvalidName, NotFound, RegistryError
 from .lease import Lease
 from .manifest import (
     Batching,
+    Generation,
     Lineage,
     Manifest,
     ModelConfig,
@@ -24,6 +25,7 @@ __all__ = [
     "MODEL_CONFIG",
     "Batching",
     "Conflict",
+    "Generation",
     "IntegrityError",
     "InvalidName",
     "Lease",

@@ -8,9 +8,9 @@ only validate and give names to the fields.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from .routing import Rollout, Routing
 
@@ -115,6 +115,59 @@ class SplitPrefillSpec(_Strict):
     parity: ParityReport
 
 
+class Generation(_Strict):
+    """How a generative version samples: what the exporters write (training/export.py; the
+    families' `generation_defaults`) and the server reads. Every key is optional: each kind writes
+    its own, and a key left out is not written back (old manifests keep their bytes).
+
+    Read by attribute, or by key as the plain dict it used to be (`generation.get("steps", 50)`,
+    `"n_classes" in generation`): a key is there when the manifest gives it."""
+
+    # token models: the longest prompt + completion the exported artifact takes
+    max_model_len: int | None = None
+    # samplers (GAN, VAE, diffusion): the range of the images they produce, and how that maps to digits' 0..16
+    output_range: list[float] | None = None
+    digits_scale: str | None = None
+    # class-conditional samplers (GAN, diffusion): labels 0..n_classes-1
+    n_classes: int | None = None
+    # GAN and VAE: the latent they draw from
+    latent_dim: int | None = None
+    latent_distribution: str | None = None
+    # diffusion: the sampler's defaults and the trained noise schedule
+    sampler: Literal["ddim", "ddpm"] | None = None
+    steps: int | None = None
+    eta: float | None = None
+    guidance: float | None = None
+    clip_sample: bool | None = None
+    clipped_eps: bool | None = None
+    timestep_spacing: str | None = None
+    num_train_timesteps: int | None = None
+    beta_schedule: str | None = None
+    beta_start: float | None = None
+    beta_end: float | None = None
+    null_label: int | None = None       # the "no label" class of classifier-free guidance
+    sample_shape: list[int] | None = None
+
+    @model_serializer(mode="wrap")
+    def _given_keys_only(self, write) -> dict[str, Any]:
+        return {key: value for key, value in write(self).items() if value is not None}
+
+    def _given(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if value is not None}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._given().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._given()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._given()
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]  # the keys, as a dict's
+        return iter(self._given())
+
+
 class Manifest(_Strict):
     """manifest.json of one version. `name`, `version` and `files` are written by publish."""
 
@@ -133,8 +186,8 @@ class Manifest(_Strict):
     signature: Signature
     # class labels, index -> label, for classifiers
     labels: list[str] = Field(default_factory=list)
-    # sampling defaults for token and sample kinds (later families)
-    generation: dict[str, Any] = Field(default_factory=dict)
+    # sampling defaults of token and generative kinds (empty for the others)
+    generation: Generation = Field(default_factory=Generation)
     # file name of the tokenizer for token kinds
     tokenizer: str | None = None
     # golden inputs and outputs (safetensors: "input.<name>", "output.<name>"), replayed at load
@@ -157,6 +210,9 @@ class Batching(_Strict):
     max_queue_delay_ms: float = Field(0.5, ge=0)
     # requests waiting beyond this are refused with 429
     max_queue_size: int = Field(1024, ge=1)
+    # a request whose expected wait (requests ahead / the measured drain rate) is longer is refused
+    # with 429 before its body is read: the queue is bounded by time, not only by count
+    max_queue_wait_ms: float = Field(1000.0, gt=0)
 
 
 class VersionPolicy(_Strict):

@@ -1,4 +1,5 @@
-"""The FastAPI application: lifespan loads the registry, routers serve it, errors are JSON."""
+"""The FastAPI application: lifespan loads the registry, routers serve it, errors are JSON and
+logged once, every answer carries its x-request-id."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model_registry import Registry
 from serve import __version__
 from serve.api import admin, images, openai, ops, v2
-from serve.errors import ServeError
+from serve.api.deps import request_id
+from serve.errors import ServeError, error_body, log_refusal
 from serve.metrics import Metrics
 from serve.registry_watch import RegistryWatcher
 from serve.rollout import InProcessSource, RolloutController
@@ -32,8 +34,7 @@ log = logging.getLogger("zooserve")
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json",
-                    headers=headers)
+    return Response(error_body(message), status_code=status, media_type="application/json", headers=headers)
 
 
 def create_app(settings: ServeSettings | None = None) -> FastAPI:
@@ -90,11 +91,26 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         return _error(400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
 
+    app.openapi = _openapi_with_loaded_models(app)
     return InferFastPath(app)
 
 
+def _openapi_with_loaded_models(app: FastAPI):
+    """`app.openapi` that adds, to the document FastAPI builds once, the infer path of every model
+    loaded now with its inputs (models load after start-up and come and go with the registry, so
+    this part is made on each request for the document)."""
+    def openapi() -> dict:
+        document = FastAPI.openapi(app)
+        repository = getattr(app.state, "repository", None)
+        if repository is None:               # not started: no models yet
+            return document
+        return {**document, "paths": {**document["paths"], **v2.loaded_model_paths(repository)}}
+    return openapi
+
+
 class InferFastPath:
-    """ASGI front: the two infer routes go straight to their handler; everything else to FastAPI.
+    """ASGI front: the two infer routes go straight to their handler; everything else to FastAPI,
+    through the request-id layer (`_with_request_id`; the infer handler does the same by hand).
 
     FastAPI's per-request machinery (route walk, dependency solving, five middlewares) cost more
     CPU than decoding the tensors and running the model (bench/classify.py, py-spy). The FastAPI
@@ -105,12 +121,66 @@ class InferFastPath:
         self.state = app.state
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/infer"):
+        if scope["type"] != "http":           # lifespan
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "POST" and scope["path"].endswith("/infer"):
             match = v2.INFER_PATH.fullmatch(scope["path"])
             if match is not None:
                 await v2.fast_infer(scope, receive, send, self.state, match["model"], match["version"])
                 return
-        await self.app(scope, receive, send)
+        await _with_request_id(self.app, scope, receive, send)
+
+
+# the most of an error answer's body kept to find its message for the log
+_REFUSAL_BODY_LIMIT = 65536
+# a probe's 503 tells a state (loading, draining, a model down), it refuses no work: polled every
+# few seconds, it would bury the refusals in the log
+_PROBES = "/v2/health/"
+
+
+async def _with_request_id(app, scope, receive, send) -> None:
+    """Run a FastAPI request with its x-request-id (the client's when sane, else new) added to the
+    answer, and log the answer once when it is a 4xx or 5xx: with its own message as the reason,
+    the model and version the route named (or answered with), never the request's body. A layer
+    here rather than in each handler: the /v1 routes answer their errors themselves."""
+    given = next((value for name, value in scope["headers"] if name == b"x-request-id"), None)
+    rid = request_id(given)
+    refusal: dict | None = None           # the status, version and body of an error answer being sent
+
+    async def send_with_id(message) -> None:
+        nonlocal refusal
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid.encode())]
+            if message["status"] >= 400 and not scope["path"].startswith(_PROBES):
+                refusal = {"status": message["status"], "body": b"",
+                           "version": _header(message["headers"], b"x-model-version")}
+        elif message["type"] == "http.response.body" and refusal is not None:
+            refusal["body"] = (refusal["body"] + message.get("body", b""))[:_REFUSAL_BODY_LIMIT]
+            if not message.get("more_body", False):
+                params = scope.get("path_params", {})
+                log_refusal(scope["method"], scope["path"], refusal["status"], _error_message(refusal["body"]),
+                            params.get("model"), refusal["version"] or params.get("version"), rid)
+                refusal = None
+        await send(message)
+
+    await app(scope, receive, send_with_id)
+
+
+def _header(headers, name: bytes) -> str | None:
+    return next((value.decode("latin-1") for key, value in headers if key.lower() == name), None)
+
+
+def _error_message(body: bytes) -> str:
+    """The message of an error answer: `{"error": "..."}`, or OpenAI's `{"error": {"message": ...}}`
+    on /v1; an answer without one (a 499 to a client that left) says so."""
+    try:
+        error = orjson.loads(body).get("error") if body else None
+    except (orjson.JSONDecodeError, AttributeError):
+        error = None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return error if isinstance(error, str) else "(the answer has no error message)"
 
 
 # FastAPI >= 0.165 wraps every request in native OpenTelemetry unless told not to.

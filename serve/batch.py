@@ -23,6 +23,8 @@ binary outputs, an image) is embedded as `{"content_type", "base64"}`.
 Determinism (a rerun, a resumed run and merged shards write the same bytes):
 - `id` is `batch_req_` + the first 24 hex digits of sha256("custom_id:" + custom_id), `request_id` is
   `req_` + the next 24; a line without a usable custom_id hashes "line:<n>" (its 0-based line) instead.
+  The request id is the call's `x-request-id` (the server answers and logs with it), so a refusal
+  in the job's log names the record it belongs to.
 - A request that samples without a seed gets `seed = int(sha256("seed:" + custom_id)[:16 hex], 16) >> 1`
   (63 bits), so its answer is the same on every run; one with its own seed keeps it. That is a
   `/v1/completions` or `/v1/chat/completions` body with temperature absent or > 0 (`seed` field),
@@ -355,9 +357,12 @@ def _status(record: dict) -> int | str:
 
 # ---- the app, in process ----------------------------------------------------------------------
 
-async def call_app(app, req: Request) -> tuple[int, bytes, bytes]:
-    """Send one request through the ASGI app; (status, content-type, body)."""
+async def call_app(app, req: Request, request_id: str | None = None) -> tuple[int, bytes, bytes]:
+    """Send one request through the ASGI app, with `request_id` as its x-request-id (the server
+    answers and logs with it); (status, content-type, body)."""
     headers = [(b"host", b"batch"), (b"content-length", str(len(req.body)).encode())]
+    if request_id is not None:
+        headers.append((b"x-request-id", request_id.encode()))
     if req.body:
         headers.append((b"content-type", b"application/json"))
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
@@ -505,9 +510,10 @@ async def _answer(app, req: Request, created: int) -> tuple[bytes, int | str]:
     """(record, status) for one request; a full queue (429) is retried."""
     if req.error is not None:
         return error_record(req, *req.error), "error"
+    request_id = record_ids(req.key)[1]     # the record's, sent as the call's x-request-id
     for attempt in range(RETRIES_429 + 1):
         try:
-            status, content_type, body = await call_app(app, req)
+            status, content_type, body = await call_app(app, req, request_id)
         except Exception as exc:  # noqa: BLE001 - a route that raised: this line's error, the job goes on
             log.exception("line %d (%s) failed", req.number, req.custom_id)
             return error_record(req, "internal_error", f"{type(exc).__name__}: {exc}"), "error"

@@ -22,23 +22,11 @@ from typing import Callable
 
 import numpy as np
 
+# the refusals live with the HTTP layer's errors (serve.errors), which answers them; importing them
+# from here still works, as the engines and tests always have
+from serve.errors import Closed, DeadlineExceeded, QueueFull
+
 RunBatch = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-
-
-class QueueFull(Exception):
-    """The bounded queue is full; retry after `retry_after_s`."""
-
-    def __init__(self, retry_after_s: float):
-        super().__init__(f"queue full, retry after {retry_after_s:.3f}s")
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExceeded(Exception):
-    """The request's deadline passed before its batch ran; it was not computed."""
-
-
-class Closed(Exception):
-    """The batcher is shutting down and takes no new requests."""
 
 
 @dataclass
@@ -62,17 +50,19 @@ class BatchRecord:
 class DynamicBatcher:
     """Collects requests into batches and runs them one at a time on a dedicated thread."""
 
-    def reconfigure(self, max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int) -> None:
+    def reconfigure(self, max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
+                    max_queue_wait_ms: float | None = None) -> None:
         """New limits (model.json's batching changed); batches already cut keep theirs."""
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
+        self.max_queue_wait_s = None if max_queue_wait_ms is None else max_queue_wait_ms / 1000.0
 
     def __init__(self, run_batch: RunBatch, max_batch_size: int, max_queue_delay_ms: float,
                  max_queue_size: int, on_batch: Callable[[BatchRecord], None] | None = None,
-                 name: str = "batcher", inline_below_ms: float = 0.2):
+                 name: str = "batcher", inline_below_ms: float = 0.2, max_queue_wait_ms: float | None = None):
         self.run_batch = run_batch
-        self.reconfigure(max_batch_size, max_queue_delay_ms, max_queue_size)
+        self.reconfigure(max_batch_size, max_queue_delay_ms, max_queue_size, max_queue_wait_ms)
         self.on_batch = on_batch
         self._queue: deque[_Pending] = deque()
         # the collector sleeps on this future: woken by any submit when idle, by a full batch
@@ -89,6 +79,7 @@ class DynamicBatcher:
         self._rows_queued = 0              # sum of rows in the queue
         self._last_batch_requests = 0      # requests in the previous batch (1 = no load to batch)
         self._mean_batch_s = 0.001         # running mean of batch compute time (Retry-After, inline choice)
+        self._mean_batch_rows = 1.0        # running mean of rows per executed batch (the drain rate)
 
     @property
     def queue_depth(self) -> int:
@@ -98,6 +89,34 @@ class DynamicBatcher:
     def in_flight(self) -> int:
         """Queued plus executing requests."""
         return len(self._queue) + self._in_flight
+
+    def expected_wait_s(self) -> float:
+        """How long a request queued now would wait for its batch to start: the rows ahead over
+        the measured drain rate (rows per batch / seconds per batch, running means), plus the
+        batch running now."""
+        if not self._queue:
+            return 0.0
+        drain_rows_per_s = self._mean_batch_rows / self._mean_batch_s
+        return self._rows_queued / drain_rows_per_s + (self._mean_batch_s if self._in_flight else 0.0)
+
+    def admit(self, deadline: float | None = None) -> None:
+        """Refuse a request before it is read or queued (Closed, or QueueFull with the time the
+        queue needs to drain to its bound): when the queue holds max_queue_size requests, or when
+        the expected wait exceeds max_queue_wait_ms or the time left to the request's deadline.
+        An empty queue admits anything."""
+        if self._closing:
+            raise Closed("model is shutting down")
+        if not self._queue:
+            return
+        wait = self.expected_wait_s()
+        if len(self._queue) >= self.max_queue_size:
+            raise QueueFull(retry_after_s=wait)
+        bound = self.max_queue_wait_s if self.max_queue_wait_s is not None else float("inf")
+        if deadline is not None:
+            bound = min(bound, deadline - time.perf_counter())
+        if wait > bound:
+            # the time for the queue to drain to the bound, were nothing else to arrive
+            raise QueueFull(retry_after_s=wait - max(bound, 0.0))
 
     def start(self) -> None:
         """Start the collector task on the running loop."""
@@ -112,12 +131,10 @@ class DynamicBatcher:
         """Queue several requests (the slices of one larger request) all or none: QueueFull or
         Closed before any is queued, so a refused request leaves no slice behind to compute.
         Returns one future per part, each resolving to that part's outputs."""
-        if self._closing:
-            raise Closed("model is shutting down")
+        self.admit(deadline)
         # an empty queue admits any request whole, so that one larger than the queue is not refused forever
         if self._queue and len(self._queue) + len(parts) > self.max_queue_size:
-            batches_ahead = len(self._queue) / self.max_batch_size + 1
-            raise QueueFull(retry_after_s=batches_ahead * self._mean_batch_s)
+            raise QueueFull(retry_after_s=self.expected_wait_s())
         loop, now, futures = asyncio.get_running_loop(), time.perf_counter(), []
         for inputs, rows in parts:
             futures.append(loop.create_future())
@@ -216,6 +233,7 @@ class DynamicBatcher:
             return
         compute_s = time.perf_counter() - started
         self._mean_batch_s = 0.8 * self._mean_batch_s + 0.2 * compute_s
+        self._mean_batch_rows = 0.8 * self._mean_batch_rows + 0.2 * sum(p.rows for p in batch)
         offset = 0
         for p in batch:
             if not p.future.done():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from safetensors.numpy import load_file
 
 from model_registry import Manifest
 from serve.runtimes import Runtime
+from training.parity import describe_error, max_abs_error
 
 
 class GoldenMismatch(RuntimeError):
@@ -28,7 +28,7 @@ def check_golden(manifest: Manifest, runtime: Runtime, version_dir: Path) -> flo
         expected = tensors[f"output.{spec.name}"]
         if got[spec.name].shape != expected.shape:
             raise GoldenMismatch(f"output {spec.name!r} has shape {got[spec.name].shape}, golden {expected.shape}")
-        worst = max(worst, float(np.max(np.abs(got[spec.name].astype(np.float64) - expected), initial=0.0)))
+        worst = max(worst, max_abs_error(expected, got[spec.name]))
     if not worst <= tolerance:
-        raise GoldenMismatch(f"golden outputs differ by {worst:.3g} (tolerance {tolerance})")
+        raise GoldenMismatch(f"golden outputs differ by {describe_error(worst)} (tolerance {tolerance})")
     return worst

@@ -105,6 +105,10 @@ FAMILIES: list[tuple[str, str, str, str, bool]] = [
     ("zooserve_batch_size", "Rows per executed batch", "histogram", "batch_size", False),
     ("zooserve_queue_depth", "Requests waiting for a batch", "gauge", "queue_depth", False),
     ("zooserve_model_ready", "1 when the version serves, else 0", "gauge", "ready", False),
+    ("zooserve_engine_restarts", "Engine restarts after a failure on its thread (a failed step, a dead thread); "
+     "the requests it held were answered 503", "counter", "engine_restarts", False),
+    ("zooserve_nonfinite_outputs", "KServe v2 answers with at least one NaN or Inf in a float output (one "
+     "count per answer, not per value)", "counter", "nonfinite_outputs", False),
     # token engines (vLLM's vocabulary)
     ("zooserve_time_to_first_token_seconds", "Arrival to first generated token", "histogram", "ttft", True),
     ("zooserve_inter_token_latency_seconds", "Time between two tokens of one sequence", "histogram", "itl", True),
@@ -230,8 +234,10 @@ class ModelMetrics:
         self.batch_size = HistogramValues(BATCH_BUCKETS)
         self.inference_count = 0
         self.execution_count = 0
+        self.nonfinite_outputs = 0
         self.queue_depth = GaugeValue()
         self.ready = GaugeValue()
+        self.engine_restarts = 0
 
     def request_done(self, status: int, seconds: float) -> None:
         """One request answered with HTTP `status` after `seconds` in the server."""
@@ -273,6 +279,16 @@ class ModelMetrics:
                 entry = s.batch_stats[rows] = [0, 0]
             entry[0] += 1
             entry[1] += ns
+
+    def nonfinite_answer(self) -> None:
+        """One v2 answer carried a NaN or Inf (a model that overflows): 200 all the same, so counted here."""
+        with self.lock:
+            self.nonfinite_outputs += 1
+
+    def engine_restarted(self) -> None:
+        """The engine failed on its own thread and restarted (serve/engines/step_loop.py)."""
+        with self.lock:
+            self.engine_restarts += 1
 
     def remove(self) -> None:
         """Drop this version's series (after unload), so dashboards do not show a ghost."""

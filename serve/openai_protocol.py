@@ -6,7 +6,7 @@ fields we accept but cannot honour are refused with a message naming them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -36,6 +36,9 @@ class _Sampling(BaseModel):
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, v):
+        # a ValueError, never a TypeError: only the former becomes a 400 (a number here was a 500)
+        if v is not None and not isinstance(v, (str, list)):
+            raise ValueError("stop takes a string or a list of up to 4 strings")
         stops = [v] if isinstance(v, str) else list(v or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings")
@@ -92,3 +95,24 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+def openapi_request_body(envelope: type[BaseModel]) -> dict:
+    """`openapi_extra` declaring `envelope` as a route's JSON body (the routes read their body by
+    hand, for the body limit and OpenAI's error shape, so FastAPI does not see it). Nested models
+    are written in place: pydantic refers to them under the schema's own `$defs`, which a
+    reference in the OpenAPI document would look for at the document's root."""
+    schema = envelope.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": _inline_refs(schema, schema.pop("$defs", {}))}}}}
+
+
+def _inline_refs(node: Any, defs: dict) -> Any:
+    if isinstance(node, dict):
+        if "$ref" in node:
+            named = defs[node["$ref"].rsplit("/", 1)[-1]]
+            return _inline_refs({**named, **{k: v for k, v in node.items() if k != "$ref"}}, defs)
+        return {key: _inline_refs(value, defs) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_inline_refs(item, defs) for item in node]
+    return node

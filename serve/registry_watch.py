@@ -6,6 +6,10 @@ A short poll of stat() results, not inotify: the registry of a fleet sits on a s
 (DESIGN.md section 9), where inotify never hears of another machine's writes. Each model costs
 one stat of model.json and one listing of its folder per poll. Publishing renames a finished
 version into place and model.json is replaced atomically, so whatever a poll sees is whole.
+
+A registry root that cannot be read (renamed away, removed, an unmounted volume, no permission)
+is an outage of the registry, not a removal of its models: the loaded versions keep serving,
+the watch says so once and applies whatever changed once the root is back.
 """
 
 from __future__ import annotations
@@ -41,25 +45,51 @@ class RegistryWatcher:
         self.repository, self.interval_s = repository, interval_s
         self.seen: dict[str, Fingerprint] = {}
         self.applied = 0        # changes applied (for tests and logs)
+        self.unreadable: str | None = None   # why the root cannot be read now, None while it can
 
     def snapshot(self) -> dict[str, Fingerprint]:
+        """Each model's fingerprint; OSError when the root cannot be read, or was moved or replaced
+        while this looked (a model seen missing then is the root's outage, not the model's)."""
         root, wanted = self.repository.registry.root, self.repository.settings.models
-        if not root.is_dir():
-            return {}
+        before = os.stat(root)
         found = {}
         for entry in os.scandir(root):
             if is_valid_name(entry.name) and (wanted is None or entry.name in wanted):
-                fingerprint = model_fingerprint(Path(entry.path))
+                try:
+                    fingerprint = model_fingerprint(Path(entry.path))
+                except OSError:          # this model's folder cannot be read: taken as it was
+                    fingerprint = self.seen.get(entry.name)
                 if fingerprint is not None:
                     found[entry.name] = fingerprint
+        after = os.stat(root)
+        if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
+            raise FileNotFoundError(f"registry root {root} was replaced during the poll")
         return found
 
     def prime(self) -> None:
         """Take the registry as it is now as seen (called right before the start-up load)."""
-        self.seen = self.snapshot()
+        self.seen = self._readable_snapshot() or {}
+
+    def _readable_snapshot(self) -> dict[str, Fingerprint] | None:
+        """The snapshot, or None while the root cannot be read (said once when that starts and once
+        when it ends: a poll every half second must not fill the log)."""
+        try:
+            found = self.snapshot()
+        except OSError as exc:
+            if self.unreadable is None:
+                log.error("registry root cannot be read (%s): the loaded versions keep serving; changes apply "
+                          "once it is back", exc)
+            self.unreadable = str(exc)
+            return None
+        if self.unreadable is not None:
+            log.info("registry root is readable again: applying what changed meanwhile")
+            self.unreadable = None
+        return found
 
     async def poll_once(self) -> None:
-        now = await asyncio.to_thread(self.snapshot)
+        now = await asyncio.to_thread(self._readable_snapshot)
+        if now is None:
+            return
         for name in sorted(set(self.seen) | set(now)):
             if self.seen.get(name) == now.get(name):
                 continue
@@ -73,7 +103,7 @@ class RegistryWatcher:
             if present:
                 log.info("%s changed in the registry: reloading", name)
                 await repo.load_model(name)
-            elif name in repo.tables:
+            elif name in repo.tables or name in repo.config_errors:
                 log.info("%s left the registry: draining and unloading", name)
                 await repo.unload_model(name)
             self.applied += 1

@@ -4,12 +4,18 @@ of a request's (model, version-or-alias) to an engine.
 Loading verifies every hash, opens the runtime and replays the golden pair; a version that
 fails any step is UNAVAILABLE with the reason, and whatever was serving keeps serving. A reload
 loads new versions beside the old ones, swaps the table, then drains the versions it dropped.
+When every version the policy chooses fails and nothing else serves (a restart onto a corrupt
+newest version), the newest version that passes its checks serves in their place.
+
+Reasons shown to clients (answers, the index) name files relative to the registry root: the
+unauthenticated routes must not show the server's disk layout (the log keeps the full paths).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -57,6 +63,21 @@ def versions_to_load(cfg: ModelConfig, available: list[int]) -> list[int]:
     return sorted(chosen)
 
 
+def registry_relative(text: str, root: Path) -> str:
+    """`text` with the registry root's absolute path (as given, and with links resolved) removed
+    from every path under it ("mlp-digits/2/model.onnx") and named "<registry root>" alone."""
+    for form in sorted({str(root.absolute()), str(root.resolve())}, key=len, reverse=True):
+        at = r"(?<![\w./-])" + re.escape(form)        # not the tail of a longer path
+        text = re.sub(at + "/", "", text)
+        text = re.sub(at + r"(?![\w.-])", "<registry root>", text)
+    return text
+
+
+def _no_ready_version(name: str, table: dict[int, LoadedVersion]) -> str:
+    states = "; ".join(f"version {v} is {lv.state.value}: {lv.reason}" for v, lv in sorted(table.items()))
+    return f"model {name!r} has no ready version ({states or 'no versions'})"
+
+
 def _check_aliases(cfg: ModelConfig, available: list[int]) -> None:
     """Refuse a model.json (edited by hand: the registry's own writes check this) whose aliases
     name versions that do not exist."""
@@ -96,7 +117,9 @@ class ModelRepository:
         self.wanted: dict[str, set[int]] = {}      # model -> versions its policy and aliases load
         # (model, version) -> the task that unloads a dropped version once its live sequences are over
         self._retiring: dict[tuple[str, int], asyncio.Task] = {}
-        # model -> why its model.json as it is now on disk is not in force (the last good one is)
+        # model -> why its model.json as it is now on disk is not (wholly) in force: not applied (the last
+        # good one is), an alias held back, the version policy's versions refused; for a model with no
+        # table, why it could not be loaded at all (strict readiness waits for it)
         self.config_errors: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}   # one (re)load of a model at a time
 
@@ -112,40 +135,36 @@ class ModelRepository:
                     log.error("model %s not loaded: %s", name, exc.message)
         self.loaded = True
 
-    async def load_model(self, name: str) -> None:
+    async def load_model(self, name: str) -> list[LoadedVersion]:
         """(Re)load one model: new versions come up beside the old, then the old ones drain. An
         alias moved to a version that failed to load stays where it was (and the reason is kept
-        in `config_errors`); a model.json that cannot be read leaves the last good one in force."""
+        in `config_errors`); a model.json that cannot be read leaves the last good one in force.
+        Returns the versions this load opened and refused (empty when everything it wanted serves)."""
         async with self._locks.setdefault(name, asyncio.Lock()):
             try:
                 cfg = self.registry.model_config(name)
                 available = self.registry.versions(name)
                 _check_aliases(cfg, available)
             except RegistryError as exc:
+                message = self.relative(str(exc))
                 if name in self.configs:
-                    self.config_errors[name] = f"model.json not applied, the last good one stays in force: {exc}"
+                    self.config_errors[name] = f"model.json not applied, the last good one stays in force: {message}"
                     log.error("%s: %s", name, self.config_errors[name])
-                raise not_found(str(exc)) from exc
-            await self._load(name, cfg, versions_to_load(cfg, available))
+                raise not_found(message) from exc
+            return await self._load(name, cfg, versions_to_load(cfg, available), available)
 
-    async def _load(self, name: str, cfg: ModelConfig, wanted: list[int]) -> None:
+    async def _load(self, name: str, cfg: ModelConfig, wanted: list[int], available: list[int]) -> list[LoadedVersion]:
         old = self.tables.get(name, {})
-        new: dict[int, LoadedVersion] = {}
         last = self.configs.get(name)
-        for version in wanted:
-            if version in old and old[version].state == State.READY:
-                new[version] = old[version]
-                if last is not None and last.batching != cfg.batching:
-                    new[version].engine.reconfigure(cfg.batching)
-                continue
-            new[version] = await asyncio.to_thread(self._open_version, cfg, version)
-            if new[version].engine is not None:
-                new[version].engine.start()
-        if any(lv.state != State.READY for v, lv in new.items() if old.get(v) is not lv):
+        new, refused = await self._open_wanted(cfg, wanted, old, last)
+        if refused:
             # a new version failed: whatever was serving keeps serving beside it
             for version, lv in old.items():
                 if version not in new and lv.state == State.READY:
                     new[version] = lv
+        if wanted and not any(lv.state == State.READY for lv in new.values()):
+            refused += await self._fall_back(cfg, wanted, [v for v in available if v not in new], new)
+        notes = self._mark_stand_ins(name, wanted, new)
         for version, lv in old.items():
             if version not in new and lv.state == State.READY and name in self.sequence_stores:
                 # stateful sequences are pinned to it: it serves them until they end or expire, those
@@ -153,8 +172,9 @@ class ModelRepository:
                 new[version] = lv
                 self._retire_when_idle(name, version)
         cfg, held = _ready_aliases(cfg, self.configs.get(name), new)
-        if held:
-            self.config_errors[name] = "; ".join(held)
+        notes = held + notes
+        if notes:
+            self.config_errors[name] = "; ".join(notes)
             log.error("%s: %s", name, self.config_errors[name])
         else:
             self.config_errors.pop(name, None)
@@ -166,14 +186,89 @@ class ModelRepository:
             await asyncio.sleep(self.settings.swap_grace_s)
         for lv in dropped:
             await self._close_version(lv)
+        return refused
+
+    async def _open_wanted(self, cfg: ModelConfig, wanted: list[int], old: dict[int, LoadedVersion],
+                           last: ModelConfig | None) -> tuple[dict[int, LoadedVersion], list[LoadedVersion]]:
+        """The wanted versions: those READY already kept (with new batching), the others opened.
+        Returns (the new table, the versions opened now and refused)."""
+        new: dict[int, LoadedVersion] = {}
+        refused: list[LoadedVersion] = []
+        for version in wanted:
+            if version in old and old[version].state == State.READY:
+                new[version] = old[version]
+                if last is not None and last.batching != cfg.batching:
+                    new[version].engine.reconfigure(cfg.batching)
+                continue
+            new[version] = await self._open_and_start(cfg, version)
+            if new[version].state != State.READY:
+                refused.append(new[version])
+        return new, refused
+
+    async def _open_and_start(self, cfg: ModelConfig, version: int) -> LoadedVersion:
+        lv = await asyncio.to_thread(self._open_version, cfg, version)
+        if lv.engine is not None:
+            lv.engine.start()
+        return lv
+
+    async def _fall_back(self, cfg: ModelConfig, wanted: list[int], candidates: list[int],
+                         new: dict[int, LoadedVersion]) -> list[LoadedVersion]:
+        """Every version the policy chose was refused and nothing else serves: open the other
+        versions, newest first, until one passes its checks (added to `new`, as are the refused).
+        A model whose newest version is corrupt keeps serving its last good one through a
+        restart, as it does through a reload. Returns the versions refused on the way."""
+        refused = []
+        for version in sorted(candidates, reverse=True):
+            lv = await self._open_and_start(cfg, version)
+            new[version] = lv
+            if lv.state == State.READY:
+                log.error("%s: the version policy's version(s) %s were refused; falling back to version %s, "
+                          "the newest that passes its checks", cfg.name, _versions(wanted), version)
+                return refused
+            refused.append(lv)
+        if candidates:
+            log.error("%s: no version passes its checks; the model serves nothing", cfg.name)
+        return refused
+
+    def _mark_stand_ins(self, name: str, wanted: list[int], new: dict[int, LoadedVersion]) -> list[str]:
+        """When no version the policy chose serves, the READY versions serving in their place (kept
+        from before, or a fall-back) say so in their reason; the note for `config_errors`."""
+        chosen_ready = any(new[v].state == State.READY for v in wanted if v in new)
+        stand_ins = [v for v, lv in sorted(new.items()) if v not in wanted and lv.state == State.READY]
+        for version in wanted:
+            if version in new and new[version].state == State.READY:
+                new[version].reason = ""        # no longer standing in for another version
+        if chosen_ready or not stand_ins:
+            return []
+        for version in stand_ins:
+            new[version].reason = (f"serves in place of version(s) {_versions(wanted)}, which the version "
+                                   "policy chose and which failed their checks")
+        return [f"version policy not in force: its version(s) {_versions(wanted)} failed their checks, version(s) "
+                f"{_versions(stand_ins)} serve in their place; fix or republish, then load again"]
+
+    def refusal_message(self, name: str, refused: list[LoadedVersion]) -> str:
+        """What a load that refused versions answers: each refused version and why, and what serves."""
+        why = "; ".join(f"version {lv.version} was refused: {lv.reason}" for lv in refused)
+        serving = [v for v, lv in sorted(self.tables.get(name, {}).items()) if lv.state == State.READY]
+        now = f"version(s) {_versions(serving)} serve" if serving else "no version serves"
+        return (f"model {name!r}: {why}. {now}. Fix or republish the refused version(s) in the registry, "
+                "then load again")
+
+    def relative(self, text: str) -> str:
+        """`text` with paths under the registry root made relative to it (see the module docstring)."""
+        return registry_relative(text, self.registry.root)
 
     async def unload_model(self, name: str) -> None:
-        """Stop routing to the model, drain its in-flight requests, release it."""
+        """Stop routing to the model, drain its in-flight requests, release it. A model that could
+        not be loaded at all is forgotten (strict readiness no longer waits for it)."""
         if name not in self.tables:
+            if self.config_errors.pop(name, None) is not None:
+                return
             raise not_found(f"model {name!r} is not loaded")
         table = self.tables.pop(name)
         self.configs.pop(name, None)
         self.wanted.pop(name, None)
+        self.config_errors.pop(name, None)
         for lv in table.values():
             await self._close_version(lv)
 
@@ -233,7 +328,7 @@ class ModelRepository:
         except Exception as exc:  # noqa: BLE001 - any failure makes this version unavailable, not the server
             log.error("version %s/%s refused: %s", name, version, exc)
             self.metrics.for_model(name, version).ready.set(0)
-            return LoadedVersion(name, version, State.UNAVAILABLE, reason=f"{type(exc).__name__}: {exc}")
+            return LoadedVersion(name, version, State.UNAVAILABLE, reason=self.relative(f"{type(exc).__name__}: {exc}"))
         log.info("loaded %s/%s (%s %s on %s, golden max abs error %.3g)", name, version, manifest.kind,
                  manifest.format, built.device, built.golden_error)
         built.engine.metrics.ready.set(1)
@@ -264,8 +359,7 @@ class ModelRepository:
             else:
                 ready = [v for v, lv in table.items() if lv.state == State.READY]
                 if not ready:
-                    states = "; ".join(f"version {v} is {lv.state.value}: {lv.reason}" for v, lv in sorted(table.items()))
-                    raise unavailable(f"model {name!r} has no ready version ({states or 'no versions'})")
+                    raise unavailable(_no_ready_version(name, table))
                 version = max(ready)
         elif ref.isdigit():
             version = int(ref)
@@ -323,10 +417,27 @@ class ModelRepository:
             raise ServeError(400, f"{what} ran on version {version}, which no longer serves; start it again")
         return lv
 
+    def unready_models(self) -> dict[str, str]:
+        """Each model the server serves (loaded, or refused at start-up) that has no READY version,
+        with why. Strict readiness asks this on every poll: a walk of the tables, no disk access."""
+        unready = {}
+        for name, table in self.tables.items():
+            if not any(lv.state == State.READY for lv in table.values()):
+                unready[name] = _no_ready_version(name, table)
+        for name, error in self.config_errors.items():
+            if name not in self.tables:
+                unready[name] = f"model {name!r} could not be loaded: {error}"
+        return unready
+
     def index(self) -> list[dict]:
-        """Triton's repository index: every model of the registry, with each loaded version's state."""
+        """Triton's repository index: every model of the registry, with each loaded version's state.
+        Loaded models are listed even while the registry cannot be read (they keep serving)."""
+        try:
+            names = set(self.registry.models())
+        except OSError:
+            names = set()
         rows: list[dict] = []
-        for name in self.registry.models():
+        for name in sorted(names | set(self.tables)):
             table = self.tables.get(name)
             if not table:
                 rows.append({"name": name})
@@ -341,6 +452,10 @@ class ModelRepository:
     @property
     def in_flight(self) -> int:
         return sum(lv.engine.in_flight for t in self.tables.values() for lv in t.values() if lv.engine)
+
+
+def _versions(versions) -> str:
+    return ", ".join(map(str, sorted(versions))) or "none"
 
 
 __all__ = ["ModelRepository", "LoadedVersion", "State", "versions_to_load"]

@@ -74,6 +74,32 @@ class StepPlan:
         return not self.decode and not self.prefill
 
 
+@dataclass(frozen=True)
+class ContextRefusal:
+    """Why a sequence cannot run in a row: the request field the caller must change ("prompt" or
+    "max_tokens") and a message that says so."""
+
+    param: str
+    message: str
+
+
+def refuse_context(prompt_tokens: int, max_tokens: int, max_len: int) -> ContextRefusal | None:
+    """The one "fits the context" rule, asked by the OpenAI routes (a 400), the engine (before it
+    queues) and the scheduler (before it books): a non-empty prompt, at least one token to
+    generate, prompt + max_tokens within a row of `max_len` tokens. None when it fits."""
+    if prompt_tokens < 1:
+        return ContextRefusal("prompt", "empty prompt: it has no tokens after tokenization")
+    if prompt_tokens >= max_len:
+        return ContextRefusal("prompt", f"prompt is {prompt_tokens} tokens; the context of this model is {max_len} "
+                                        "tokens (prompt + at least one generated token must fit): shorten it")
+    if max_tokens < 1:
+        return ContextRefusal("max_tokens", f"max_tokens must be >= 1, got {max_tokens}")
+    if prompt_tokens + max_tokens > max_len:
+        return ContextRefusal("max_tokens", f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds "
+                                            f"the context of {max_len} tokens: lower max_tokens or shorten the prompt")
+    return None
+
+
 class TokenScheduler:
     def __init__(self, max_rows: int, max_len: int, max_prefill_tokens: int = 4096):
         self.max_rows, self.max_len, self.max_prefill_tokens = max_rows, max_len, max_prefill_tokens
@@ -83,13 +109,9 @@ class TokenScheduler:
 
     def add_request(self, request: TokenRequest) -> None:
         """Queue a request; ValueError when it could never fit a row."""
-        if not request.prompt_ids:
-            raise ValueError("empty prompt")
-        if request.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
-        if len(request.prompt_ids) + request.max_tokens > self.max_len:
-            raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
-                             f"exceeds the context of {self.max_len} tokens")
+        refusal = refuse_context(len(request.prompt_ids), request.max_tokens, self.max_len)
+        if refusal is not None:
+            raise ValueError(refusal.message)
         if request.request_id in self._by_id:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         request.status = RequestStatus.WAITING

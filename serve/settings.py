@@ -49,6 +49,12 @@ class ServeSettings(BaseSettings):
     rollout_period_s: float = Field(1.0, gt=0, description="how often the embedded controller looks at rollouts")
     shadow_max_in_flight: int = Field(32, ge=1, description="shadow copies one model runs at once; more are "
                                       "dropped (and counted), never a live request")
+    # Triton's readiness by default: a load balancer must not send traffic to a replica that cannot
+    # answer one of its models (a corrupt version, a failed golden check)
+    readiness: Literal["strict", "lenient"] = Field("strict", description="strict: /v2/health/ready is 503 "
+                                                    "while any model the server serves has no READY version; "
+                                                    "lenient: 200 once the start-up load has finished, for "
+                                                    "registries that hold models unloadable on purpose")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # batch jobs load only the models their lines name
     models: list[str] | None = Field(None, description="load only these models of the registry at start-up; "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import orjson
@@ -54,6 +54,9 @@ _KIND_NAMES = {
 _SMALL_HEADER = 4096
 
 _U32 = struct.Struct("<I")
+# JSON has no NaN or Inf: the protobuf JSON mapping of float and double (which KServe v2's JSON
+# follows) writes them as these strings. Never null: a client could not tell NaN from +Inf
+NON_FINITE_TEXT = ("NaN", "Infinity", "-Infinity")
 _OPT = orjson.OPT_SERIALIZE_NUMPY
 
 
@@ -531,10 +534,16 @@ def encode_infer_response(
     outputs: dict[str, np.ndarray],
     requested: list[RequestedOutput],
     datatypes: dict[str, str],
+    on_nonfinite: Callable[[], None] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
-    """Serialize the requested outputs as a v2 response; returns (body, extra headers)."""
+    """Serialize the requested outputs as a v2 response; returns (body, extra headers).
+
+    Non-finite float values: JSON data writes them as "NaN", "Infinity", "-Infinity"
+    (`NON_FINITE_TEXT`); binary data carries the IEEE values as they are. `on_nonfinite` is called
+    once for an answer with at least one of them (the zooserve_nonfinite_outputs counter)."""
     entries = []
     chunks: list[Any] = []
+    all_finite = True
     for want in requested:
         arr = outputs[want.name]
         datatype = datatypes[want.name]
@@ -544,14 +553,18 @@ def encode_infer_response(
             size = len(raw) if type(raw) is bytes else raw.nbytes
             entry["parameters"] = {"binary_data_size": size}
             chunks.append(raw)
+            finite = type(raw) is bytes or _finite(raw)
         else:
-            entry["data"] = _json_output(want.name, arr, datatype)
+            entry["data"], finite = _json_output(want.name, arr, datatype)
+        all_finite = all_finite and finite
         entries.append(entry)
+    if not all_finite and on_nonfinite is not None:
+        on_nonfinite()
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
         doc["id"] = request_id
     doc["outputs"] = entries
-    # orjson writes C-contiguous numpy arrays itself (NaN -> null), far faster than .tolist()
+    # orjson writes C-contiguous numpy arrays itself, far faster than .tolist()
     header = orjson.dumps(doc, option=_OPT)
     if not chunks:
         return header, {"Content-Type": "application/json"}
@@ -562,14 +575,35 @@ def encode_infer_response(
     return b"".join([header, *chunks]), headers
 
 
-def _json_output(name: str, arr: np.ndarray, datatype: str) -> Any:
+def _finite(arr: np.ndarray) -> bool:
+    """No NaN or Inf: one vectorised pass, on float arrays only (others cannot hold them)."""
+    return arr.dtype.kind != "f" or bool(np.isfinite(arr).all())
+
+
+def _json_output(name: str, arr: np.ndarray, datatype: str) -> tuple[Any, bool]:
+    """The output's JSON data and whether all of it is finite."""
     if datatype == "BYTES":
         try:
-            return [x.decode() if type(x) is bytes else str(x) for x in np.asarray(arr).reshape(-1)]
+            return [x.decode() if type(x) is bytes else str(x) for x in np.asarray(arr).reshape(-1)], True
         except UnicodeDecodeError:
             raise _bad(f"output '{name}' is not UTF-8; request it with binary_data") from None
-    # flat and C-contiguous (orjson refuses other layouts); a no-op for the usual array
-    return np.ascontiguousarray(arr, dtype=NUMPY_DTYPES[datatype]).reshape(-1)
+    # flat and C-contiguous (orjson refuses other layouts); checked after the cast, which may
+    # turn a value into Inf
+    flat = _contiguous_as(arr, NUMPY_DTYPES[datatype]).reshape(-1)
+    if _finite(flat):
+        return flat, True
+    return _with_non_finite_text(flat), False
+
+
+def _with_non_finite_text(flat: np.ndarray) -> list:
+    """The values as a list, NaN and +-Inf replaced by their strings (orjson would write null).
+    Slow (a Python float each), and only for answers that hold a non-finite value."""
+    values = flat.tolist()
+    nan, positive, negative = NON_FINITE_TEXT
+    for i in np.flatnonzero(~np.isfinite(flat)).tolist():
+        x = values[i]
+        values[i] = nan if x != x else positive if x > 0 else negative
+    return values
 
 
 def _binary_output(arr: np.ndarray, datatype: str) -> Any:
@@ -581,4 +615,14 @@ def _binary_output(arr: np.ndarray, datatype: str) -> Any:
             parts.append(_U32.pack(len(b)))
             parts.append(b)
         return b"".join(parts)
-    return np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[datatype])
+    return _contiguous_as(arr, _WIRE_DTYPES[datatype])
+
+
+def _contiguous_as(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`arr` C-contiguous in `dtype`; a no-op for the usual array. A value beyond the datatype's
+    range (a float32 output declared FP16) becomes Inf, carried and counted like any other, so
+    numpy's overflow warning is silenced rather than logged once per answer."""
+    if arr.dtype == dtype:
+        return np.ascontiguousarray(arr)
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(arr, dtype=dtype)

@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 from model_registry import Manifest
 from training import checkpoint
 from training.families import family_module
+from training.parity import describe_error, max_abs_error
 
 ARTIFACTS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 GOLDEN = "golden.safetensors"
@@ -102,7 +103,7 @@ def check_parity(model: torch.nn.Module, run: Callable, make_inputs: Callable[[i
             for e, g in zip(expected, got, strict=True):
                 if e.shape != g.shape:
                     raise ParityError(f"{fmt}: output shape {g.shape} != eager {e.shape} at batch {b}")
-                worst = max(worst, float(np.max(np.abs(e.astype(np.float64) - g))))
+                worst = max(worst, max_abs_error(e, g))
             shapes.append(list(xs[0].shape))
     return {"format": fmt, "max_abs_error": worst, "tolerance": TOLERANCE, "passed": worst <= TOLERANCE,
             "shapes_checked": shapes}
@@ -120,7 +121,7 @@ def _signature(model: torch.nn.Module, example: tuple[torch.Tensor, ...], output
 
 def _check(report: dict) -> dict:
     if not report["passed"]:
-        raise ParityError(f"{report['format']} export differs from eager by {report['max_abs_error']:.3g} "
+        raise ParityError(f"{report['format']} export differs from eager by {describe_error(report['max_abs_error'])} "
                           f"(tolerance {report['tolerance']})")
     return report
 

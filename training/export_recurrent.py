@@ -31,6 +31,7 @@ import torch
 from training.export import ParityError
 from training.export_sequence import fresh_rnn_dispatch
 from training.export_tokens import onnx_step_runner  # noqa: F401  (the same one-thread ONNX Runtime runner)
+from training.parity import max_abs_error
 
 TOLERANCE = 1e-4
 # the context a recurrent model is published with: its state does not grow, so this only bounds
@@ -198,7 +199,7 @@ def check_recurrent_parity(fam, model: torch.nn.Module, config, run: StepRunner,
             expected = full[i, n - 1 : n + decode_steps]
             if got[i].shape != expected.shape:
                 raise ParityError(f"{fmt}: row {i} logits {got[i].shape} != eager {expected.shape}")
-            worst = max(worst, float(np.max(np.abs(expected.astype(np.float64) - got[i]))))
+            worst = max(worst, max_abs_error(expected, got[i]))
         shapes.append([len(prompt_lengths), total])
     return {"format": fmt, "max_abs_error": worst, "tolerance": TOLERANCE, "passed": worst <= TOLERANCE,
             "shapes_checked": shapes}

@@ -34,6 +34,7 @@ import torch
 
 from training.export import ARTIFACTS, ParityError
 from training.models import rnn
+from training.parity import describe_error, max_abs_error
 
 TOLERANCE = 1e-4
 MAX_BATCH, MAX_TIME = 4096, 1 << 20
@@ -157,7 +158,7 @@ def check_parity(model: rnn.Forecaster, config, run: Runner, fmt: str) -> dict:
             if got[name].shape != e.shape:
                 raise ParityError(f"{fmt}: output {name} has shape {got[name].shape}, eager {e.shape} "
                                   f"at lengths {lengths}")
-            worst = max(worst, float(np.max(np.abs(e.astype(np.float64) - got[name]))))
+            worst = max(worst, max_abs_error(e, got[name]))
         shapes.append([len(lengths), max(lengths)])
     return {"format": fmt, "max_abs_error": worst, "tolerance": TOLERANCE, "passed": worst <= TOLERANCE,
             "shapes_checked": shapes}
@@ -201,7 +202,7 @@ def export(model: rnn.Forecaster, config, out: Path, formats) -> tuple[list[dict
             run = torchscript_runner(path, config)
         report = check_parity(model, config, run, fmt)
         if not report["passed"]:
-            raise ParityError(f"{fmt} export differs from eager by {report['max_abs_error']:.3g} "
+            raise ParityError(f"{fmt} export differs from eager by {describe_error(report['max_abs_error'])} "
                               f"(tolerance {TOLERANCE})")
         reports.append(report)
     return reports, signature(config), golden(model, config), state_spec(config)

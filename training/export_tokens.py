@@ -18,6 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from training.parity import max_abs_error
+
 TOLERANCE = 1e-4
 # (prompt lengths per row, tokens decoded after the prefill): rows of different lengths
 PARITY_CASES = (((7, 4), 5), ((3,), 3), ((9, 2, 5), 2))
@@ -145,7 +147,7 @@ def check_token_parity(model: torch.nn.Module, config, run: StepRunner, fmt: str
             full = model(torch.from_numpy(tokens)).numpy()                      # (B, total, V)
         for i, n in enumerate(prompt_lengths):
             expected = full[i, : n + decode_steps]
-            worst = max(worst, float(np.max(np.abs(expected.astype(np.float64) - got[i]))))
+            worst = max(worst, max_abs_error(expected, got[i]))
         shapes.append([len(prompt_lengths), total])
     return {"format": fmt, "max_abs_error": worst, "tolerance": TOLERANCE, "passed": worst <= TOLERANCE,
             "shapes_checked": shapes}

@@ -6,13 +6,13 @@ Every write goes to the registry (the source of truth that every replica polls) 
 ETag of any answer here), and is then applied to this server before the answer goes out: the
 caller's next request already sees it; other replicas follow within about one poll interval.
 
-The routes exist only on a server started with an admin token, and each one needs it.
+The routes exist only on a server started with an admin token, and each one needs it (the one
+rule of every admin route: `serve.api.deps.require_admin_token`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 import time
@@ -27,7 +27,7 @@ from pydantic.json_schema import SkipJsonSchema
 from model_registry import ModelConfig, Registry
 from model_registry.errors import Conflict, NotFound, RegistryError
 from model_registry.routing import Rollout
-from serve.api.deps import read_body, repository_of, settings_of
+from serve.api.deps import read_body, repository_of, require_admin_token, settings_of
 from serve.errors import ServeError
 
 log = logging.getLogger("zooserve.rollout")
@@ -36,35 +36,6 @@ MODEL = "/v2/repository/models/{model}"
 # an ETag as this API writes it: the model.json revision in double quotes (digits capped so that
 # int() of a hostile header stays cheap)
 _REVISION_ETAG = re.compile(r'"([0-9]{1,18})"')
-
-
-# ---- who may call -------------------------------------------------------------------------------
-
-def _bearer_credentials(header: str | None) -> str | None:
-    """The token of `Authorization: Bearer <token>`, or None when the header is absent or malformed."""
-    if header is None:
-        return None
-    scheme, _, credentials = header.strip().partition(" ")
-    credentials = credentials.strip()
-    if scheme.lower() != "bearer" or not credentials:
-        return None
-    return credentials
-
-
-async def require_admin_token(request: Request) -> None:
-    """No token configured: the routes do not exist (404). No or malformed credentials: 401. A
-    wrong token: 403. The comparison takes the same time wherever the tokens differ."""
-    token = settings_of(request).admin_token
-    if token is None:
-        raise ServeError(404, "the admin API (routing and rollouts) is off on this server: start it with "
-                              "--admin-token <token> or ZOOSERVE_ADMIN_TOKEN=<token> to turn it on")
-    given = _bearer_credentials(request.headers.get("authorization"))
-    if given is None:
-        raise ServeError(401, "the admin API needs the header 'Authorization: Bearer <admin token>'",
-                         {"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        raise ServeError(403, "wrong admin token: send the token this server was started with "
-                              "(--admin-token or ZOOSERVE_ADMIN_TOKEN)")
 
 
 router = APIRouter(dependencies=[Depends(require_admin_token)], tags=["admin: routing and rollouts"])

@@ -1,15 +1,20 @@
-"""What routes take from the app: the repository, the settings, the body (with its limit), auth."""
+"""What routes take from the app: the repository, the settings, the body (with its limit), auth,
+the request id."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import logging
+import re
 import time
+import uuid
 from typing import Any, Awaitable, Callable, TypeVar
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
+from model_registry import InvalidName, validate_name
 from serve.errors import ENGINE_REFUSALS, ServeError, engine_refusal
 from serve.v2_codec import V2Error
 from serve.repository import ModelRepository
@@ -24,18 +29,39 @@ def settings_of(request: Request) -> ServeSettings:
     return request.app.state.settings
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ServeError(413, f"body of {declared} bytes exceeds the {limit}-byte limit")
+def refuse_over_limit(size: int, limit: int, declared: bool = False) -> None:
+    """The body limit, the one rule of every route: 413 once a body is known to exceed `limit`
+    bytes, from its Content-Length (`declared`) or from what has arrived so far."""
+    if size > limit:
+        what = f"body of {size} bytes" if declared else "body"
+        raise ServeError(413, f"{what} exceeds the {limit}-byte limit")
+
+
+async def receive_body(receive, declared: bytes | str | None, limit: int) -> bytes | None:
+    """The whole body straight from ASGI `receive` (the v2 fast path has no Request to read it
+    from), under the body limit; None when the client disconnected first. `declared` is the
+    Content-Length header."""
+    if declared is not None and declared.isdigit():
+        refuse_over_limit(int(declared), limit, declared=True)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
         size += len(chunk)
-        if size > limit:
-            raise ServeError(413, f"body exceeds the {limit}-byte limit")
+        refuse_over_limit(size, limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body of a FastAPI route's request, under the body limit."""
+    body = await receive_body(request.receive, request.headers.get("content-length"), limit)
+    if body is None:
+        raise ClientDisconnect()
+    return body
 
 
 T = TypeVar("T")
@@ -101,12 +127,59 @@ async def unless_disconnected(work: Awaitable[T], receive) -> T | None:
     return None
 
 
-def admin_only(request: Request) -> None:
-    """Admin routes need `Authorization: Bearer <admin_token>`; with no token configured they are off."""
+# ---- who may call the admin routes -------------------------------------------------------------
+
+def bearer_credentials(header: str | None) -> str | None:
+    """The token of `Authorization: Bearer <token>` (the scheme in any case, as RFC 9110 says), or
+    None when the header is absent or malformed."""
+    if header is None:
+        return None
+    scheme, _, credentials = header.strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() != "bearer" or not credentials:
+        return None
+    return credentials
+
+
+async def require_admin_token(request: Request) -> None:
+    """The one rule of every admin route (repository load/unload, routing and rollouts). No token
+    configured: the routes do not exist (404). No or malformed credentials: 401. A wrong token:
+    403. The comparison takes the same time wherever the tokens differ."""
     token = settings_of(request).admin_token
     if token is None:
-        raise ServeError(403, "repository control is off: start the server with an admin token "
-                              "(ZOOSERVE_ADMIN_TOKEN or --admin-token)")
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        raise ServeError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        raise ServeError(404, "the admin API (repository load/unload, routing and rollouts) is off on this "
+                              "server: start it with --admin-token <token> or ZOOSERVE_ADMIN_TOKEN=<token> "
+                              "to turn it on")
+    given = bearer_credentials(request.headers.get("authorization"))
+    if given is None:
+        raise ServeError(401, "the admin API needs the header 'Authorization: Bearer <admin token>'",
+                         {"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise ServeError(403, "wrong admin token: send the token this server was started with "
+                              "(--admin-token or ZOOSERVE_ADMIN_TOKEN)")
+
+
+def valid_model_name(model: str) -> None:
+    """A route's `{model}` as the registry would take it: an invalid name (`Bad Name!`, `..`) is a
+    400 naming the rule, not a 404 (no such model could ever exist)."""
+    try:
+        validate_name(model)
+    except InvalidName as exc:
+        raise ServeError(400, str(exc)) from None
+
+
+# ---- request ids --------------------------------------------------------------------------------
+
+# what a client's x-request-id may be: visible ASCII, 1 to 128 characters (it goes into log lines
+# and headers as it came)
+_SANE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def request_id(given: bytes | str | None) -> str:
+    """The request id of an answer: the client's x-request-id when it is sane, else a new one
+    (uuid4, 32 hex digits)."""
+    if isinstance(given, bytes):
+        given = given.decode("latin-1")
+    if given is not None and _SANE_REQUEST_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex

@@ -25,8 +25,9 @@ from serve.api.deps import read_body, repository_of, settings_of, unless_disconn
 from serve.batching import Closed, QueueFull
 from serve.engines.tokens import GenerationRequest, TokenEngine, TokenEvent
 from serve.errors import ServeError
-from serve.openai_protocol import ChatCompletionRequest, CompletionRequest
+from serve.openai_protocol import ChatCompletionRequest, CompletionRequest, openapi_request_body
 from serve.repository import State
+from serve.scheduler import refuse_context
 from serve.shadow import compare_tokens
 from training.sampling import SamplingParams
 
@@ -102,18 +103,14 @@ def _engine_for(request: Request, model: str, user: str | None = None) -> Routed
 
 
 def _check_prompt(engine: TokenEngine, ids: list[int], max_tokens: int | None, default_tokens: int | None) -> int:
-    """The max_tokens this prompt gets, or a 400 naming what does not fit."""
-    if not ids:
-        raise OpenAIError(400, "prompt is empty after tokenization", "prompt")
-    if len(ids) >= engine.max_len:
-        raise OpenAIError(400, f"prompt is {len(ids)} tokens; the context of this model is {engine.max_len} "
-                               "(prompt + at least one generated token must fit)", "prompt")
-    room = engine.max_len - len(ids)
+    """The max_tokens this prompt gets, or a 400 naming what does not fit (the engine's own rule,
+    asked here so that nothing that cannot run is queued)."""
+    refusal = refuse_context(len(ids), 1 if max_tokens is None else max_tokens, engine.max_len)
+    if refusal is not None:
+        raise OpenAIError(400, refusal.message, refusal.param)
     if max_tokens is None:
+        room = engine.max_len - len(ids)
         return min(room, default_tokens) if default_tokens else room
-    if max_tokens > room:
-        raise OpenAIError(400, f"max_tokens {max_tokens} + prompt {len(ids)} tokens exceeds the context of "
-                               f"{engine.max_len} tokens", "max_tokens")
     return max_tokens
 
 
@@ -272,7 +269,8 @@ async def list_models(request: Request) -> Response:
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
 
-@router.post("/completions", summary="Text completion (OpenAI-compatible; `stream: true` for SSE)")
+@router.post("/completions", summary="Text completion (OpenAI-compatible; `stream: true` for SSE)",
+             openapi_extra=openapi_request_body(CompletionRequest))
 async def completions(request: Request) -> Response:
     async def handle() -> Response:
         body: CompletionRequest = await _parse(request, CompletionRequest)
@@ -303,7 +301,8 @@ async def completions(request: Request) -> Response:
     return await _guarded(handle)
 
 
-@router.post("/chat/completions", summary="Chat completion (OpenAI-compatible; `stream: true` for SSE)")
+@router.post("/chat/completions", summary="Chat completion (OpenAI-compatible; `stream: true` for SSE)",
+             openapi_extra=openapi_request_body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     async def handle() -> Response:
         body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)

@@ -13,12 +13,13 @@ import zlib
 from typing import Any, Callable
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from serve import __version__
-from serve.api.deps import RequestOutcome, admin_only, read_body, repository_of, settings_of, unless_disconnected
-from serve.errors import ServeError, unavailable
+from serve.api.deps import (RequestOutcome, read_body, receive_body, repository_of, request_id, require_admin_token,
+                            settings_of, unless_disconnected, valid_model_name)
+from serve.errors import ServeError, error_body, log_refusal, unavailable
 from serve.repository import LoadedVersion, State
 from serve.shadow import ShadowTraffic, compare_tensors, parity_tolerance
 
@@ -34,7 +35,8 @@ INFER_BODY_SCHEMA = {
         "type": "object", "required": ["inputs"],
         "properties": {
             "id": {"type": "string"},
-            "parameters": {"type": "object"},
+            "parameters": {"type": "object", "properties": {
+                "timeout": {"type": "number", "exclusiveMinimum": 0, "description": "deadline, microseconds"}}},
             "inputs": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name", "shape", "datatype"],
                        "properties": {"name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
                                       "datatype": {"type": "string"}, "parameters": {"type": "object"},
@@ -44,6 +46,65 @@ INFER_BODY_SCHEMA = {
         }}}}},
     "responses": {"200": {"description": "inference response (JSON, or JSON + binary tensors)"}},
 }
+# JSON data elements by v2 datatype, and the value an example fills a tensor with
+_DATA_TYPES = {"BOOL": "boolean", "BYTES": "string", "FP16": "number", "FP32": "number", "FP64": "number"}
+_EXAMPLE_VALUES = {"boolean": False, "string": "", "number": 0.0, "integer": 0}
+
+
+def _input_schema(spec) -> dict:
+    """One input of a signature as a schema: its name and datatype, its rank, its fixed dimensions
+    (a -1 dimension takes any size)."""
+    dims = [{"type": "integer", "enum": [d]} if d >= 0 else {"type": "integer", "minimum": 1} for d in spec.shape]
+    return {"type": "object", "required": ["name", "shape", "datatype", "data"],
+            "properties": {"name": {"type": "string", "enum": [spec.name]},
+                           "datatype": {"type": "string", "enum": [spec.datatype]},
+                           "shape": {"type": "array", "prefixItems": dims, "items": False,
+                                     "minItems": len(dims), "maxItems": len(dims)},
+                           "data": {"type": "array", "items": {"type": _DATA_TYPES.get(spec.datatype, "integer")}},
+                           "parameters": {"type": "object"}}}
+
+
+def _example_input(spec) -> dict:
+    """A request tensor that fits `spec`: one row (any -1 dimension 1), every value zero."""
+    shape = [d if d >= 0 else 1 for d in spec.shape]
+    size = 1
+    for d in shape:
+        size *= d
+    value = _EXAMPLE_VALUES[_DATA_TYPES.get(spec.datatype, "integer")]
+    return {"name": spec.name, "shape": shape, "datatype": spec.datatype, "data": [value] * size}
+
+
+def model_infer_operation(name: str, signature) -> dict:
+    """`POST /v2/models/{name}/infer` of one loaded model for the OpenAPI document: the generic infer
+    body narrowed to the model's inputs (names, datatypes and shapes as enums), with an example
+    that it answers, so that client generators and fuzzers reach the model itself."""
+    generic = INFER_BODY_SCHEMA["requestBody"]["content"]["application/json"]["schema"]
+    inputs = [_input_schema(spec) for spec in signature.inputs]
+    schema = {**generic, "properties": {
+        **generic["properties"],
+        "inputs": {"type": "array", "minItems": 1, "maxItems": len(inputs), "items": {"anyOf": inputs}},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "enum": [spec.name for spec in signature.outputs]},
+            "parameters": {"type": "object"}}}},
+    }}
+    example = {"inputs": [_example_input(spec) for spec in signature.inputs]}
+    return {"summary": f"Inference on {name} (default version)", "operationId": f"infer_model_{name}",
+            "tags": ["models loaded now"],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": schema, "example": example}}},
+            "responses": INFER_BODY_SCHEMA["responses"]}
+
+
+def loaded_model_paths(repo) -> dict:
+    """The infer path of every model that serves v2 now (its default version's signature)."""
+    paths = {}
+    for name in sorted(repo.tables):
+        try:
+            lv = repo.resolve(name, None)
+        except ServeError:                   # no ready version: nothing to say about its inputs
+            continue
+        if lv.engine.api == "v2":
+            paths[f"/v2/models/{name}/infer"] = {"post": model_infer_operation(name, lv.engine.manifest.signature)}
+    return paths
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -57,13 +118,20 @@ async def live() -> Response:
     return _json({"live": True})
 
 
-@router.get("/v2/health/ready", summary="Readiness: start-up load done and not draining")
+@router.get("/v2/health/ready", summary="Readiness: start-up load done, not draining, and (strict, the "
+                                        "default) every served model has a READY version")
 async def ready(request: Request) -> Response:
     repo = repository_of(request)
     if getattr(request.app.state, "draining", False):
         raise unavailable("server is shutting down")
     if not repo.loaded:
         raise unavailable("models are still loading")
+    if settings_of(request).readiness == "strict":
+        unready = repo.unready_models()       # the loaded tables only: cheap enough to poll under load
+        if unready:
+            raise unavailable(f"not ready: {'; '.join(unready.values())}. Fix or republish the version in the "
+                              "registry (the server loads it within a poll), unload the model, or set "
+                              "ZOOSERVE_READINESS=lenient to be ready while some models do not serve")
     return _json({"ready": True})
 
 
@@ -232,10 +300,10 @@ def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
-def _header_values(raw_headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, str | None, str | None]:
-    """(content-length, content-encoding, inference-header-content-length) from ASGI headers
-    (names arrive lower-cased)."""
-    length = encoding = header_length = None
+def _header_values(raw_headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, str | None, str | None, bytes | None]:
+    """(content-length, content-encoding, inference-header-content-length, x-request-id) from
+    ASGI headers (names arrive lower-cased), in one pass."""
+    length = encoding = header_length = given_id = None
     for name, value in raw_headers:
         if name == b"content-length":
             length = value
@@ -243,33 +311,24 @@ def _header_values(raw_headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None
             encoding = value.decode("latin-1")
         elif name == b"inference-header-content-length":
             header_length = value.decode("latin-1")
-    return length, encoding, header_length
+        elif name == b"x-request-id":
+            given_id = value
+    return length, encoding, header_length, given_id
 
 
-async def _receive_body(receive, declared: bytes | None, limit: int) -> bytes | None:
-    """The whole body straight from ASGI `receive`, refused with 413 as soon as it is known to
-    exceed `limit` bytes; None when the client disconnected first."""
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ServeError(413, f"body of {int(declared)} bytes exceeds the {limit}-byte limit")
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        return None
-    body = message.get("body", b"")
-    if not message.get("more_body", False):
-        if len(body) > limit:
-            raise ServeError(413, f"body exceeds the {limit}-byte limit")
-        return body
-    chunks, size = [body], len(body)
-    while message.get("more_body", False):
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise ServeError(413, f"body exceeds the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _timeout_s(parameters: dict, default_s: float) -> float:
+    """The request's own deadline (`parameters.timeout`, in microseconds, Triton's unit) in
+    seconds, else the server's. Anything but a positive number is a 400: a bool is not a number
+    here (JSON true would otherwise be read as 1 µs and answered 504)."""
+    if "timeout" not in parameters:
+        return default_s
+    timeout_us = parameters["timeout"]
+    if type(timeout_us) not in (int, float):
+        raise ServeError(400, f"parameter 'timeout' must be a number of microseconds, not "
+                              f"{type(timeout_us).__name__} {orjson.dumps(timeout_us).decode()[:40]}")
+    if not timeout_us > 0:
+        raise ServeError(400, f"parameter 'timeout' must be positive (microseconds), got {timeout_us}")
+    return timeout_us / 1e6
 
 
 async def _infer(repo, settings, shadows: ShadowTraffic, model: str, version: str | None, started: float, body_of,
@@ -282,6 +341,8 @@ async def _infer(repo, settings, shadows: ShadowTraffic, model: str, version: st
     request header (the sticky routing key)."""
     lv, alias = repo.route(model, version, header)
     with RequestOutcome(model, started, "inference", lambda: (lv.engine.metrics, lv.version)) as outcome:
+        # shed before reading: a refusal under overload must cost less than the work it avoids
+        lv.engine.admit(started + settings.request_timeout_s)
         body = await body_of(settings.max_body_bytes)
         if body is None:
             outcome.status = 499
@@ -292,10 +353,7 @@ async def _infer(repo, settings, shadows: ShadowTraffic, model: str, version: st
         if pin is not None and pin[0] != lv.version:   # a live sequence's chunk: the version it started on
             lv, alias = repo.pinned(model, pin[0], version, pin[1]), None
             call = call.bound_to(lv.engine)
-        timeout_us = call.parameters.get("timeout")
-        timeout_s = timeout_us / 1e6 if isinstance(timeout_us, (int, float)) and timeout_us > 0 \
-            else settings.request_timeout_s
-        work = call.run(started + timeout_s)
+        work = call.run(started + _timeout_s(call.parameters, settings.request_timeout_s))
         if lv.engine.cancellable:   # watching costs two tasks: only where requests run long
             outputs = await unless_disconnected(work, receive)
             if outputs is None:
@@ -353,20 +411,26 @@ INFER_PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^
 
 async def fast_infer(scope, receive, send, state, model: str, version: str | None) -> None:
     """The infer handler as a bare ASGI call (see serve.app.InferFastPath): headers read from the
-    scope, body from `receive`, the answer sent as two ASGI messages; errors as JSON."""
+    scope, body from `receive`, the answer sent as two ASGI messages; errors as JSON, and logged.
+    Every answer carries its x-request-id (the client's, or a new one)."""
     started = time.perf_counter()
-    length, encoding, header_length = _header_values(scope["headers"])
+    length, encoding, header_length, given_id = _header_values(scope["headers"])
     try:
         result = await _infer(state.repository, state.settings, state.shadow, model, version, started,
-                              lambda limit: _receive_body(receive, length, limit), receive, encoding, header_length,
+                              lambda limit: receive_body(receive, length, limit), receive, encoding, header_length,
                               _scope_header(scope["headers"]))
         if result is None:
             return                  # nobody to answer
+        rid = request_id(given_id)
         status, (payload, headers) = 200, result
     except ServeError as exc:
-        status, payload = exc.status, orjson.dumps({"error": exc.message})
+        rid = request_id(given_id)
+        log_refusal("POST", scope["path"], exc.status, exc.message, model,
+                    exc.headers.get("x-model-version", version), rid)
+        status, payload = exc.status, error_body(exc.message)
         headers = [(b"content-type", b"application/json"),
                    *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
+    headers.append((b"x-request-id", rid.encode()))
     headers.append((b"content-length", str(len(payload)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
@@ -378,7 +442,8 @@ async def _routed_infer(request: Request, model: str, version: str | None) -> Re
     started = time.perf_counter()
     headers = request.headers
     result = await _infer(repository_of(request), settings_of(request), request.app.state.shadow, model, version, started,
-                          lambda limit: read_body(request, limit), request.receive, headers.get("content-encoding"),
+                          lambda limit: receive_body(request.receive, headers.get("content-length"), limit),
+                          request.receive, headers.get("content-encoding"),
                           headers.get("inference-header-content-length"), headers.get)
     if result is None:
         return Response(status_code=499)
@@ -400,7 +465,23 @@ async def infer_version(request: Request, model: str, version: str) -> Response:
 
 # ---- repository (Triton extension) ----------------------------------------------------------
 
-@router.post("/v2/repository/index", summary="Every model of the registry and the state of its versions")
+# Triton's optional index body; every model is listed whatever it says
+INDEX_BODY_SCHEMA = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"ready": {"type": "boolean", "description": "accepted; every model is listed"}},
+}}}}}
+# load/unload take Triton's optional `{"parameters": {...}}`; config overrides and files are refused
+# (publish to the registry instead)
+LOAD_BODY_SCHEMA = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"parameters": {
+        "type": "object", "description": "e.g. unload_dependents; 'config' and 'file:...' are not supported",
+        "propertyNames": {"not": {"anyOf": [{"const": "config"}, {"pattern": "^file:"}]}}}},
+}}}}}
+# every admin route: the token first (a caller without it learns nothing), then the name
+ADMIN_MODEL_ROUTE = [Depends(require_admin_token), Depends(valid_model_name)]
+
+
+@router.post("/v2/repository/index", summary="Every model of the registry and the state of its versions",
+             openapi_extra=INDEX_BODY_SCHEMA)
 async def repository_index(request: Request) -> Response:
     return _json(repository_of(request).index())
 
@@ -421,17 +502,23 @@ async def _load_body(request: Request) -> None:
         raise ServeError(400, f"parameters {unsupported} are not supported: publish to the registry and load")
 
 
-@router.post("/v2/repository/models/{model}/load", summary="(Re)load a model from the registry (admin)")
+@router.post("/v2/repository/models/{model}/load", summary="(Re)load a model from the registry (admin)",
+             dependencies=ADMIN_MODEL_ROUTE, openapi_extra=LOAD_BODY_SCHEMA)
 async def load(request: Request, model: str) -> Response:
-    admin_only(request)
     await _load_body(request)
-    await repository_of(request).load_model(model)
+    repo = repository_of(request)
+    refused = await repo.load_model(model)
+    if refused:
+        # 409, not 503: the server is not unavailable (what served keeps serving, so neither a load
+        # balancer nor a retry loop may read this as an outage) and loading again changes nothing;
+        # the registry's version conflicts with its own manifest or golden pair until it is fixed
+        raise ServeError(409, repo.refusal_message(model, refused))
     return _json({})
 
 
-@router.post("/v2/repository/models/{model}/unload", summary="Drain and unload a model (admin)")
+@router.post("/v2/repository/models/{model}/unload", summary="Drain and unload a model (admin)",
+             dependencies=ADMIN_MODEL_ROUTE, openapi_extra=LOAD_BODY_SCHEMA)
 async def unload(request: Request, model: str) -> Response:
-    admin_only(request)
     await _load_body(request)
     await repository_of(request).unload_model(model)
     return _json({})

@@ -67,6 +67,11 @@ class Engine(Protocol):
     def in_flight(self) -> int:
         """Requests accepted and not yet answered."""
 
+    def admit(self, deadline: float) -> None:
+        """Refuse a request before its body is read (QueueFull with a Retry-After, or Closed) when
+        the engine could not start it within model.json's max_queue_wait_ms or by `deadline`;
+        shedding then costs no decoding. Admitting is not reserving: the queue checks again."""
+
     def reconfigure(self, batching: Batching) -> None:
         """model.json's batching changed: apply it to the queues (no reload, nothing dropped)."""
 

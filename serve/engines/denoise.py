@@ -173,6 +173,13 @@ class DenoiseEngine(StepLoop):
         finally:
             self._pending -= 1
 
+    def admit(self, deadline: float) -> None:
+        """Requests step together: the queue bound is a count of waiting requests."""
+        if self._closing:
+            raise Closed("model is shutting down")
+        if self._pending - self._running >= self.max_waiting:
+            raise QueueFull(retry_after_s=1.0)
+
     def reconfigure(self, batching) -> None:
         """Requests step together, not in batches: only the queue bound applies."""
         self.max_waiting = batching.max_queue_size

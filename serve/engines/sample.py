@@ -35,6 +35,7 @@ from serve.runtimes import Runtime, open_runtime
 from serve.sample_request import SampleRequest, decode_sample_request, sample_request
 from serve.settings import ServeSettings
 from serve.v2_codec import RequestedOutput, encode_infer_response
+from training.parity import describe_error, max_abs_error
 
 log = logging.getLogger("zooserve.sample")
 
@@ -57,10 +58,12 @@ def open_parts(manifest: Manifest, version_dir: Path, settings: ServeSettings) -
 
 
 def _compare(what: str, got: np.ndarray, expected: np.ndarray, tolerance: float) -> float:
-    worst = float(np.max(np.abs(got.astype(np.float64) - expected), initial=0.0))
-    if got.shape != expected.shape or not worst <= tolerance:
-        raise GoldenMismatch(f"{what} differs from the golden output by {worst:.3g} (tolerance {tolerance}) "
-                             f"or in shape {got.shape} vs {expected.shape}")
+    if got.shape != expected.shape:
+        raise GoldenMismatch(f"{what} has shape {got.shape}, the golden output {expected.shape}")
+    worst = max_abs_error(expected, got)
+    if not worst <= tolerance:
+        raise GoldenMismatch(f"{what} differs from the golden output by {describe_error(worst)} "
+                             f"(tolerance {tolerance})")
     return worst
 
 
@@ -100,6 +103,7 @@ class SampleEngine:
         self.device = runtimes[self.main].device
         self.batchers = {part: DynamicBatcher(rt.run, batching.max_batch_size, batching.max_queue_delay_ms,
                                               batching.max_queue_size, on_batch=self._record,
+                                              max_queue_wait_ms=batching.max_queue_wait_ms,
                                               name=f"{name}-{version}-{part}")
                          for part, rt in runtimes.items()}
         metrics.queue_depth.set_function(lambda: sum(b.queue_depth for b in self.batchers.values()))
@@ -132,9 +136,13 @@ class SampleEngine:
         out = {**feeds, **await self._run(self.main, feeds, deadline)}
         return {n: out[n] for n in req.outputs}
 
+    def admit(self, deadline: float) -> None:
+        self.batchers[self.main].admit(deadline)      # a request starts on the main part (the VAE encoder too)
+
     def reconfigure(self, batching: Batching) -> None:
         for batcher in self.batchers.values():
-            batcher.reconfigure(batching.max_batch_size, batching.max_queue_delay_ms, batching.max_queue_size)
+            batcher.reconfigure(batching.max_batch_size, batching.max_queue_delay_ms, batching.max_queue_size,
+                                batching.max_queue_wait_ms)
 
     def bind(self, body: bytes, header_length: str | None, settings: ServeSettings, batching: Batching) -> SampleCall:
         return bind_sample_request(self, body, header_length, settings)
@@ -227,7 +235,8 @@ class SampleCall:
             return png_grid(outputs["image"]), {"Content-Type": "image/png", **headers}
         wanted = [RequestedOutput(n, self.binary.get(n, False)) for n in self.request.outputs]
         datatypes = {s.name: s.datatype for s in self.engine.manifest.signature.outputs}
-        body, extra = encode_infer_response(model, version, self.request_id, outputs, wanted, datatypes)
+        body, extra = encode_infer_response(model, version, self.request_id, outputs, wanted, datatypes,
+                                            on_nonfinite=self.engine.metrics.nonfinite_answer)
         return body, {**extra, **headers}
 
 

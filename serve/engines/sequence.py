@@ -41,6 +41,7 @@ from serve.sequence_store import LiveSequence, SequenceId, SequenceStore, TooMan
 from serve.settings import ServeSettings
 from serve.engines.stateless import decode_for
 from serve.v2_codec import InferRequest, encode_infer_response
+from training.parity import describe_error, max_abs_error
 
 log = logging.getLogger("zooserve.sequence")
 
@@ -104,10 +105,13 @@ class SequenceRuntime:
                **{carried: got_state[name] for name, (_, carried) in self.state.items()}}
         for name, value in got.items():
             expected = tensors[f"state_output.{name}"]
-            worst = float(np.max(np.abs(value.astype(np.float64) - expected), initial=0.0))
-            if value.shape != expected.shape or not worst <= self.tolerance:
-                raise GoldenMismatch(f"stateful golden output {name!r} differs by {worst:.3g} "
-                                     f"(tolerance {self.tolerance}) or in shape {value.shape} vs {expected.shape}")
+            if value.shape != expected.shape:
+                raise GoldenMismatch(f"stateful golden output {name!r} has shape {value.shape}, "
+                                     f"golden {expected.shape}")
+            worst = max_abs_error(expected, value)
+            if not worst <= self.tolerance:
+                raise GoldenMismatch(f"stateful golden output {name!r} differs by {describe_error(worst)} "
+                                     f"(tolerance {self.tolerance})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +169,8 @@ class SequenceEngine:
         self.runtime, self.store, self.metrics = runtime, store, metrics
         self.max_len = settings.sequence_max_len
         self.batcher = DynamicBatcher(self._run_batch, batching.max_batch_size, batching.max_queue_delay_ms,
-                                      batching.max_queue_size, on_batch=self._record, name=f"{name}-{version}")
+                                      batching.max_queue_size, on_batch=self._record,
+                                      max_queue_wait_ms=batching.max_queue_wait_ms, name=f"{name}-{version}")
         self._padding = 0.0        # padded share of the batch just run, for _record
         self._reaper: asyncio.Task | None = None
         # read at scrape, never on the request path
@@ -184,8 +189,12 @@ class SequenceEngine:
         request = decode_for(self.manifest, body, header_length, settings, batching)
         return SequenceCall(self, request, parse_control(request.parameters))
 
+    def admit(self, deadline: float) -> None:
+        self.batcher.admit(deadline)
+
     def reconfigure(self, batching: Batching) -> None:
-        self.batcher.reconfigure(batching.max_batch_size, batching.max_queue_delay_ms, batching.max_queue_size)
+        self.batcher.reconfigure(batching.max_batch_size, batching.max_queue_delay_ms, batching.max_queue_size,
+                                batching.max_queue_wait_ms)
 
     async def infer(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None,
                     control: SequenceControl | None = None) -> dict[str, np.ndarray]:
@@ -329,4 +338,5 @@ class SequenceCall:
 
     def response(self, model: str, version: str, outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
         datatypes = {s.name: s.datatype for s in self.engine.manifest.signature.outputs}
-        return encode_infer_response(model, version, self.request.id, outputs, self.request.outputs, datatypes)
+        return encode_infer_response(model, version, self.request.id, outputs, self.request.outputs, datatypes,
+                                     on_nonfinite=self.engine.metrics.nonfinite_answer)

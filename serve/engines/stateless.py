@@ -38,7 +38,8 @@ class TensorCall:
 
     def response(self, model: str, version: str, outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
         datatypes = {s.name: s.datatype for s in self.engine.manifest.signature.outputs}
-        return encode_infer_response(model, version, self.request.id, outputs, self.request.outputs, datatypes)
+        return encode_infer_response(model, version, self.request.id, outputs, self.request.outputs, datatypes,
+                                     on_nonfinite=self.engine.metrics.nonfinite_answer)
 
 
 def decode_for(manifest: Manifest, body: bytes, header_length: str | None, settings, batching: Batching) -> InferRequest:
@@ -58,6 +59,7 @@ class StatelessEngine:
         self.runtime, self.metrics = runtime, metrics
         self.batcher = DynamicBatcher(runtime.run, batching.max_batch_size, batching.max_queue_delay_ms,
                                       batching.max_queue_size, on_batch=self._record,
+                                      max_queue_wait_ms=batching.max_queue_wait_ms,
                                       name=f"{name}-{version}")
         metrics.queue_depth.set_function(lambda: self.batcher.queue_depth)   # read at scrape
 
@@ -70,8 +72,12 @@ class StatelessEngine:
     def bind(self, body: bytes, header_length: str | None, settings, batching: Batching) -> TensorCall:
         return TensorCall(self, decode_for(self.manifest, body, header_length, settings, batching))
 
+    def admit(self, deadline: float) -> None:
+        self.batcher.admit(deadline)
+
     def reconfigure(self, batching: Batching) -> None:
-        self.batcher.reconfigure(batching.max_batch_size, batching.max_queue_delay_ms, batching.max_queue_size)
+        self.batcher.reconfigure(batching.max_batch_size, batching.max_queue_delay_ms, batching.max_queue_size,
+                                batching.max_queue_wait_ms)
 
     async def infer(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None) -> dict[str, np.ndarray]:
         return await self.batcher.submit(inputs, rows, deadline)

@@ -27,7 +27,7 @@ from serve.engines.step_loop import StepLoop
 from serve.errors import ServeError
 from serve.metrics import EngineStats, TokenMetrics
 from serve.runtimes import Runtime
-from serve.scheduler import FINISH_REASON, RequestStatus, StepPlan, TokenRequest, TokenScheduler
+from serve.scheduler import FINISH_REASON, RequestStatus, StepPlan, TokenRequest, TokenScheduler, refuse_context
 from training.sampling import Sampled, Sampler, SamplingParams
 
 
@@ -154,6 +154,9 @@ class TokenEngine(StepLoop):
         self._loop = asyncio.get_running_loop()
         super().start()
 
+    def admit(self, deadline: float) -> None:
+        """Token requests come by the OpenAI routes, which read the body for the model's name."""
+
     def reconfigure(self, batching) -> None:
         """Sequences run in the continuous batch (max_num_seqs), not in model.json's batches."""
 
@@ -189,12 +192,10 @@ class TokenEngine(StepLoop):
                 self._inbox.put(("abort", request.request_id))
 
     def _refuse_impossible(self, request: TokenRequest) -> None:
-        """Refuse at once what could never run (the scheduler would say the same, later)."""
-        if not request.prompt_ids:
-            raise ValueError("empty prompt")
-        if len(request.prompt_ids) + request.max_tokens > self.max_len:
-            raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
-                             f"exceeds the context of {self.max_len} tokens")
+        """Refuse at once what could never run (the scheduler asks the same rule, later)."""
+        refusal = refuse_context(len(request.prompt_ids), request.max_tokens, self.max_len)
+        if refusal is not None:
+            raise ValueError(refusal.message)
 
     def stats(self) -> EngineStats:
         return self.metrics.stats
@@ -205,6 +206,10 @@ class TokenEngine(StepLoop):
 
     def _add(self, request: TokenRequest) -> None:
         self.scheduler.add_request(request)
+
+    def _reject(self, request: TokenRequest, exc: Exception) -> None:
+        stream: _Stream = request.payload
+        stream.loop.call_soon_threadsafe(stream.sink.put_nowait, exc)
 
     def _abort(self, request_id: str) -> None:
         request = self.scheduler.get(request_id)
@@ -248,13 +253,21 @@ class TokenEngine(StepLoop):
             self.metrics.finished(finish, now - request.arrival)
         return stream.sink, event
 
-    def _fail_running(self, exc: Exception) -> None:
-        for request in list(self.scheduler.running):
-            self.scheduler.finish(request.request_id, RequestStatus.FINISHED_ABORTED)
-            stream: _Stream = request.payload
-            stream.loop.call_soon_threadsafe(stream.sink.put_nowait, RuntimeError(f"generation failed: {exc}"))
-
     def _fail_everything(self, exc: Exception) -> None:
+        now = time.perf_counter()
         for request in [*self.scheduler.running, *self.scheduler.waiting]:
+            if request.status == RequestStatus.FINISHED_ABORTED:
+                continue                 # its caller has gone
             stream: _Stream = request.payload
+            # a request that finished in a step that then failed may not have had its last event
             stream.loop.call_soon_threadsafe(stream.sink.put_nowait, exc)
+            if not request.status.is_finished:
+                self.metrics.request_done(503, now - request.arrival)
+
+    def _reset(self) -> None:
+        """Empty books, and the rows the running requests held zeroed (a step may have half-written them)."""
+        old = self.scheduler
+        self.scheduler = TokenScheduler(old.max_rows, old.max_len, old.max_prefill_tokens)
+        if old.running:
+            self.runner.state.reset_rows(list(range(len(old.running))))
+        self.metrics.scheduler_state(0, 0, old.max_rows)

@@ -183,3 +183,50 @@ def test_close_drains_accepted_work_then_refuses():
             await batcher.submit(rows(1), 1)
         return await asyncio.gather(*accepted)
     assert len(run(main())) == 5
+
+
+def test_the_queue_is_bounded_by_expected_wait_and_the_refusal_says_when_to_retry():
+    """Requests ahead / the measured drain rate: a request that would wait longer than
+    max_queue_wait_ms, or past its own deadline, is refused before it is queued."""
+    model = RecordingModel(delay_s=0.02)            # ~20 ms a batch of at most 2 rows: ~100 rows/s
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch_size=2, max_queue_delay_ms=0, max_queue_size=1000,
+                                 max_queue_wait_ms=100)
+        batcher.start()
+        for _ in range(5):                              # learn the drain rate
+            await asyncio.gather(batcher.submit(rows(1), 1), batcher.submit(rows(1), 1))
+        accepted = [asyncio.ensure_future(batcher.submit(rows(1), 1)) for _ in range(40)]
+        await asyncio.sleep(0)
+        waits = batcher.expected_wait_s()
+        with pytest.raises(QueueFull) as refused:
+            batcher.admit()
+        # the deadline bounds too: a request with 10 ms left is refused at a far shorter queue
+        await asyncio.gather(*accepted, return_exceptions=True)
+        early = [asyncio.ensure_future(batcher.submit(rows(1), 1)) for _ in range(4)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            batcher.admit(time.perf_counter() + 0.01)
+        batcher.admit(time.perf_counter() + 5)          # the same queue admits a patient request
+        results = await asyncio.gather(*early)
+        await batcher.close()
+        return accepted, waits, refused.value, results
+    accepted, waits, refused, results = run(main())
+    # the submits past the bound were refused at once; those queued before it all ran
+    outcomes = [f.exception() if f.exception() else "ok" for f in accepted]
+    taken = outcomes.count("ok")
+    assert 5 <= taken < 40 and all(isinstance(o, QueueFull) for o in outcomes[taken:])
+    assert waits > 0.1 and refused.retry_after_s == pytest.approx(waits - 0.1, rel=0.01)
+    assert len(results) == 4
+
+
+def test_an_empty_queue_admits_anything():
+    async def main():
+        batcher = DynamicBatcher(RecordingModel(), max_batch_size=2, max_queue_delay_ms=0, max_queue_size=1,
+                                 max_queue_wait_ms=0.001)
+        batcher.start()
+        batcher.admit(time.perf_counter() - 1)          # even a request past its deadline: the queue says nothing
+        out = await batcher.submit(rows(2), 2)
+        await batcher.close()
+        return out
+    assert run(main())["y"].shape == (2, 3)

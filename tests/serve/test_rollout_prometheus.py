@@ -8,10 +8,8 @@ Needs the `prometheus` binary (Debian: `apt-get install -y prometheus`, 2.42); s
 from __future__ import annotations
 
 import math
-import shutil
-import socket
-import subprocess
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -22,11 +20,11 @@ from sklearn.datasets import load_digits
 from model_registry import Registry, Rollout
 from serve.judge import histogram_quantile
 from serve.rollout import PrometheusSource, RolloutController, ServerMetricsSource
+from tests.prometheus_helpers import PROMETHEUS_MISSING, SKIP_REASON, running_prometheus
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("prometheus") is None,
-                       reason="no `prometheus` binary on PATH (Debian/Ubuntu: apt-get install -y prometheus)"),
+    pytest.mark.skipif(PROMETHEUS_MISSING, reason=SKIP_REASON),
 ]
 
 MODEL = "mlp-digits"
@@ -46,61 +44,15 @@ def infer(server_url: str, version: int, count: int, bad: int = 0) -> None:
             assert client.post(url, json={"inputs": []}).status_code == 400
 
 
-def prometheus_config(targets: list[str]) -> str:
-    """Scrape `targets` every second."""
-    quoted = ", ".join(f'"{t}"' for t in targets)
-    return ("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            f"scrape_configs:\n  - job_name: zooserve\n    static_configs:\n      - targets: [{quoted}]\n")
-
-
 @pytest.fixture
 def prometheus_for(tmp_path):
     """`prometheus_for(server) -> url`: start a Prometheus scraping that server; stopped at the end."""
-    processes = []
+    with ExitStack() as stack:
+        def start(server) -> str:
+            folder = tmp_path / f"prometheus-{server.port}"
+            return stack.enter_context(running_prometheus(folder, [f"127.0.0.1:{server.port}"]))
 
-    def start(server) -> str:
-        port = _free_port()
-        folder = tmp_path / f"prometheus-{port}"
-        folder.mkdir()
-        (folder / "prometheus.yml").write_text(prometheus_config([f"127.0.0.1:{server.port}"]))
-        log = open(folder / "prometheus.log", "w")
-        proc = subprocess.Popen(
-            ["prometheus", f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
-        processes.append((proc, log))
-        url = f"http://127.0.0.1:{port}"
-        _wait_ready(proc, url, folder / "prometheus.log")
-        return url
-
-    yield start
-    for proc, log in processes:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prometheus exited with {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"prometheus not ready in {timeout_s} s:\n{log_path.read_text()}")
+        yield start
 
 
 def wait_until_prometheus_agrees(prometheus: PrometheusSource, direct: ServerMetricsSource, timeout_s: float = 30):

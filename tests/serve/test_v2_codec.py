@@ -555,10 +555,11 @@ def test_response_without_id_omits_it():
     assert "id" not in orjson.loads(body)
 
 
-def test_json_response_nan_becomes_null():
-    outs = {"logits": np.array([[np.nan] + [0.5] * 9], np.float32)}
+def test_json_response_writes_non_finite_values_as_strings():
+    # the protobuf JSON mapping of float (KServe v2): never null, which cannot tell NaN from Inf
+    outs = {"logits": np.array([[np.nan, np.inf, -np.inf] + [0.5] * 7], np.float32)}
     body, _ = encode(outs, RequestedOutput("logits", False))
-    assert orjson.loads(body)["outputs"][0]["data"][:2] == [None, 0.5]
+    assert orjson.loads(body)["outputs"][0]["data"][:4] == ["NaN", "Infinity", "-Infinity", 0.5]
 
 
 def test_json_response_accepts_non_contiguous_and_casts_to_the_datatype():

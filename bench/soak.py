@@ -1,0 +1,463 @@
+"""Soak: N minutes of mixed load on one server, watching for leaks and latency drift.
+
+One run:
+  1. builds the demo classifier registry with `zooserve demo` in a temp dir (or takes `--registry`);
+  2. starts `zooserve serve --threads 1` on a free loopback port;
+  3. picks loadtest/locustfile.py's user class for every engine kind the registry serves (classify:
+     ClassifierUser, tokens: StreamingTokenUser, sequence: ForecastUser, sample: GanUser / VaeUser,
+     denoise: DiffusionUser) and runs them in one headless locust for `--minutes`; this file, loaded
+     by locust beside the locustfile, records every request's latency by minute of the run;
+  4. samples the server process (psutil, else /proc) before the load ("start"), every `--sample-s`
+     under load, and once the load has stopped ("end"): resident memory, open file descriptors,
+     threads, CPU seconds, and from /metrics the requests, non-200 answers and the server-side p99
+     of each interval (bucket deltas of zooserve_request_duration_seconds);
+  5. prints the table, the client p50/p99 of each minute, the ratios end/start, and the growth from the
+     first minute under load to the last (what a leak shows as: warm-up has happened by then).
+
+    .venv/bin/python bench/soak.py [--minutes 10] [--registry DIR] [--users 8] [--wait 0]
+                                   [--sample-s 60] [--out FILE.json]
+
+Not part of the test suite (minutes long). Results: docs/reliability.md, "Soak".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LATENCY_ENV = "ZOOSERVE_SOAK_LATENCY_OUT"     # set: this file was loaded by locust, record latencies there
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ---- inside locust: per-minute client latencies ----------------------------------------------
+
+def install_locust_hooks(out_path: str, bucket_s: float) -> None:
+    """Record each request's response time by `bucket_s` interval of the run; written at test stop as
+    {"buckets": {index: {"all": summary, name: summary}}} where summary = count, failures, p50, p99 (ms).
+    Times are counted in 10 us steps, so memory stays small however long the run."""
+    from locust import events
+
+    started: list[float] = []
+    counts: dict[int, dict[str, Counter]] = {}        # interval -> name -> {time in 10 us steps: requests}
+    failures: dict[int, Counter] = {}
+
+    @events.test_start.add_listener
+    def _start(**_kwargs) -> None:
+        started.append(time.monotonic())
+        Path(out_path + ".started").touch()         # soak() starts its clock on this
+
+    @events.request.add_listener
+    def _request(request_type, name, response_time, exception=None, **_kwargs) -> None:
+        if request_type == "SSE":        # the token user's extra "ttft" entries are not requests
+            return
+        index = int((time.monotonic() - (started[0] if started else time.monotonic())) // bucket_s)
+        step = round(response_time * 100)
+        for key in ("all", name):
+            counts.setdefault(index, {}).setdefault(key, Counter())[step] += 1
+            if exception is not None:
+                failures.setdefault(index, Counter())[key] += 1
+
+    @events.test_stop.add_listener
+    def _stop(**_kwargs) -> None:
+        buckets = {index: {key: {"count": sum(steps.values()), "failures": failures.get(index, Counter())[key],
+                                 "p50_ms": quantile(steps, 0.50) / 100, "p99_ms": quantile(steps, 0.99) / 100}
+                           for key, steps in by_name.items()}
+                   for index, by_name in sorted(counts.items())}
+        Path(out_path).write_text(json.dumps({"bucket_s": bucket_s, "buckets": buckets}))
+
+
+def quantile(counts: Counter, q: float) -> float:
+    """The nearest-rank q-quantile of {value: count} (no interpolation): q of the requests took at most it."""
+    total = sum(counts.values())
+    if not total:
+        return math.nan
+    rank, seen = max(1, math.ceil(q * total)), 0
+    for value in sorted(counts):
+        seen += counts[value]
+        if seen >= rank:
+            return float(value)
+    return float(max(counts))
+
+
+if __name__ != "__main__" and os.environ.get(LATENCY_ENV):
+    install_locust_hooks(os.environ[LATENCY_ENV], float(os.environ.get("ZOOSERVE_SOAK_BUCKET_S", "60")))
+
+
+# ---- the server process -----------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def zooserve_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("zooserve")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "serve.cli"]
+
+
+def build_registry(root: Path) -> None:
+    print(f"[soak] building the demo classifier registry in {root} (~30 s) ...", flush=True)
+    proc = subprocess.run([*zooserve_cmd(), "demo", "--registry", str(root), "--only", "mlp-digits", "resnet-digits"],
+                          cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:])
+        raise SystemExit(f"zooserve demo failed with exit code {proc.returncode}")
+
+
+def process_sample(pid: int) -> dict[str, float]:
+    """rss_mib, fds, threads, cpu_s of one process: psutil when installed, else /proc."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            cpu = p.cpu_times()
+            return {"rss_mib": p.memory_info().rss / 2**20, "fds": p.num_fds(), "threads": p.num_threads(),
+                    "cpu_s": cpu.user + cpu.system}
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return {"rss_mib": int(status["VmRSS"].split()[0]) / 1024, "fds": len(os.listdir(f"/proc/{pid}/fd")),
+            "threads": int(status["Threads"]), "cpu_s": (int(fields[11]) + int(fields[12])) / CLK_TCK}
+
+
+def metric_totals(url: str) -> dict:
+    """From /metrics: requests, non-200 answers, and the request-time buckets summed over every version."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    totals = {"requests": 0.0, "non200": 0.0, "buckets": {}}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "zooserve_requests_total":
+                totals["requests"] += s.value
+                totals["non200"] += s.value if s.labels["status"] != "200" else 0.0
+            elif s.name == "zooserve_request_duration_seconds_bucket":
+                le = float(s.labels["le"])
+                totals["buckets"][le] = totals["buckets"].get(le, 0.0) + s.value
+    return totals
+
+
+def server_p99_ms(before: dict, after: dict) -> float:
+    """p99 of the requests answered between two scrapes, interpolated in the buckets as Prometheus does."""
+    from serve.judge import histogram_quantile
+
+    delta = {le: after["buckets"].get(le, 0.0) - before["buckets"].get(le, 0.0) for le in after["buckets"]}
+    return histogram_quantile(0.99, delta) * 1000
+
+
+# ---- the load -----------------------------------------------------------------------------------
+
+def user_classes(registry: Path) -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
+    """(locust user classes, their environment, {kind: models}) for what the registry serves."""
+    from model_registry import Registry
+
+    reg = Registry(registry)
+    kinds: dict[str, list[str]] = {}
+    classes, env = [], {}
+    samplers = {}
+    for name in reg.models():
+        cfg = reg.model_config(name)
+        kinds.setdefault(cfg.kind, []).append(name)
+        if cfg.kind in ("sample", "denoise"):
+            samplers.setdefault(cfg.family if cfg.kind == "sample" else "diffusion", name)
+    if kinds.get("classify"):
+        classes.append("ClassifierUser")
+        env["ZOOSERVE_LOADTEST_MODELS"] = ",".join(kinds["classify"])
+    if kinds.get("tokens"):
+        classes.append("StreamingTokenUser")
+        env["ZOOSERVE_LOADTEST_TOKEN_MODELS"] = ",".join(kinds["tokens"])
+    if kinds.get("sequence"):
+        classes.append("ForecastUser")
+        env["ZOOSERVE_LOADTEST_FORECAST_MODELS"] = ",".join(kinds["sequence"])
+    for family, cls, var in (("gan", "GanUser", "GAN"), ("vae", "VaeUser", "VAE"),
+                             ("diffusion", "DiffusionUser", "DIFFUSION")):
+        if family in samplers:
+            classes.append(cls)
+            env[f"ZOOSERVE_LOADTEST_{var}_MODEL"] = samplers[family]
+    if not classes:
+        raise SystemExit(f"no model in {registry} that loadtest/locustfile.py has a user class for: {kinds}")
+    return classes, env, kinds
+
+
+def locust_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("locust")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "locust"]
+
+
+@dataclass
+class Sample:
+    label: str                     # "start", "1", "2", ..., "end"
+    at_s: float                    # seconds since the load started (negative: before)
+    rss_mib: float
+    fds: int
+    threads: int
+    cpu_total_s: float             # server CPU (user + system) since it started
+    cpu_s: float                   # ... since the previous sample
+    requests: float                # answered since the previous sample (/metrics)
+    non200: float
+    server_p99_ms: float
+    client_p50_ms: float = math.nan
+    client_p99_ms: float = math.nan
+
+
+@dataclass
+class Soak:
+    date: str
+    command: str
+    machine: dict
+    registry: str
+    kinds: dict
+    user_classes: list
+    users: int
+    minutes: float
+    samples: list = field(default_factory=list)
+    by_name: dict = field(default_factory=dict)
+    ratios: dict = field(default_factory=dict)
+    locust_exit: int | None = None
+    locust_summary: str = ""
+    loadavg_before: tuple = ()      # the machine's 1/5/15-minute load: other work on it skews latency
+    loadavg_after: tuple = ()
+
+
+def machine() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                           if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    for dist in ("onnxruntime", "torch", "locust", "uvicorn"):
+        try:
+            info[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return info
+
+
+def soak(args) -> Soak:
+    work = Path(tempfile.mkdtemp(prefix="zooserve-soak-"))
+    registry = Path(args.registry) if args.registry else work / "registry"
+    if not args.registry:
+        build_registry(registry)
+    classes, env, kinds = user_classes(registry)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server_log = open(work / "server.log", "wb")
+    server = subprocess.Popen([*zooserve_cmd(), "serve", "--registry", str(registry), "--port", str(port),
+                               "--threads", "1", "--log-level", "warning"], cwd=REPO_ROOT,
+                              stdout=server_log, stderr=subprocess.STDOUT)
+    result = Soak(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  command=" ".join([Path(sys.executable).name, *sys.argv]), machine=machine(),
+                  registry=str(registry), kinds=kinds, user_classes=classes, users=args.users, minutes=args.minutes)
+    result.loadavg_before = os.getloadavg()
+    load: subprocess.Popen | None = None
+    try:
+        wait_ready(url, server)
+        latency_path = work / "latency.json"
+        duration_s = int(round(args.minutes * 60))
+        tail_s = 3        # locust runs a little longer, so that the last interval's sample is still under load
+        locust_env = {**os.environ, **env, LATENCY_ENV: str(latency_path),
+                      "ZOOSERVE_SOAK_BUCKET_S": str(args.sample_s), "ZOOSERVE_LOADTEST_WAIT": str(args.wait),
+                      "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        cmd = [*locust_cmd(), "-f", f"loadtest/locustfile.py,{Path(__file__).resolve()}", "--headless",
+               "--host", url, "--users", str(args.users), "--spawn-rate", str(args.users),
+               "--run-time", f"{duration_s + tail_s}s", "--stop-timeout", "10", "--only-summary",
+               "--csv", str(work / "locust"), *classes]
+        print(f"[soak] {args.users} users ({', '.join(classes)}) for {duration_s} s against {url}; "
+              f"files in {work}", flush=True)
+
+        sample, _ = take(server.pid, url, "start", 0.0, None, None)
+        result.samples.append(sample)
+        locust_log = open(work / "locust.log", "w")
+        load = subprocess.Popen(cmd, cwd=REPO_ROOT, env=locust_env, stdout=locust_log, stderr=subprocess.STDOUT)
+        marker = Path(str(latency_path) + ".started")
+        while not marker.exists() and load.poll() is None:     # locust imports, then starts its users
+            time.sleep(0.05)
+        started = time.monotonic()
+        previous = metric_totals(url)           # the first interval starts with the load
+        n = 1                                   # the interval that ends at the next sample
+        while load.poll() is None:
+            due = started + n * args.sample_s
+            if due > started + duration_s + 0.5:          # every interval sampled: the tail runs out
+                load.wait()
+                break
+            time.sleep(max(0.0, min(due - time.monotonic(), 1.0)))
+            if time.monotonic() >= due and load.poll() is None:
+                sample, previous = take(server.pid, url, str(n), time.monotonic() - started, previous,
+                                        result.samples[-1])
+                result.samples.append(sample)
+                print(f"[soak] {format_row(sample)}", flush=True)     # the client's p99s come at the end
+                n += 1
+        result.locust_exit = load.wait()
+        locust_log.close()
+        time.sleep(5)                                      # connections close, queues drain
+        sample, _ = take(server.pid, url, "end", time.monotonic() - started, previous, result.samples[-1])
+        result.samples.append(sample)
+        attach_client_latency(result, latency_path, args.sample_s)
+        result.locust_summary = locust_aggregate(work / "locust_stats.csv")
+    finally:
+        if load is not None and load.poll() is None:      # interrupted: stop the load first
+            load.terminate()
+            load.wait()
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        server_log.close()
+    result.ratios = ratios(result.samples)
+    result.loadavg_after = os.getloadavg()
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def wait_ready(url: str, server: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"server exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"server not ready in {timeout_s} s")
+
+
+def take(pid: int, url: str, label: str, at_s: float, before: dict | None,
+         previous: Sample | None) -> tuple[Sample, dict]:
+    """One row: the process now, then what /metrics counted since `before`; and the new totals. The
+    process first: the scrape's own connection would count as an open file until the server closes it."""
+    proc = process_sample(pid)
+    after = metric_totals(url)
+    before = before or after
+    return Sample(label=label, at_s=round(at_s, 1), rss_mib=round(proc["rss_mib"], 1), fds=int(proc["fds"]),
+                  threads=int(proc["threads"]), cpu_total_s=proc["cpu_s"],
+                  cpu_s=round(proc["cpu_s"] - (previous.cpu_total_s if previous else proc["cpu_s"]), 2),
+                  requests=after["requests"] - before["requests"], non200=after["non200"] - before["non200"],
+                  server_p99_ms=round(server_p99_ms(before, after), 3)), after
+
+
+def attach_client_latency(result: Soak, path: Path, bucket_s: float) -> None:
+    """Fill each minute's client p50/p99 from the locust hook's file, and the per-request-name summary."""
+    if not path.exists():
+        print("[soak] locust wrote no latency file (see locust.log, --keep)", file=sys.stderr)
+        return
+    buckets = {int(k): v for k, v in json.loads(path.read_text())["buckets"].items()}
+    for sample in result.samples:
+        if sample.label.isdigit() and int(sample.label) - 1 in buckets:
+            agg = buckets[int(sample.label) - 1]["all"]
+            sample.client_p50_ms, sample.client_p99_ms = agg["p50_ms"], agg["p99_ms"]
+    full = [i for i in sorted(buckets) if i < int(result.minutes * 60 // bucket_s)]     # complete intervals only
+    if full:
+        first, last = buckets[full[0]], buckets[full[-1]]
+        for name in sorted(set(first) & set(last)):
+            result.by_name[name] = {"first_p99_ms": first[name]["p99_ms"], "last_p99_ms": last[name]["p99_ms"],
+                                    "requests": sum(buckets[i].get(name, {}).get("count", 0) for i in buckets),
+                                    "failures": sum(buckets[i].get(name, {}).get("failures", 0) for i in buckets)}
+
+
+def locust_aggregate(stats_csv: Path) -> str:
+    import csv
+
+    if not stats_csv.exists():
+        return ""
+    for row in csv.DictReader(stats_csv.open()):
+        if row["Name"] == "Aggregated":
+            return (f"{row['Request Count']} requests, {row['Failure Count']} failures, "
+                    f"{float(row['Requests/s']):.1f} req/s, p50 {row['50%']} ms, p99 {row['99%']} ms")
+    return ""
+
+
+def ratios(samples: list[Sample]) -> dict:
+    start, end = samples[0], samples[-1]
+    loaded = [s for s in samples if s.label.isdigit()]
+    out = {f"{k}_end_over_start": round(getattr(end, k) / getattr(start, k), 3) for k in ("rss_mib", "fds", "threads")}
+    if len(loaded) >= 2:
+        first, last = loaded[0], loaded[-1]
+        out |= {f"{k}_last_over_first_minute": round(getattr(last, k) / getattr(first, k), 3)
+                for k in ("rss_mib", "fds", "threads")}
+        for k in ("client_p99_ms", "server_p99_ms"):
+            a, b = getattr(first, k), getattr(last, k)
+            known = a and not math.isnan(a) and not math.isnan(b)
+            out[f"{k}_last_over_first_minute"] = round(b / a, 3) if known else None
+    return out
+
+
+def format_row(s: Sample) -> str:
+    def ms(v: float) -> str:
+        return f"{'-':>8}" if math.isnan(v) else f"{v:>8.2f}"
+
+    return (f"{s.label:>5} {s.at_s:>7.0f} {s.rss_mib:>8.1f} {s.fds:>5} {s.threads:>7} {s.cpu_s:>7.1f} "
+            f"{s.requests:>9.0f} {s.non200:>6.0f} {ms(s.client_p50_ms)} {ms(s.client_p99_ms)} {ms(s.server_p99_ms)}")
+
+
+HEADER = (f"{'when':>5} {'at_s':>7} {'rss_MiB':>8} {'fds':>5} {'threads':>7} {'cpu_s':>7} {'requests':>9} "
+          f"{'non200':>6} {'p50_ms':>8} {'p99_ms':>8} {'srv_p99':>8}")
+
+
+def print_report(result: Soak) -> None:
+    print(f"\n[soak] {result.date}, {result.machine.get('cpus')} CPUs ({result.machine.get('cpu', '?')}), "
+          f"{result.users} users, {result.minutes:g} min, kinds {result.kinds}")
+    print(f"load average before {result.loadavg_before}, after {result.loadavg_after}")
+    print("p50_ms/p99_ms: the client's (locust) over the interval that ends at the row; srv_p99: the server's "
+          "request time from /metrics buckets; start = before the load, end = 5 s after it stopped (its "
+          "requests: the last few seconds of load)")
+    print(HEADER)
+    for s in result.samples:
+        print(format_row(s))
+    if result.by_name:
+        print("\nclient p99 by request name, first and last full interval:")
+        for name, v in result.by_name.items():
+            print(f"  {name:<48} {v['first_p99_ms']:>8.2f} -> {v['last_p99_ms']:>8.2f} ms  "
+                  f"({v['requests']} requests, {v['failures']} failed)")
+    print("\nratios:", json.dumps(result.ratios))
+    print("locust:", result.locust_summary or "(no stats)", f"(exit {result.locust_exit})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=10.0, help="minutes of load (default 10)")
+    ap.add_argument("--registry", help="registry to serve (default: build the demo classifiers in a temp dir)")
+    ap.add_argument("--users", type=int, default=8, help="locust users, all started at once (default 8)")
+    ap.add_argument("--wait", type=float, default=0.0, help="seconds each user waits between requests (default 0)")
+    ap.add_argument("--sample-s", type=float, default=60.0, help="seconds between samples (default 60)")
+    ap.add_argument("--out", help="write the result as JSON here")
+    ap.add_argument("--keep", action="store_true", help="keep the run folder (server and locust logs, CSVs)")
+    args = ap.parse_args(argv)
+    result = soak(args)
+    print_report(result)
+    if args.out:
+        Path(args.out).write_text(json.dumps(asdict(result), indent=2, default=str))
+    return 0 if result.locust_exit == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
