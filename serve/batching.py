@@ -38,6 +38,12 @@ class _Pending:
     deadline: float | None              # perf_counter after which it must not run
 
 
+def _shapes(item: _Pending) -> tuple:
+    """What must be equal for requests to share a batch: each input's name, dims past the batch
+    axis and dtype."""
+    return tuple((name, a.shape[1:], a.dtype) for name, a in item.inputs.items())
+
+
 @dataclass
 class BatchRecord:
     """What one execution did, for the metrics recorder."""
@@ -197,10 +203,14 @@ class DynamicBatcher:
             await self._sleep(remaining, wake_on_any=False)
 
     def _take_batch(self) -> list[_Pending]:
-        """Pop requests in arrival order while they fit; expired or cancelled ones are answered here."""
+        """Pop requests in arrival order while they fit and have the batch's non-batch shapes and
+        dtypes (Triton's rule: only requests of equal shapes batch together; one that differs
+        starts the next batch); expired or cancelled ones are answered here."""
         batch: list[_Pending] = []
-        rows, now = 0, time.perf_counter()
+        rows, now, shapes = 0, time.perf_counter(), None
         while self._queue and rows + self._queue[0].rows <= self.max_batch_size:
+            if shapes is not None and _shapes(self._queue[0]) != shapes:
+                break
             item = self._queue.popleft()
             self._rows_queued -= item.rows
             if item.future.done():              # the client went away
@@ -210,6 +220,7 @@ class DynamicBatcher:
                 continue
             batch.append(item)
             rows += item.rows
+            shapes = shapes or _shapes(item)
         return batch
 
     async def _execute(self, batch: list[_Pending]) -> None:

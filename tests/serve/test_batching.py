@@ -230,3 +230,19 @@ def test_an_empty_queue_admits_anything():
         await batcher.close()
         return out
     assert run(main())["y"].shape == (2, 3)
+
+
+def test_requests_of_different_shapes_are_batched_apart_in_arrival_order():
+    model = RecordingModel()
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch_size=16, max_queue_delay_ms=50, max_queue_size=100)
+        batcher.start()
+        wide = {"x": np.full((1, 5), 3.0, dtype=np.float32)}
+        results = await asyncio.gather(batcher.submit(rows(1, 1.0), 1), batcher.submit(rows(2, 2.0), 2),
+                                       batcher.submit(wide, 1), batcher.submit(rows(1, 4.0), 1))
+        await batcher.close()
+        return results
+    results = run(main())
+    assert model.batch_rows == [3, 1, 1]            # (1+2 rows of width 3), the width-5 one, then the last
+    assert results[2]["y"].shape == (1, 5) and results[3]["y"][0, 0] == 8.0
