@@ -30,7 +30,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))       # bench/classify.py, run by locust too
+from classify import build_registry, free_port, zooserve_cmd  # noqa: E402  (standard library only)
 LATENCY_ENV = "ZOOSERVE_SOAK_LATENCY_OUT"     # set: this file was loaded by locust, record latencies there
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -100,26 +101,6 @@ if __name__ != "__main__" and os.environ.get(LATENCY_ENV):
 
 
 # ---- the server process -----------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def zooserve_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("zooserve")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "serve.cli"]
-
-
-def build_registry(root: Path) -> None:
-    print(f"[soak] building the demo classifier registry in {root} (~30 s) ...", flush=True)
-    proc = subprocess.run([*zooserve_cmd(), "demo", "--registry", str(root), "--only", "mlp-digits", "resnet-digits"],
-                          cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:])
-        raise SystemExit(f"zooserve demo failed with exit code {proc.returncode}")
-
 
 def process_sample(pid: int) -> dict[str, float]:
     """rss_mib, fds, threads, cpu_s of one process: psutil when installed, else /proc."""

@@ -33,6 +33,18 @@ def check_split_weights(weights: dict[str, int]) -> None:
         )
 
 
+def check_alias_versions(cfg: ModelConfig, versions: list[int]) -> None:
+    """Every alias names a published version (the registry's writes, and a server reading a
+    model.json edited by hand, apply the same rule)."""
+    for alias, version in sorted(cfg.routing.aliases.items()):
+        if version not in versions:
+            raise NotFound(
+                f"alias {alias!r} of {cfg.name!r} would point at version {version}, but model "
+                f"{cfg.name!r} has no version {version}; versions: {', '.join(map(str, versions)) or 'none'}; "
+                "publish it first or choose an existing version"
+            )
+
+
 def require_alias(cfg: ModelConfig, alias: str, role: str = "alias") -> int:
     """The version `alias` points at; NotFound naming the aliases that exist."""
     aliases = cfg.routing.aliases

@@ -488,13 +488,7 @@ class Registry:
         """Refuse aliases naming missing versions, a running rollout that no longer matches its
         aliases, and a shadow whose signature differs from the primary's."""
         versions = self._scan_versions(self._model_dir(cfg.name))
-        for alias, version in sorted(cfg.routing.aliases.items()):
-            if version not in versions:
-                raise NotFound(
-                    f"alias {alias!r} of {cfg.name!r} would point at version {version}, but model "
-                    f"{cfg.name!r} has no version {version}; versions: {_fmt(versions)}; "
-                    "publish it first or choose an existing version"
-                )
+        ops.check_alias_versions(cfg, versions)
         ops.check_running_rollout(cfg)
         self._check_shadow_signature(cfg, versions)
 

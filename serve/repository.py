@@ -22,6 +22,7 @@ from enum import Enum
 from pathlib import Path
 
 from model_registry import ModelConfig, Registry, RegistryError
+from model_registry.rollout_ops import check_alias_versions
 from serve.engines.base import Engine
 from serve.engines.factory import BuildContext, build_engine
 from serve.errors import ServeError, not_found, unavailable
@@ -76,15 +77,6 @@ def registry_relative(text: str, root: Path) -> str:
 def _no_ready_version(name: str, table: dict[int, LoadedVersion]) -> str:
     states = "; ".join(f"version {v} is {lv.state.value}: {lv.reason}" for v, lv in sorted(table.items()))
     return f"model {name!r} has no ready version ({states or 'no versions'})"
-
-
-def _check_aliases(cfg: ModelConfig, available: list[int]) -> None:
-    """Refuse a model.json (edited by hand: the registry's own writes check this) whose aliases
-    name versions that do not exist."""
-    missing = {a: v for a, v in cfg.routing.aliases.items() if v not in available}
-    if missing:
-        raise RegistryError(f"{cfg.name}: alias(es) {missing} name versions that do not exist; "
-                            f"versions: {', '.join(map(str, available)) or 'none'}")
 
 
 def _ready_aliases(cfg: ModelConfig, last: ModelConfig | None,
@@ -144,7 +136,7 @@ class ModelRepository:
             try:
                 cfg = self.registry.model_config(name)
                 available = self.registry.versions(name)
-                _check_aliases(cfg, available)
+                check_alias_versions(cfg, available)   # a hand edit: the registry's writes check it too
             except RegistryError as exc:
                 message = self.relative(str(exc))
                 if name in self.configs:

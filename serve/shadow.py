@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable
 
@@ -29,6 +30,7 @@ import numpy as np
 from model_registry import Manifest, Shadow
 from serve.metrics import Metrics
 from serve.routing import shadow_sampled
+from training.parity import max_abs_error
 
 log = logging.getLogger("zooserve.shadow")
 
@@ -40,21 +42,17 @@ def compare_tensors(kind: str, primary: dict[str, np.ndarray], shadow: dict[str,
                     tolerance: float) -> tuple[bool, float]:
     """(agree, max |difference|) of two answers with the same outputs; NaN never agrees."""
     if set(primary) != set(shadow):
-        return False, float("inf")
-    worst = 0.0
-    for name, a in primary.items():
-        b = shadow[name]
-        if a.shape != b.shape:
-            return False, float("inf")
-        if a.size:
-            diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
-            worst = diff if not worst > diff else worst      # NaN propagates
+        return False, math.inf
+    try:            # the parity checks' own comparison: NaN, or an Inf on one side only, is inf
+        worst = max((max_abs_error(a, shadow[name]) for name, a in primary.items()), default=0.0)
+    except ValueError:                                   # a shape differs
+        return False, math.inf
     if kind == "classify":
         first = next(iter(primary))
         a, b = primary[first], shadow[first]
         agree = bool(a.size == 0 or (np.argmax(a, axis=-1) == np.argmax(b, axis=-1)).all())
-        return agree and not np.isnan(worst), worst
-    return bool(worst <= tolerance), worst
+        return agree and math.isfinite(worst), worst
+    return worst <= tolerance, worst
 
 
 def compare_tokens(primary: list[list[int]], shadow: list[list[int]]) -> tuple[bool, float]:

@@ -261,21 +261,21 @@ async def abort_rollout(request: Request, model: str) -> Response:
                         "aborted")
 
 
+async def _decide_by_hand(request: Request, model: str, verb: str, event: str) -> Response:
+    """promote or rollback (`verb`, a Registry method of the same signature), taken through this API."""
+    body = await _body(request, PromoteOrRollBack, '{"reason": "...", "canary": "canary"}', required=False)
+    reason = body.reason or f"{event.replace('_', ' ')} through the admin API"
+    return await _write(request, model, lambda reg, rev: getattr(reg, verb)(
+        model, reason, time.time(), body.canary, expected_revision=rev), event)
+
+
 @router.post(f"{MODEL}/promote", summary="Point stable at the canary's version and send it everything (admin)",
              openapi_extra=_body_schema(PromoteOrRollBack, required=False))
 async def promote(request: Request, model: str) -> Response:
-    body = await _body(request, PromoteOrRollBack, '{"reason": "...", "canary": "canary"}', required=False)
-    reason = body.reason or "promoted through the admin API"
-    return await _write(request, model,
-                        lambda reg, rev: reg.promote(model, reason, time.time(), body.canary, expected_revision=rev),
-                        "promoted")
+    return await _decide_by_hand(request, model, "promote", "promoted")
 
 
 @router.post(f"{MODEL}/rollback", summary="Send everything to stable at once (admin)",
              openapi_extra=_body_schema(PromoteOrRollBack, required=False))
 async def rollback(request: Request, model: str) -> Response:
-    body = await _body(request, PromoteOrRollBack, '{"reason": "...", "canary": "canary"}', required=False)
-    reason = body.reason or "rolled back through the admin API"
-    return await _write(request, model,
-                        lambda reg, rev: reg.rollback(model, reason, time.time(), body.canary, expected_revision=rev),
-                        "rolled_back")
+    return await _decide_by_hand(request, model, "rollback", "rolled_back")

@@ -84,12 +84,13 @@ class RequestOutcome:
 
     def __exit__(self, kind, exc, tb) -> bool:
         metrics, version = self.answered_by()
-        named = {"x-model-version": str(version)}   # an error names the version that gave it, as an answer does
         try:
-            if exc is None or isinstance(exc, ServeError):
-                self.status = exc.status if exc is not None else self.status
-                if exc is not None:
-                    exc.headers = {**named, **exc.headers}
+            if exc is None:
+                return False
+            named = {"x-model-version": str(version)}   # an error names the version that gave it, as an answer does
+            if isinstance(exc, ServeError):
+                self.status = exc.status
+                exc.headers = {**named, **exc.headers}
                 return False
             if isinstance(exc, V2Error):
                 self.status = exc.status

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -113,14 +114,21 @@ def test_a_full_shadow_drops_copies_and_never_a_live_request(registry_copy, star
         assert shadow_count(server.url, "mlp-digits", "agree") >= 1
 
 
+def shadowed_by_a_twin(source: Path, tmp_path: Path, model: str) -> Path:
+    """A copy of `source` where `model`'s version 1 is published again as alias `twin`, the shadow
+    of every request."""
+    root = tmp_path / "registry"
+    shutil.copytree(source, root)
+    reg = Registry(root)
+    reg.set_alias(model, "twin", reg.publish(model, root / model / "1"))
+    reg.set_shadow(model, "twin", 100)
+    return root
+
+
 def test_token_shadow_compares_greedy_tokens(token_registry, tmp_path, start_server):
     from openai import OpenAI
 
-    root = tmp_path / "registry"
-    shutil.copytree(token_registry, root)
-    reg = Registry(root)
-    reg.set_alias("decoder-tiny", "twin", reg.publish("decoder-tiny", root / "decoder-tiny" / "1"))
-    reg.set_shadow("decoder-tiny", "twin", 100)
+    root = shadowed_by_a_twin(token_registry, tmp_path, "decoder-tiny")
     with start_server(root) as server, OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
         for prompt in ("ROMEO.", "JULIET.", "KING."):
             out = client.completions.create(model="decoder-tiny", prompt=prompt, max_tokens=8, temperature=0)
@@ -137,11 +145,7 @@ def test_token_shadow_compares_greedy_tokens(token_registry, tmp_path, start_ser
 
 
 def test_sampler_shadow_compares_images_of_the_same_seed(generative_registry, tmp_path, start_server):
-    root = tmp_path / "registry"
-    shutil.copytree(generative_registry, root)
-    reg = Registry(root)
-    reg.set_alias("gan-digits", "twin", reg.publish("gan-digits", root / "gan-digits" / "1"))
-    reg.set_shadow("gan-digits", "twin", 100)
+    root = shadowed_by_a_twin(generative_registry, tmp_path, "gan-digits")
     labels = {"name": "label", "shape": [3], "datatype": "INT64", "data": [1, 7, -1]}
     with start_server(root) as server:
         for seed in (None, 5):        # unseeded: the server draws a seed, and the copy samples with it
