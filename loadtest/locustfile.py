@@ -5,8 +5,8 @@
 
 Families so far:
   ClassifierUser        KServe v2 infer on the digit classifiers, a real sklearn digit per request.
-  StreamingTokenUser    OpenAI /v1/completions with stream: true on the decoders; reports time to
-                        first token ("ttft ...") and the whole stream as separate entries.
+  StreamingTokenUser    OpenAI /v1/completions with stream: true on the token models, three entries
+                        per model (see "Streaming entries" below).
   ForecastUser          KServe v2 infer on the recurrent forecasters: whole co2 histories of random
                         lengths (batched by padding on the server), and a series streamed in chunks
                         as a stateful sequence (sequence_id, sequence_start, sequence_end). Models
@@ -19,8 +19,27 @@ Families so far:
 Adding a family (token streaming, generators, ...) = one more `ZooserveUser` subclass with its own
 `weight`, environment knobs and `@task`s; checks go through `ZooserveUser.post_json`, which fails
 a request on any non-200 (429 included, with the server's message and Retry-After) and on a body
-that is not JSON or fails the family's `check`. Pick classes on the command line
+that is not JSON or fails the family's `check`. A family with data to load (sklearn digits, the
+co2 series) loads it in a `prepare()` classmethod, which runs for the classes in the run before it
+starts (load_data_before_the_run). Pick classes on the command line
 (`locust -f loadtest/locustfile.py ClassifierUser`) or with `weight`.
+
+Streaming entries (StreamingTokenUser, per model):
+  POST "/v1/completions <model> (stream)"  the whole stream: from sending the request to the end of the
+                            body (after data: [DONE]), not to the response headers, which the server
+                            sends before the first token. A request like any other, in "Aggregated".
+  SSE  "ttft <model>"       time to the first chunk with text, from the same start.
+  SSE  "itl <model>"        inter-token latency: one sample per gap between consecutive text chunks
+                            (so its req/s column is tokens/s after the first token). Locust keeps
+                            percentiles in whole ms: sub-ms gaps read 0 there; Average keeps fractions.
+  TTFT and ITL are not requests: they are logged straight into their own rows (request type "SSE")
+  and never fired as locust request events, so they stay out of "Aggregated" (and of run.sh's summary
+  line, plot.py's figure and bench/soak.py's per-minute latencies). Hence the rows of the stats table
+  no longer sum to its Aggregated row: that row counts requests only.
+  Events are read as they arrive (readline on "\n\n"), never in fixed-size blocks: a block read waits
+  for the block to fill and would date the first token late and bunch the gaps.
+  Streams ask for ignore_eos, so each is exactly ZOOSERVE_LOADTEST_MAX_TOKENS tokens long and stream
+  times compare across models and runs (ZOOSERVE_LOADTEST_IGNORE_EOS=0 lets a model stop early).
 
 Environment:
   ZOOSERVE_LOADTEST_MODELS  classifier models with optional weights, "name[:weight],..."
@@ -28,6 +47,7 @@ Environment:
   ZOOSERVE_LOADTEST_TOKEN_MODELS  token models (decoders, Mamba, the char LSTM) with optional weights
                             (default "decoder-tiny:1,decoder-moe-tiny:1,mamba-tiny:1,lstm-charlm:1")
   ZOOSERVE_LOADTEST_MAX_TOKENS    max_tokens per completion (default 32)
+  ZOOSERVE_LOADTEST_IGNORE_EOS    1 (default): generate max_tokens whatever the model; 0: stop at EOS
   ZOOSERVE_LOADTEST_FORECAST_MODELS  forecasters with optional weights
                             (default "lstm-forecast:1,gru-forecast:1,rnn-forecast:1")
   ZOOSERVE_LOADTEST_MAX_HISTORY   longest history or streamed series, in weeks (default 104)
@@ -45,9 +65,11 @@ import json
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from locust import FastHttpUser, constant, task
+import gevent
+from locust import FastHttpUser, constant, events, task
 from locust.exception import StopUser
 
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -105,6 +127,10 @@ class ZooserveUser(FastHttpUser):
     abstract = True
     wait_time = constant(wait_seconds())
 
+    @classmethod
+    def prepare(cls) -> None:
+        """Load the family's data (see load_data_before_the_run); on_start loads it too, once."""
+
     def post_json(self, path: str, body: bytes, name: str, check: Callable[[Any], str | None]) -> None:
         """POST `body` to `path` (stats grouped under `name`); `check(parsed)` returns an error or None."""
         with self.client.post(path, data=body, headers=JSON_HEADERS, name=name, catch_response=True) as resp:
@@ -137,11 +163,29 @@ def describe_error(resp) -> str:
     return f"HTTP {status}: {message}"
 
 
+@events.init.add_listener
+def load_data_before_the_run(environment, **_kwargs) -> None:
+    """Load the data of every user class in the run before it starts. Importing sklearn or statsmodels
+    takes seconds, and from a user's on_start it would block every greenlet: the other users, the
+    spawning (drawn as a long spawn ramp) and locust's CSV writer (a short run then ends with its
+    stats CSV seconds stale)."""
+    for cls in environment.user_classes or []:
+        if issubclass(cls, ZooserveUser):
+            cls.prepare()
+    # gevent's loop caches its clock: left seconds behind by the loading, locust's --run-time timer,
+    # set next, would fire that much early
+    gevent.get_hub().loop.update_now()
+
+
 class ClassifierUser(ZooserveUser):
     """Digit classifiers (family "classify"): one real digit per request, logits [1, 10] expected."""
 
     weight = 1
     models = weighted_names("ZOOSERVE_LOADTEST_MODELS", "mlp-digits:3,resnet-digits:1")
+
+    @classmethod
+    def prepare(cls) -> None:
+        digit_bodies()
 
     def on_start(self) -> None:
         self.bodies = digit_bodies()
@@ -170,12 +214,14 @@ PROMPTS = ["ROMEO.", "JULIET. O Romeo, Romeo!", "HAMLET. To be, or not to be", "
 
 
 class StreamingTokenUser(ZooserveUser):
-    """Token models: a streaming completion; fails on a non-200, an error event or a missing [DONE]."""
+    """Token models: a streaming completion, timed to its end; fails on a non-200, an error event, a
+    broken connection or a missing [DONE]. TTFT and inter-token gaps go to their own "SSE" rows."""
 
     weight = 1
     models = weighted_names("ZOOSERVE_LOADTEST_TOKEN_MODELS",
                             "decoder-tiny:1,decoder-moe-tiny:1,mamba-tiny:1,lstm-charlm:1")
     max_tokens = int(os.environ.get("ZOOSERVE_LOADTEST_MAX_TOKENS", "32"))
+    ignore_eos = os.environ.get("ZOOSERVE_LOADTEST_IGNORE_EOS", "1") != "0"
 
     def on_start(self) -> None:
         self.names = [m for m, _ in self.models]
@@ -185,43 +231,84 @@ class StreamingTokenUser(ZooserveUser):
     def stream_completion(self) -> None:
         model = random.choices(self.names, self.weights)[0]
         body = json.dumps({"model": model, "prompt": random.choice(PROMPTS), "max_tokens": self.max_tokens,
-                           "temperature": 0.8, "stream": True}).encode()
+                           "temperature": 0.8, "ignore_eos": self.ignore_eos, "stream": True}).encode()
         started = time.perf_counter()
         with self.client.post("/v1/completions", data=body, headers=JSON_HEADERS, stream=True,
                               name=f"/v1/completions {model} (stream)", catch_response=True) as resp:
             if resp.status_code != 200:
                 resp.failure(describe_error(resp))
                 return
-            problem, first = read_sse(resp.stream, started)
-            if first is not None:
-                self.environment.events.request.fire(request_type="SSE", name=f"ttft {model}",
-                                                     response_time=first * 1000, response_length=0,
-                                                     exception=None, context={})
-            if problem:
-                resp.failure(problem)
+            timing = read_sse(resp.stream, started)
+            # locust stopped its clock at the headers (stream=True): the request's time is the whole stream
+            resp.request_meta["response_time"] = timing.total * 1000
+            resp.request_meta["response_length"] = timing.length
+            if timing.ttft is not None:
+                log_side_entry(self.environment, f"ttft {model}", [timing.ttft])
+            log_side_entry(self.environment, f"itl {model}", timing.gaps)
+            if timing.problem:
+                resp.failure(timing.problem)
             else:
                 resp.success()
 
 
-def read_sse(stream, started: float) -> tuple[str | None, float | None]:
-    """Read server-sent events to [DONE]; (problem or None, seconds to the first text chunk)."""
-    first, buffer, done = None, b"", False
-    for chunk in iter(lambda: stream.read(4096), b""):
-        buffer += chunk
-        while b"\n\n" in buffer:
-            event, buffer = buffer.split(b"\n\n", 1)
+@dataclass
+class StreamTiming:
+    """One stream, in seconds from `started`: the first text chunk, the gaps between text chunks, the end."""
+
+    problem: str | None = None
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    total: float = 0.0
+    text_chunks: int = 0
+    length: int = 0                 # bytes of body read
+
+
+def read_sse(stream, started: float) -> StreamTiming:
+    """Read server-sent events to the end of the body, each as soon as it has arrived.
+
+    `stream` is geventhttpclient's response (FastResponse.stream): its readline(sep) hands back one
+    event once its blank line is in, receiving whatever the socket has; read(n) would wait for n bytes."""
+    timing, done, last = StreamTiming(), False, None
+    try:
+        while event := stream.readline(b"\n\n"):
+            now = time.perf_counter()
+            timing.length += len(event)
             if not event.startswith(b"data: "):
                 continue
-            payload = event[6:]
+            payload = event[6:].strip()
             if payload == b"[DONE]":
                 done = True
                 continue
             parsed = json.loads(payload)
-            if "error" in parsed:
-                return f"error event: {parsed['error']}", first
-            if first is None and parsed.get("choices") and parsed["choices"][0].get("text"):
-                first = time.perf_counter() - started
-    return (None if done else "stream ended without data: [DONE]"), first
+            if "error" in parsed:       # read on to the end: the connection goes back to the pool whole
+                timing.problem = timing.problem or f"error event: {parsed['error']}"
+                continue
+            if parsed.get("choices") and parsed["choices"][0].get("text"):
+                timing.text_chunks += 1
+                if last is None:
+                    timing.ttft = now - started
+                else:
+                    timing.gaps.append(now - last)
+                last = now
+    except Exception as exc:  # noqa: BLE001 - a reset or a bad event mid-stream fails the request
+        timing.problem = f"stream broken after {timing.text_chunks} text chunks: {exc!r}"
+    timing.total = time.perf_counter() - started
+    if timing.problem is None and not done:
+        timing.problem = "stream ended without data: [DONE]"
+    return timing
+
+
+def log_side_entry(environment, name: str, seconds: list[float]) -> None:
+    """Record timings that are not requests (TTFT, token gaps) in their own stats row, type "SSE".
+
+    Straight into the row, not through events.request: locust adds every fired request event to the
+    "Aggregated" row, where a few-ms token gap would pass for a request and drag its p50/p95 down.
+    Rows are per worker and merged by the master like any other, the aggregate without them."""
+    if not seconds:
+        return
+    entry = environment.stats.get(name, "SSE")
+    for s in seconds:
+        entry.log(s * 1000, 0)
 
 
 # ---- forecasters (KIND "sequence") ------------------------------------------------------------
@@ -264,6 +351,10 @@ class ForecastUser(ZooserveUser):
     weight = 1
     models = weighted_names("ZOOSERVE_LOADTEST_FORECAST_MODELS", "lstm-forecast:1,gru-forecast:1,rnn-forecast:1")
     max_history = int(os.environ.get("ZOOSERVE_LOADTEST_MAX_HISTORY", "104"))
+
+    @classmethod
+    def prepare(cls) -> None:
+        co2_values()
 
     def on_start(self) -> None:
         served = [(m, w) for m, w in self.models if self._served(m)]
@@ -393,6 +484,10 @@ class VaeUser(SamplerUser):
     """The VAE: prior samples (2 in 4), reconstructions of real digits (1 in 4), their latent means (1 in 4)."""
 
     model_env, default_model = "ZOOSERVE_LOADTEST_VAE_MODEL", "vae-digits"
+
+    @classmethod
+    def prepare(cls) -> None:
+        unit_digits()
 
     def on_start(self) -> None:
         super().on_start()

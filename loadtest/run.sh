@@ -5,7 +5,11 @@
 #   defaults:        http://127.0.0.1:8000  16  30s
 #
 # Writes loadtest/results/<UTC timestamp>_{stats,stats_history,failures,exceptions}.csv and, when
-# loadtest/plot.py exists and matplotlib is importable, <timestamp>.png (req/s, p50/p95 over time).
+# matplotlib is importable (it comes with the dev extra), loadtest/results/<UTC timestamp>.png: requests/s,
+# failures/s, users, mean/p50/p95 latency over the whole run, the spawn ramp shaded (loadtest/plot.py).
+# The history CSV is written with --csv-full-history: a row per entry per second, and percentiles over
+# the last ~10 s instead of since the start. Streaming entries time the whole stream; TTFT and
+# inter-token rows are outside "Aggregated" (loadtest/locustfile.py's docstring).
 # Exits with locust's status: non-zero when any request failed or locust itself failed.
 # Knobs: ZOOSERVE_LOADTEST_MODELS, ZOOSERVE_LOADTEST_TOKEN_MODELS, ZOOSERVE_LOADTEST_WAIT (see
 #        loadtest/locustfile.py), ZOOSERVE_LOADTEST_OUT (results folder, default loadtest/results),
@@ -36,7 +40,7 @@ set +e
 # shellcheck disable=SC2086  # LOCUST_ARGS is a list of flags on purpose
 "$LOCUST" -f loadtest/locustfile.py --headless --host "$HOST" \
     --users "$USERS" --spawn-rate "$SPAWN_RATE" --run-time "$DURATION" --stop-timeout 10 \
-    --csv "$OUT" --only-summary --exit-code-on-error 1 ${LOCUST_ARGS:-}
+    --csv "$OUT" --csv-full-history --only-summary --exit-code-on-error 1 ${LOCUST_ARGS:-}
 RC=$?
 set -e
 
@@ -53,11 +57,11 @@ for row in csv.DictReader(open(sys.argv[1])):
 PYEOF
 fi
 
-if [ -f loadtest/plot.py ] && [ -f "${OUT}_stats_history.csv" ]; then
+if [ -f "${OUT}_stats_history.csv" ]; then
     if "$PY" -c "import matplotlib" >/dev/null 2>&1; then
         "$PY" loadtest/plot.py "${OUT}_stats_history.csv" "${OUT}.png" || echo "run.sh: plot failed (ignored)" >&2
     else
-        echo "run.sh: matplotlib is not installed, no plot (pip install matplotlib to get ${OUT}.png)"
+        echo "run.sh: matplotlib is not installed, no plot (pip install -e '.[dev]' to get ${OUT}.png)"
     fi
 fi
 

@@ -28,4 +28,9 @@ def test_run_sh_drives_every_user_class_without_failures(token_registry, start_s
     assert "/v2/models/mlp-digits/infer" in rows
     assert any(name.startswith("/v1/completions decoder-") for name in rows)
     assert any(name.startswith("ttft decoder-") for name in rows)
+    assert any(name.startswith("itl decoder-") for name in rows)
+    # the Aggregated row counts requests: the TTFT and inter-token rows (type SSE) are outside it
+    requests = [row for name, row in rows.items() if name != "Aggregated" and row["Type"] != "SSE"]
+    assert {row["Type"] for name, row in rows.items() if name.startswith(("ttft ", "itl "))} == {"SSE"}
+    assert int(rows["Aggregated"]["Request Count"]) == sum(int(row["Request Count"]) for row in requests)
     assert "/v1/completions mamba-tiny (stream)" in rows        # dozens of completions, a third of them Mamba
