@@ -222,6 +222,7 @@ class Connection:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.retry_after: float | None = None
 
     async def open(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
@@ -246,11 +247,14 @@ class Connection:
         lines = head.split(b"\r\n")
         status = int(lines[0].split(b" ", 2)[1])
         length, close = 0, False
+        self.retry_after = None          # seconds, from a 429's Retry-After (bench/overload.py honours it)
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             name = name.lower()
             if name == b"content-length":
                 length = int(value)
+            elif name == b"retry-after":
+                self.retry_after = float(value)
             elif name == b"connection" and value.strip().lower() == b"close":
                 close = True
             elif name == b"transfer-encoding":

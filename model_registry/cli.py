@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import IntegrityError, RegistryError
+from .errors import IntegrityError, NotFound, RegistryError
 from .manifest import ModelConfig
 from .store import Registry, dump_json
 
@@ -38,8 +38,15 @@ def _command(func: Callable[[argparse.Namespace, Registry], int]) -> Callable[[a
     return run
 
 
+def _require_root(reg: Registry) -> None:
+    """NotFound when the registry root is not a folder (a mistyped --registry reads as no models)."""
+    if not reg.root.is_dir():
+        raise NotFound(f"registry {reg.root} does not exist or is not a folder")
+
+
 @_command
 def _list(args: argparse.Namespace, reg: Registry) -> int:
+    _require_root(reg)
     models = reg.models()
     if not models:
         print(f"no models in {reg.root}", file=sys.stderr)
@@ -62,7 +69,7 @@ def _show(args: argparse.Namespace, reg: Registry) -> int:
 
 @_command
 def _publish(args: argparse.Namespace, reg: Registry) -> int:
-    print(reg.publish(args.name, args.src_dir))
+    print(reg.publish(args.name, args.src_dir, force=args.force))
     return 0
 
 
@@ -167,24 +174,39 @@ def _rollout_note(cfg: ModelConfig, now: float) -> str:
 
 @_command
 def _verify(args: argparse.Namespace, reg: Registry) -> int:
+    targets = _verify_targets(args, reg)
+    if not targets:
+        print(f"no models in {reg.root}", file=sys.stderr)
+    failed = sum(_verify_versions(reg, name, versions) for name, versions in targets.items())
+    return 1 if failed else 0
+
+
+def _verify_targets(args: argparse.Namespace, reg: Registry) -> dict[str, list[int]]:
+    """The versions to verify: the one named, every version of the model named, or of every model."""
+    if args.name is None:
+        _require_root(reg)
+        return {name: reg.versions(name) for name in reg.models()}
     if args.ref is None:
-        versions = reg.versions(args.name)
-    else:
-        versions = [reg.resolve(args.name, args.ref)]
+        return {args.name: reg.versions(args.name)}
+    return {args.name: [reg.resolve(args.name, args.ref)]}
+
+
+def _verify_versions(reg: Registry, name: str, versions: list[int]) -> int:
+    """Print OK or FAILED (with each problem) per version; return how many failed."""
     if not versions:
-        print(f"{args.name}: no versions to verify")
+        print(f"{name}: no versions to verify")
     failed = 0
     for version in versions:
         try:
-            reg.verify(args.name, version)
+            reg.verify(name, version)
         except IntegrityError as e:
             failed += 1
-            print(f"{args.name}/{version}: FAILED")
+            print(f"{name}/{version}: FAILED")
             for problem in e.problems or [str(e)]:
                 print(f"  {problem}")
         else:
-            print(f"{args.name}/{version}: OK")
-    return 1 if failed else 0
+            print(f"{name}/{version}: OK")
+    return failed
 
 
 @_command
@@ -193,7 +215,7 @@ def _import(args: argparse.Namespace, reg: Registry) -> int:
 
     imported = import_model(reg, args.name, args.file, labels=args.labels, input_shape=args.input_shape,
                             input_name=args.input_name, output_name=args.output_name, datatype=args.datatype,
-                            batch=not args.no_batch, seed=args.seed)
+                            batch=not args.no_batch, seed=args.seed, force=args.force)
     sig = imported.manifest.signature
     tensors = [", ".join(f"{s.name} {s.datatype} {s.shape}" for s in specs) for specs in (sig.inputs, sig.outputs)]
     print(f"{imported.name}: imported {args.file} as version {imported.version} "
@@ -226,6 +248,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("publish", parents=[common], help="publish a folder as the next version")
     p.add_argument("name", metavar="NAME", help="model name")
     p.add_argument("src_dir", metavar="SRC_DIR", help="folder holding manifest.json and the model files")
+    p.add_argument("--force", action="store_true",
+                   help="publish a package of another family than the model's versions (refused otherwise)")
     p.set_defaults(func=_publish)
 
     p = sub.add_parser("alias", parents=[common], help="point an alias at a version, or remove it")
@@ -250,7 +274,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_routing_parsers(sub, common)
 
     p = sub.add_parser("verify", parents=[common], help="re-hash version files against their manifests")
-    p.add_argument("name", metavar="NAME", help="model name")
+    p.add_argument("name", metavar="NAME", nargs="?", default=None, help="model name (default: every model)")
     p.add_argument("ref", metavar="VERSION", nargs="?", default=None,
                    help="version number or alias to verify (default: every version)")
     p.set_defaults(func=_verify)
@@ -272,6 +296,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-batch", action="store_true",
                    help="the model has no batch axis (fixed first dim): serve one request at a time")
     p.add_argument("--seed", type=int, default=0, help="seed of the golden inputs (default: 0)")
+    p.add_argument("--force", action="store_true",
+                   help="import into a model whose versions are of another family (e.g. a canary of a trained model)")
     p.set_defaults(func=_import)
 
 

@@ -17,6 +17,10 @@ class NotFound(RegistryError, LookupError):
     """An unknown model, version or alias."""
 
 
+class FamilyMismatch(RegistryError):
+    """A package of another family than the model's, published without force."""
+
+
 class IntegrityError(RegistryError):
     """A version whose files do not match its manifest; `problems` lists one line per bad file."""
 

@@ -29,7 +29,7 @@ from types import EllipsisType
 from pydantic import BaseModel, ValidationError
 
 from . import rollout_ops as ops
-from .errors import Conflict, IntegrityError, NotFound, RegistryError
+from .errors import Conflict, FamilyMismatch, IntegrityError, NotFound, RegistryError
 from .lease import LEASE, Lease, can_take
 from .manifest import Manifest, ModelConfig, Signature
 from .names import is_valid_name, validate_alias, validate_name
@@ -324,8 +324,9 @@ class Registry:
 
     # ---- publishing -----------------------------------------------------------------------
 
-    def publish(self, name: str, src_dir: str | os.PathLike) -> int:
-        """Copy src_dir into the next version of `name` and return its number."""
+    def publish(self, name: str, src_dir: str | os.PathLike, force: bool = False) -> int:
+        """Copy src_dir into the next version of `name` and return its number. A package of another
+        family than the model's is refused (FamilyMismatch) unless `force`; another kind always is."""
         model_dir = self._model_dir(name)
         src = Path(src_dir)
         manifest = self._read_source_manifest(src)
@@ -338,7 +339,7 @@ class Registry:
             files = self._stage_files(src, staging)
             self._check_source_files(src, manifest, files)
             with self._lock(name, create=True):
-                return self._commit(name, staging, manifest, files)
+                return self._commit(name, staging, manifest, files, force)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -589,15 +590,13 @@ class Registry:
         if problems:
             raise IntegrityError(f"cannot publish {src}:", problems)
 
-    def _commit(self, name: str, staging: Path, manifest: Manifest, files: dict[str, str]) -> int:
+    def _commit(self, name: str, staging: Path, manifest: Manifest, files: dict[str, str], force: bool) -> int:
         """Under the model lock: number the version, write its manifest, rename it into place."""
         model_dir = self._model_dir(name)
         config_path = model_dir / MODEL_CONFIG
         cfg = self.model_config(name) if config_path.is_file() else None
-        if cfg is not None and cfg.kind != manifest.kind:
-            raise RegistryError(
-                f"cannot publish a {manifest.kind!r} version into {name!r}, whose kind is {cfg.kind!r}"
-            )
+        if cfg is not None:
+            _check_fits(cfg, manifest, force)
         version = max(self._scan_versions(model_dir), default=0) + 1
         final = manifest.model_copy(update={"name": name, "version": version, "files": files})
         _write_file_durably(staging / MANIFEST, dump_json(final))
@@ -607,6 +606,19 @@ class Registry:
         if cfg is None:
             self._write_checked(ModelConfig(name=name, family=manifest.family, kind=manifest.kind), 0)
         return version
+
+
+def _check_fits(cfg: ModelConfig, manifest: Manifest, force: bool) -> None:
+    """Refuse a version of another kind than the model's, or (unless forced) of another family."""
+    if cfg.kind != manifest.kind:
+        raise RegistryError(
+            f"cannot publish a {manifest.kind!r} version into {cfg.name!r}, whose kind is {cfg.kind!r}"
+        )
+    if cfg.family != manifest.family and not force:
+        raise FamilyMismatch(
+            f"cannot publish a {manifest.family!r} package into {cfg.name!r}, whose family is {cfg.family!r}; "
+            "publish it under another name, or force it (registry publish --force)"
+        )
 
 
 def _primary_versions(cfg: ModelConfig, versions: list[int]) -> list[int]:

@@ -9,6 +9,7 @@ import inspect
 import logging
 import os
 import socket
+import time
 from contextlib import asynccontextmanager
 
 import orjson
@@ -18,16 +19,17 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_registry import Registry
-from serve import __version__
-from serve.api import admin, images, openai, ops, v2
+from serve import __version__, logs
+from serve.api import admin, images, openai, ops, token_admission, v2
 from serve.api.deps import request_id
+from serve.api.pacing import pause_connection
 from serve.errors import ServeError, error_body, log_refusal
 from serve.metrics import Metrics
 from serve.registry_watch import RegistryWatcher
 from serve.rollout import InProcessSource, RolloutController
 from serve.rollout import run as run_rollouts
 from serve.shadow import ShadowTraffic
-from serve.repository import ModelRepository
+from serve.repository import ModelRepository, State
 from serve.settings import ServeSettings
 
 log = logging.getLogger("zooserve")
@@ -50,7 +52,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         app.state.shadow = ShadowTraffic(metrics, settings.shadow_max_in_flight)
         watcher = RegistryWatcher(repository, settings.watch_interval_s)
         app.state.watcher = watcher
-        loading = asyncio.create_task(_load_then_watch(repository, watcher))
+        loading = asyncio.create_task(_load_then_watch(repository, watcher, time.monotonic()))
         loading.add_done_callback(_log_load_failure)
         stop_rollouts = asyncio.Event()
         rollouts = asyncio.create_task(_embedded_rollouts(settings, metrics, stop_rollouts)) \
@@ -92,7 +94,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         return _error(400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
 
     app.openapi = _openapi_with_loaded_models(app)
-    return InferFastPath(app)
+    return InferFastPath(app, settings.access_log)
 
 
 def _openapi_with_loaded_models(app: FastAPI):
@@ -116,19 +118,29 @@ class InferFastPath:
     CPU than decoding the tensors and running the model (bench/classify.py, py-spy). The FastAPI
     declarations of the same handler stay in the app for the OpenAPI document."""
 
-    def __init__(self, app: FastAPI):
+    def __init__(self, app: FastAPI, access_log: bool = False):
         self.app = app
         self.state = app.state
+        self.access_log = access_log
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":           # lifespan
             await self.app(scope, receive, send)
-            return
+        elif self.access_log:
+            await logs.access_logged(self._route, scope, receive, send)
+        else:
+            await self._route(scope, receive, send)
+
+    async def _route(self, scope, receive, send) -> None:
         if scope["method"] == "POST" and scope["path"].endswith("/infer"):
             match = v2.INFER_PATH.fullmatch(scope["path"])
             if match is not None:
                 await v2.fast_infer(scope, receive, send, self.state, match["model"], match["version"])
                 return
+        if scope["method"] == "POST" and scope["path"] in token_admission.GENERATE_PATHS:
+            receive = await token_admission.admit_or_refuse(scope, receive, send, self.state)
+            if receive is None:
+                return                      # refused (429) here, or the client left
         await _with_request_id(self.app, scope, receive, send)
 
 
@@ -147,14 +159,18 @@ async def _with_request_id(app, scope, receive, send) -> None:
     given = next((value for name, value in scope["headers"] if name == b"x-request-id"), None)
     rid = request_id(given)
     refusal: dict | None = None           # the status, version and body of an error answer being sent
+    pause_s = 0.0                         # a 429 for overload: pace the connection (serve/api/pacing.py)
 
     async def send_with_id(message) -> None:
-        nonlocal refusal
+        nonlocal refusal, pause_s
         if message["type"] == "http.response.start":
             message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid.encode())]
             if message["status"] >= 400 and not scope["path"].startswith(_PROBES):
                 refusal = {"status": message["status"], "body": b"",
                            "version": _header(message["headers"], b"x-model-version")}
+            if message["status"] == 429:
+                pause_s = min(float(_header(message["headers"], b"retry-after") or 1),
+                              app.state.settings.max_refusal_pause_s)
         elif message["type"] == "http.response.body" and refusal is not None:
             refusal["body"] = (refusal["body"] + message.get("body", b""))[:_REFUSAL_BODY_LIMIT]
             if not message.get("more_body", False):
@@ -163,6 +179,8 @@ async def _with_request_id(app, scope, receive, send) -> None:
                             params.get("model"), refusal["version"] or params.get("version"), rid)
                 refusal = None
         await send(message)
+        if pause_s and message["type"] == "http.response.body" and not message.get("more_body", False):
+            pause_connection(send, pause_s)
 
     await app(scope, receive, send_with_id)
 
@@ -188,16 +206,26 @@ _NO_TELEMETRY = ({"telemetry": {"tracing": False, "metrics": False, "logs": Fals
                  if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
 
 
-async def _load_then_watch(repository: ModelRepository, watcher: RegistryWatcher) -> None:
-    """Load every model, then move everything allocated so far out of the garbage collector's
-    sight (imports leave ~200k tracked objects, and each full collection of them stalled the
-    event loop for ~100 ms under load: bench/classify.py, p99), then follow the registry."""
+async def _load_then_watch(repository: ModelRepository, watcher: RegistryWatcher, started: float) -> None:
+    """Load every model (and say so), then move everything allocated so far out of the garbage
+    collector's sight (imports leave ~200k tracked objects, and each full collection of them
+    stalled the event loop for ~100 ms under load: bench/classify.py, p99), then follow the registry."""
     watcher.prime()        # before the load: a change made while loading is seen by the first poll
     await repository.load_all()
+    log.info("%s", _ready_line(repository, time.monotonic() - started))
     gc.collect()
     gc.freeze()
     if watcher.interval_s > 0:
         await watcher.run()
+
+
+def _ready_line(repository: ModelRepository, seconds: float) -> str:
+    """'ready: 13 models, 13 versions, in 5.6 s', and the models that have no READY version."""
+    ready = [lv for table in repository.tables.values() for lv in table.values() if lv.state == State.READY]
+    models, versions = len({lv.name for lv in ready}), len(ready)
+    line = f"ready: {models} model{'s' * (models != 1)}, {versions} version{'s' * (versions != 1)}, in {seconds:.1f} s"
+    unready = repository.unready_models()
+    return line + (f"; not ready: {', '.join(sorted(unready))}" if unready else "")
 
 
 async def _embedded_rollouts(settings: ServeSettings, metrics: Metrics, stop: asyncio.Event) -> None:

@@ -4,7 +4,7 @@
 
 Each input line is `{"custom_id", "method", "url", "body"}`, where `url` is any inference route of
 the server: `POST /v2/models/{m}[/versions/{v}]/infer`, `POST /v1/completions`,
-`POST /v1/chat/completions`, `GET|POST /v1/images/{m}`. The job builds the ASGI app `zooserve serve`
+`POST /v1/chat/completions`, `GET /v1/images/{m}`. The job builds the ASGI app `zooserve serve`
 runs, loads only the models its input file names (the whole file, so that every shard serves the
 same models), and calls the app in process (no socket), so every route, validation and error path is
 the server's own; up to `window` lines are in flight at once so that the dynamic batchers and token
@@ -42,9 +42,13 @@ fsynced in a thread (one at a time, at most every FSYNC_INTERVAL_S, and at the e
 (even SIGKILL) leaves a prefix of the records it would write, perhaps with a torn last line. A rerun cuts
 the torn line, checks that the k complete records carry the custom_ids of the first k lines of the
 range (else it refuses: the output belongs to another input), skips those lines and appends the rest.
+A write or fsync that fails (a full disk: ENOSPC, EDQUOT; EIO) stops the workers and ends the job with a
+BatchError naming the file, the OS's reason and the records written (`zooserve batch` exits 2); nothing is
+written after the failure, so the file is such a prefix too and a rerun, once there is room, resumes.
 
-Sharding: `lines=(start, stop)` processes physical lines [start, stop) (0-based). A shard reads the
-lines before `start` only for their custom_ids, so duplicates are judged as in one whole run, and
+Sharding: `lines=(start, stop)` processes physical lines [start, stop) (0-based, as Python's slices, so
+that shards a:b and b:c meet; messages name lines from 1, as editors do: lines 0:10 are lines 1 to 10).
+A shard reads the lines before `start` only for their custom_ids, so duplicates are judged as in one whole run, and
 concatenating the shards' outputs in range order gives exactly the whole run's output.
 """
 
@@ -52,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import itertools
 import logging
@@ -81,21 +86,22 @@ LINE_KEYS = {"custom_id", "method", "url", "body"}
 MODEL_IN_URL = re.compile(rb'"url"\s*:\s*"/v[12]/(?:models|images)/([^"/?\\]+)')
 MODEL_IN_BODY = re.compile(rb'"model"\s*:\s*"([^"\\]+)"')
 ROUTES = ("POST /v2/models/{m}[/versions/{v}]/infer, POST /v1/completions, POST /v1/chat/completions, "
-          "GET|POST /v1/images/{m}")
+          "GET /v1/images/{m}")
 RETRIES_429 = 50          # a full queue (429) is retried, backing off 10 ms doubling to 1 s, this many times
 LOAD_TIMEOUT_S = 600.0
 FSYNC_INTERVAL_S = 0.1    # group commit: a machine crash loses at most this much of the records (recomputed)
 
 
 class BatchError(Exception):
-    """The job cannot run (its output belongs to another input, a bad range); nothing was written."""
+    """The job cannot run (its output belongs to another input, a bad range: nothing was written) or
+    cannot go on (its output cannot be written: the records written stay, and a rerun resumes)."""
 
 
 @dataclass
 class Request:
     """One input line, checked: a request to send, or the error record it becomes."""
 
-    number: int                          # 0-based line of the input file
+    number: int                          # 0-based line of the input file (messages say number + 1)
     custom_id: str | None                # None when the line has no usable, unique custom_id
     method: str = ""
     path: str = ""
@@ -133,7 +139,9 @@ def parse_range(text: str | None) -> tuple[int, int | None]:
             raise ValueError
         lo, hi = int(start or 0), (int(stop) if stop else None)
     except ValueError:
-        raise BatchError(f"--lines takes START:STOP (0-based, STOP exclusive), got {text!r}") from None
+        raise BatchError(f"--lines takes START:STOP, 0-based with STOP exclusive (as Python's slices: the first "
+                         f"10 lines, lines 1 to 10 in an editor and in this job's messages, are 0:10), "
+                         f"got {text!r}") from None
     if lo < 0 or (hi is not None and hi < lo):
         raise BatchError(f"--lines {text!r} is not a range of lines")
     return lo, hi
@@ -151,21 +159,22 @@ def _digest(purpose: str, key: str, chars: int = 24) -> str:
 def parse_line(raw: bytes, number: int, seen: dict[str, int], kinds: dict[str, str] | None = None) -> Request:
     """Check one line; `seen` (custom_id -> first line) gets its custom_id when the line has one.
     `kinds` (model -> kind) says which v2 models sample, so that they get a derived seed."""
+    at = number + 1                      # messages count lines from 1, as editors do
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return Request(number, None, error=("invalid_json", f"line {number} is not JSON: {exc}"))
+        return Request(number, None, error=("invalid_json", f"line {at} is not JSON: {exc}"))
     if not isinstance(doc, dict):
-        return Request(number, None, error=("invalid_json", f"line {number} is not a JSON object"))
+        return Request(number, None, error=("invalid_json", f"line {at} is not a JSON object"))
     custom_id = doc.get("custom_id")
     if custom_id is None:
-        return Request(number, None, error=("missing_custom_id", f"line {number} has no custom_id"))
+        return Request(number, None, error=("missing_custom_id", f"line {at} has no custom_id"))
     if not isinstance(custom_id, str) or not custom_id:
-        return Request(number, None, error=("invalid_custom_id", f"line {number}: custom_id must be a "
+        return Request(number, None, error=("invalid_custom_id", f"line {at}: custom_id must be a "
                                                                  f"non-empty string, got {custom_id!r}"))
     if custom_id in seen:
-        return Request(number, None, error=("duplicate_custom_id", f"line {number}: custom_id {custom_id!r} "
-                                                                   f"was already used on line {seen[custom_id]}"))
+        return Request(number, None, error=("duplicate_custom_id", f"line {at}: custom_id {custom_id!r} "
+                                                                   f"was already used on line {seen[custom_id] + 1}"))
     seen[custom_id] = number
     return _request(raw, doc, Request(number, custom_id), kinds or {})
 
@@ -191,7 +200,7 @@ def _request(raw: bytes, doc: dict, req: Request, kinds: dict[str, str]) -> Requ
         return req
     path, _, query = url.partition("?") if isinstance(url, str) else ("", "", "")
     v2 = V2_INFER.fullmatch(path) if method == "POST" else None
-    images = IMAGES.fullmatch(path)
+    images = IMAGES.fullmatch(path) if method == "GET" else None      # the images route takes GET only
     if not (v2 or images or (method == "POST" and path in OPENAI_TEXT)):
         req.error = ("invalid_url", f"{method} {url!r} is not an inference route; routes: {ROUTES}")
         return req
@@ -212,7 +221,7 @@ def _request(raw: bytes, doc: dict, req: Request, kinds: dict[str, str]) -> Requ
     elif images:
         if method == "GET" and not any(k == "seed" for k, _ in parse_qsl(query, keep_blank_values=True)):
             query = f"{query}&seed={derived_seed(req.custom_id)}" if query else f"seed={derived_seed(req.custom_id)}"
-        req.body = orjson.dumps(body) if method == "POST" else b""
+        req.body = b""
     else:
         inputs = body.get("inputs")
         if kinds.get(v2["model"]) in SAMPLING_KINDS and isinstance(inputs, list) and \
@@ -280,7 +289,7 @@ def requests(path: Path, start: int, stop: int | None, done: list[str | None],
         elif index < len(done):
             custom_id = claim(raw, number, seen)
             if custom_id != done[index]:
-                raise BatchError(f"the output's record {index} has custom_id {done[index]!r} but line {number} "
+                raise BatchError(f"the output's record {index + 1} has custom_id {done[index]!r} but line {number + 1} "
                                  f"has {custom_id!r}: the output file was written for another input or range; "
                                  "use a new output file")
             index += 1
@@ -427,16 +436,23 @@ async def _started(app) -> None:
 
 class OrderedWriter:
     """Appends records in input order: a record waits until every earlier one is written. Each
-    burst is one write + flush; fsync runs in a thread, one at a time, at most every FSYNC_INTERVAL_S
-    (back-to-back fsyncs cost the event loop ~15 us per record in thread hand-offs)."""
+    burst is one write; fsync runs in a thread, one at a time, at most every FSYNC_INTERVAL_S
+    (back-to-back fsyncs cost the event loop ~15 us per record in thread hand-offs).
+
+    The file is unbuffered, so that after a failed write (a full disk) it holds exactly the bytes the
+    OS took, a prefix of the records; the first failure is kept in `error`, nothing more is written,
+    and `put` and `wait_until` raise it, which stops the workers."""
 
     def __init__(self, path: Path, progress):
-        self.file = open(path, "ab")
+        self.file = open(path, "ab", buffering=0)
         self.next = 0                    # sequence number of the next record to write
+        self.written = 0                 # records wholly in the file (this run's)
+        self.error: OSError | None = None
         self.ready: dict[int, bytes] = {}
         self.progress = progress
         self.statuses: Counter = Counter()
         self._scheduled = False
+        self._closing = False
         self._dirty = False              # written since the last fsync began
         self._fsync: asyncio.Future | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -444,6 +460,8 @@ class OrderedWriter:
         self._waiters: list[asyncio.Future] = []
 
     def put(self, seq: int, record: bytes, status: int | str) -> None:
+        if self.error is not None:
+            raise self.error
         self.ready[seq] = record
         self.statuses[status] += 1
         if seq == self.next and not self._scheduled:    # one write per loop pass, however many finished
@@ -453,16 +471,31 @@ class OrderedWriter:
     def _write(self) -> None:
         self._scheduled = False
         chunks = []
-        while self.next in self.ready:
+        while self.next in self.ready and self.error is None:
             chunks.append(self.ready.pop(self.next))
             self.next += 1
         if not chunks:
             return
-        self.file.write(b"".join(chunks))
-        self.file.flush()
+        data, done = memoryview(b"".join(chunks)), len(chunks)
+        try:
+            while data:                  # an unbuffered write may take only part (the disk just filled)
+                data = data[self.file.write(data):]
+        except OSError as exc:
+            sent = len(data.obj) - len(data)
+            done = sum(end <= sent for end in itertools.accumulate(map(len, chunks)))   # the whole records
+            self._fail(exc)
+        self.written += done
         self._dirty = True
         self._sync()
-        self.progress.update(len(chunks))
+        self.progress.update(done)
+        self._wake()
+
+    def _fail(self, exc: OSError) -> None:
+        if self.error is None:           # the first failure is the cause; later ones follow from it
+            self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             if not w.done():
@@ -470,7 +503,7 @@ class OrderedWriter:
 
     def _sync(self) -> None:
         """Start an fsync of what was written, unless one runs or one began under FSYNC_INTERVAL_S ago."""
-        if self._fsync is not None or self._timer is not None or not self._dirty or self.file.closed:
+        if self._fsync is not None or self._timer is not None or not self._dirty or self._closing:
             return
         loop = asyncio.get_running_loop()
         wait = self._last_sync + FSYNC_INTERVAL_S - loop.time()
@@ -487,23 +520,34 @@ class OrderedWriter:
 
     def _synced(self, future: asyncio.Future) -> None:
         self._fsync = None
-        self._sync()
+        if future.exception() is not None:   # EIO, or ENOSPC where the fs allocates at writeback
+            self._fail(future.exception())
+        else:
+            self._sync()
 
     async def wait_until(self, seq: int) -> None:
-        """Until every record before `seq` is written."""
-        while self.next < seq:
+        """Until every record before `seq` is written; raises the write error once there is one."""
+        while self.error is None and self.next < seq:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             await waiter
+        if self.error is not None:
+            raise self.error
 
     async def close(self) -> None:
+        """Fsync what was written (also after a failure: the prefix is worth keeping) and close; a
+        failure lands in `error`, as the workers' would."""
+        self._closing = True             # no fsync thread starts on a file about to be closed
         if self._timer is not None:
             self._timer.cancel()
         if self._fsync is not None:
-            await self._fsync
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+            await asyncio.wait([self._fsync])    # `_synced` takes its error
+        try:
+            os.fsync(self.file.fileno())
+        except OSError as exc:
+            self._fail(exc)
+        finally:
+            self.file.close()
 
 
 async def _answer(app, req: Request, created: int) -> tuple[bytes, int | str]:
@@ -515,7 +559,7 @@ async def _answer(app, req: Request, created: int) -> tuple[bytes, int | str]:
         try:
             status, content_type, body = await call_app(app, req, request_id)
         except Exception as exc:  # noqa: BLE001 - a route that raised: this line's error, the job goes on
-            log.exception("line %d (%s) failed", req.number, req.custom_id)
+            log.exception("line %d (%s) failed", req.number + 1, req.custom_id)
             return error_record(req, "internal_error", f"{type(exc).__name__}: {exc}"), "error"
         if status != 429 or attempt == RETRIES_429:
             break
@@ -568,10 +612,19 @@ async def _answer_all(app, todo: Iterator[Request], output_path: Path, summary: 
         async with asyncio.TaskGroup() as group:
             for _ in range(window):
                 group.create_task(worker())
+    except ExceptionGroup as failed:     # the workers stop by raising the writer's error: not a bug
+        rest = failed.split(lambda exc: exc is writer.error)[1]
+        if rest is not None:
+            raise rest
     finally:
         await writer.close()
         bar.close()
         summary.statuses.update(writer.statuses)
+    if writer.error is not None:
+        exc, kept = writer.error, summary.resumed + writer.written
+        raise BatchError(f"cannot write {output_path}: {exc.strerror or exc} ({errno.errorcode.get(exc.errno, '?')}); "
+                         f"{kept} of {summary.records} records are in it, and once that is fixed, rerunning the same "
+                         "command resumes after them") from None
 
 
 async def run_batch(settings: ServeSettings, input_path: Path, output_path: Path,

@@ -53,6 +53,26 @@ class BatchRecord:
     queue_waits: list[float] = field(default_factory=list)
 
 
+class Reservation:
+    """A place in a batcher's queue, held from admission until the request is queued or gives up."""
+
+    __slots__ = ("_batcher",)
+
+    def __init__(self, batcher: "DynamicBatcher"):
+        self._batcher: DynamicBatcher | None = batcher
+
+    def release(self) -> None:
+        if self._batcher is not None:
+            self._batcher._reserved -= 1
+            self._batcher = None
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
 class DynamicBatcher:
     """Collects requests into batches and runs them one at a time on a dedicated thread."""
 
@@ -86,6 +106,12 @@ class DynamicBatcher:
         self._last_batch_requests = 0      # requests in the previous batch (1 = no load to batch)
         self._mean_batch_s = 0.001         # running mean of batch compute time (Retry-After, inline choice)
         self._mean_batch_rows = 1.0        # running mean of rows per executed batch (the drain rate)
+        # running mean of the time from one batch's start to the next's while the queue never ran
+        # empty: the drain rate as clients see it, compute plus the event loop's turns between
+        # batches (under a flood of refused requests those turns, not the model, can bound it)
+        self._mean_cycle_s = 0.0
+        self._last_start: float | None = None   # start of the previous batch when the queue stayed non-empty
+        self._reserved = 0                 # admitted requests not yet queued (see admit)
 
     @property
     def queue_depth(self) -> int:
@@ -96,26 +122,37 @@ class DynamicBatcher:
         """Queued plus executing requests."""
         return len(self._queue) + self._in_flight
 
-    def expected_wait_s(self) -> float:
-        """How long a request queued now would wait for its batch to start: the rows ahead over
-        the measured drain rate (rows per batch / seconds per batch, running means), plus the
-        batch running now."""
-        if not self._queue:
+    def expected_wait_s(self, reserved: int | None = None) -> float:
+        """How long a request queued now would wait for its batch to start: the rows ahead (queued,
+        and admitted but not yet queued) over the measured drain rate (rows per batch / seconds per
+        batch cycle, running means), plus the batch running now."""
+        reserved = self._reserved if reserved is None else reserved
+        if not self._queue and not reserved:
             return 0.0
-        drain_rows_per_s = self._mean_batch_rows / self._mean_batch_s
-        return self._rows_queued / drain_rows_per_s + (self._mean_batch_s if self._in_flight else 0.0)
+        drain_rows_per_s = self._mean_batch_rows / max(self._mean_cycle_s, self._mean_batch_s)
+        return ((self._rows_queued + reserved) / drain_rows_per_s
+                + (self._mean_batch_s if self._in_flight else 0.0))
 
-    def admit(self, deadline: float | None = None) -> None:
+    def admit(self, deadline: float | None = None) -> "Reservation":
         """Refuse a request before it is read or queued (Closed, or QueueFull with the time the
         queue needs to drain to its bound): when the queue holds max_queue_size requests, or when
         the expected wait exceeds max_queue_wait_ms or the time left to the request's deadline.
-        An empty queue admits anything."""
+        An empty queue admits anything. An admitted request holds a place (counted as one row)
+        until it is queued or gives up (`with batcher.admit(...):` around reading and decoding its
+        body): requests admitted together, before any of them is queued, see each other."""
+        self._check_admission(deadline, self._reserved)
+        self._reserved += 1
+        return Reservation(self)
+
+    def _check_admission(self, deadline: float | None, reserved: int) -> None:
+        """`reserved`: the places held by admitted requests that count against this one (none at
+        queueing time: those were admitted knowing of this one)."""
         if self._closing:
             raise Closed("model is shutting down")
-        if not self._queue:
+        if not self._queue and not reserved:
             return
-        wait = self.expected_wait_s()
-        if len(self._queue) >= self.max_queue_size:
+        wait = self.expected_wait_s(reserved)
+        if len(self._queue) + reserved >= self.max_queue_size:
             raise QueueFull(retry_after_s=wait)
         bound = self.max_queue_wait_s if self.max_queue_wait_s is not None else float("inf")
         if deadline is not None:
@@ -137,7 +174,7 @@ class DynamicBatcher:
         """Queue several requests (the slices of one larger request) all or none: QueueFull or
         Closed before any is queued, so a refused request leaves no slice behind to compute.
         Returns one future per part, each resolving to that part's outputs."""
-        self.admit(deadline)
+        self._check_admission(deadline, 0)
         # an empty queue admits any request whole, so that one larger than the queue is not refused forever
         if self._queue and len(self._queue) + len(parts) > self.max_queue_size:
             raise QueueFull(retry_after_s=self.expected_wait_s())
@@ -225,6 +262,8 @@ class DynamicBatcher:
 
     async def _execute(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
+        if self._last_start is not None:
+            self._mean_cycle_s = 0.8 * self._mean_cycle_s + 0.2 * (started - self._last_start)
         self._last_batch_requests = len(batch)
         self._in_flight = len(batch)
         names = batch[0].inputs.keys()
@@ -240,7 +279,7 @@ class DynamicBatcher:
                 outputs = await loop.run_in_executor(self._executor, self.run_batch, joined)
         except Exception as exc:  # noqa: BLE001 - the batch's requests get the error, the batcher lives on
             await self._execute_one_by_one(batch, exc)
-            self._in_flight = 0
+            self._in_flight, self._last_start = 0, None
             return
         compute_s = time.perf_counter() - started
         self._mean_batch_s = 0.8 * self._mean_batch_s + 0.2 * compute_s
@@ -251,6 +290,7 @@ class DynamicBatcher:
                 p.future.set_result({n: o[offset:offset + p.rows] for n, o in outputs.items()})
             offset += p.rows
         self._in_flight = 0
+        self._last_start = started if self._queue else None
         if self.on_batch is not None:
             self.on_batch(BatchRecord(offset, compute_s, [started - p.enqueued for p in batch]))
 

@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+
+# ServeSettings fields that flags of `serve` and `batch` set: setting -> flag (its dest the flag's name)
+FLAGS = {"host": "--host", "port": "--port", "device": "--device", "intra_op_threads": "--threads",
+         "admin_token": "--admin-token", "log_level": "--log-level", "log_format": "--log-format",
+         "access_log": "--access-log", "allow_empty": "--allow-empty"}
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def given_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The settings that flags on this command line gave: setting -> flag."""
+    return {name: flag for name, flag in FLAGS.items() if getattr(args, _dest(flag), None) is not None}
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -15,12 +34,15 @@ def _serve(args: argparse.Namespace) -> int:
     from serve.app import create_app
     from serve.settings import ServeSettings
 
-    overrides = {k: v for k, v in {
-        "registry": resolve_root(args.registry), "host": args.host, "port": args.port, "device": args.device,
-        "intra_op_threads": args.threads, "admin_token": args.admin_token, "log_level": args.log_level,
-    }.items() if v is not None}
-    settings = ServeSettings(**overrides)
-    logs.configure(settings.log_level)
+    given = {name: getattr(args, _dest(flag)) for name, flag in given_flags(args).items()}
+    settings = ServeSettings(registry=resolve_root(args.registry), **given)
+    refusal = open_registry(settings.registry, settings.allow_empty)
+    if refusal is not None:
+        print(f"zooserve serve: {refusal}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    if not settings.allow_empty:
+        warn_if_empty(settings.registry)
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
                             access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
                             log_level=settings.log_level)
@@ -30,6 +52,32 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()
     return 0
+
+
+def open_registry(root: Path, allow_empty: bool) -> str | None:
+    """Why `serve` must not start on `root` (missing, not a folder), or None; with allow_empty a
+    missing root is created, for the models published into it later."""
+    if root.is_dir():
+        return None
+    if root.exists():
+        return f"registry {root} is not a folder"
+    if not allow_empty:
+        return (f"registry {root} does not exist; give --allow-empty (or ZOOSERVE_ALLOW_EMPTY=true) to create "
+                "it and serve the models published into it later")
+    try:
+        root.mkdir(parents=True)
+    except OSError as exc:
+        return f"cannot create registry {root}: {exc.strerror}"
+    return None
+
+
+def warn_if_empty(root: Path) -> None:
+    """One warning line when the registry holds no model."""
+    from model_registry import Registry
+
+    if not Registry(root).models():
+        logging.getLogger("zooserve").warning("registry %s holds no models: serving none until one is published "
+                                              "into it", root)
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -45,7 +93,7 @@ def _batch(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
     }.items() if v is not None}
     settings = ServeSettings(**overrides)
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     try:
         summary = run(settings, Path(args.input), Path(args.output), parse_range(args.lines), args.window,
                       args.created, progress=not args.no_progress)
@@ -64,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     from training import cli as training_cli
 
     parser = argparse.ArgumentParser(prog="zooserve", description="Train, register, export and serve models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     training_cli.add_parsers(sub)
     registry_cli.add_parser(sub)
@@ -76,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per model (default 1)")
     p.add_argument("--admin-token", default=None, help="bearer token that enables repository load/unload")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None, help="log level")
+    p.add_argument("--log-format", choices=["auto", "json", "text"], default=None,
+                   help="log lines as JSON or text (default auto: text on a terminal, else JSON)")
+    p.add_argument("--access-log", action="store_true", default=None,
+                   help="log one line per request: method, path, status, ms, request id (default off)")
+    p.add_argument("--allow-empty", action="store_true", default=None,
+                   help="start on a registry folder that does not exist (it is created; models published "
+                        "into it later are loaded)")
     p.set_defaults(func=_serve)
     p = sub.add_parser("batch", help="answer a JSONL file of requests (OpenAI Batch format) in process, resumably")
     p.add_argument("--registry", default=None, help="registry root (default: $ZOOSERVE_REGISTRY or ./registry)")
@@ -94,9 +150,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    """The installed project's version (package metadata), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("zooserve")
+    except PackageNotFoundError:
+        from serve import __version__
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValidationError as exc:             # a bad ZOOSERVE_* variable or flag value: one line each, exit 2
+        from serve.settings import ServeSettings, explain
+
+        if exc.title != ServeSettings.__name__:
+            raise
+        for line in explain(exc, given_flags(args)):
+            print(f"zooserve {args.command}: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

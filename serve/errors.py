@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import orjson
 
@@ -68,9 +69,41 @@ def log_refusal(method: str, path: str, status: int, reason: str, model: str | N
     and `reason` (the answer's own message, which may quote them) are quoted, so that a newline in
     any of them cannot fake a second entry; `-` stands for a model or version the request did not
     name or did not reach."""
+    more = ""
+    if status == 429:
+        shed = _SHED_LOG.shed(model)
+        if shed is None:
+            return
+        more = f" (and {shed} more 429s for this model in the last {SHED_LOG_EVERY_S:g} s)" if shed else ""
     log.log(logging.ERROR if status >= 500 else logging.WARNING,
-            "refused %s %s: status=%d model=%s version=%s request_id=%s reason=%s",
-            method, _quoted(path), status, _quoted(model), _quoted(version), request_id, _quoted(reason))
+            "refused %s %s: status=%d model=%s version=%s request_id=%s reason=%s%s",
+            method, _quoted(path), status, _quoted(model), _quoted(version), request_id, _quoted(reason), more)
+
+
+# Under overload 429s come by thousands a second: a line for each would cost more than the refusal
+# and bury every other line. One line a second per model is logged; it counts the 429s left out
+# since the previous one (zooserve_requests_total{status="429"} counts every one).
+SHED_LOG_EVERY_S = 1.0
+
+
+class ShedLog:
+    """Which 429 refusals are logged: the first of each model in every SHED_LOG_EVERY_S."""
+
+    def __init__(self):
+        self._last: dict[str | None, float] = {}      # model -> when its last 429 line was logged
+        self._left_out: dict[str | None, int] = {}    # model -> 429s not logged since
+
+    def shed(self, model: str | None, now: float | None = None) -> int | None:
+        """None: do not log this one; else log it, with the count of those left out before it."""
+        now = time.monotonic() if now is None else now
+        if now - self._last.get(model, -math.inf) < SHED_LOG_EVERY_S:
+            self._left_out[model] = self._left_out.get(model, 0) + 1
+            return None
+        self._last[model] = now
+        return self._left_out.pop(model, 0)
+
+
+_SHED_LOG = ShedLog()
 
 
 def _quoted(text: str | None) -> str:

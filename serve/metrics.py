@@ -146,6 +146,20 @@ DENOISE_FAMILIES: list[tuple[str, str, str, str]] = [
 ]
 
 
+# A counter series is born with its first count, and Prometheus' rate() and increase() never see the
+# count that created it: a first burst of 429s, or a first rollback, would be invisible to the rules
+# in deploy/prometheus. The series the rules and the dashboard read are exposed at 0 from the start.
+STATUSES_AT_ZERO = ("200", "400", "429", "500", "503", "504")
+ROLLOUT_EVENTS = ("started", "stepped", "held", "promoted", "rolled_back", "aborted")
+
+
+def rollout_events_counter(collector_registry: CollectorRegistry) -> Counter:
+    """`zooserve_rollout_events_total{model,event}` on `collector_registry`: a server's (Metrics has
+    one, shared with its embedded rollout controller) or a standalone controller's own."""
+    return Counter("zooserve_rollout_events", "Rollout decisions (" + ", ".join(ROLLOUT_EVENTS) + ")",
+                   ["model", "event"], registry=collector_registry)
+
+
 class Metrics:
     """Every zooserve_* family, collected from the live `ModelMetrics` on one registry per server."""
 
@@ -160,8 +174,7 @@ class Metrics:
                                             "max |difference| of tensors, share of differing tokens",
                                             ["model", "alias"], registry=self.registry,
                                             buckets=(0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0, 10.0, 100.0))
-        self.rollout_events = Counter("zooserve_rollout_events", "Rollout decisions (started, stepped, held, "
-                                      "promoted, rolled_back, aborted)", ["model", "event"], registry=self.registry)
+        self.rollout_events = rollout_events_counter(self.registry)
 
     def for_model(self, model: str, version: int | str) -> "ModelMetrics":
         return self._add(ModelMetrics(self, model, str(version)))
@@ -177,6 +190,8 @@ class Metrics:
 
     def _add(self, series: "ModelMetrics"):
         self._series[series.labels] = series
+        for event in ROLLOUT_EVENTS:          # at 0 from the model's first load (see STATUSES_AT_ZERO)
+            self.rollout_events.labels(model=series.labels[0], event=event)
         return series
 
     def _forget(self, series: "ModelMetrics") -> None:
@@ -227,7 +242,7 @@ class ModelMetrics:
         self.labels = (model, version)
         self.lock = threading.Lock()
         self.stats = EngineStats()
-        self.status_counts: dict[str, int] = {}
+        self.status_counts: dict[str, int] = dict.fromkeys(STATUSES_AT_ZERO, 0)
         self.request_duration = HistogramValues(LATENCY_BUCKETS)
         self.queue_duration = HistogramValues(LATENCY_BUCKETS)
         self.compute_duration = HistogramValues(LATENCY_BUCKETS)

@@ -114,6 +114,9 @@ class ModelRepository:
         # table, why it could not be loaded at all (strict readiness waits for it)
         self.config_errors: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}   # one (re)load of a model at a time
+        # model -> the versions it had when it was unloaded (an admin unload, or the model left the
+        # registry), until it is loaded again: its requests and the index say so, as Triton's do
+        self.unloaded: dict[str, list[int]] = {}
 
     async def load_all(self) -> None:
         """Load every model of the registry, or those `settings.models` names (start-up)."""
@@ -171,6 +174,7 @@ class ModelRepository:
         else:
             self.config_errors.pop(name, None)
         self.configs[name], self.tables[name], self.wanted[name] = cfg, new, set(wanted)
+        self.unloaded.pop(name, None)
         dropped = [lv for version, lv in old.items() if new.get(version) is not lv]
         if dropped and any(lv.engine is not None for lv in dropped):
             # a request routed just before the swap may not have reached its engine yet (a body
@@ -255,9 +259,13 @@ class ModelRepository:
         not be loaded at all is forgotten (strict readiness no longer waits for it)."""
         if name not in self.tables:
             if self.config_errors.pop(name, None) is not None:
+                self.unloaded[name] = []
                 return
+            if name in self.unloaded:
+                raise not_found(f"model {name!r} is already unloaded")
             raise not_found(f"model {name!r} is not loaded")
         table = self.tables.pop(name)
+        self.unloaded[name] = sorted(table)
         self.configs.pop(name, None)
         self.wanted.pop(name, None)
         self.config_errors.pop(name, None)
@@ -339,11 +347,77 @@ class ModelRepository:
         await lv.engine.close(self.settings.drain_timeout_s)
         model_metrics.remove()
 
+    # ---- why a model or version does not serve (the error paths of `resolve`: they may read the registry)
+
+    def _load_hint(self, name: str) -> str:
+        return f"POST /v2/repository/models/{name}/load, an admin call"
+
+    def _watch_hint(self) -> str:
+        """How the registry watch brings a change in, or that it is off."""
+        interval = self.settings.watch_interval_s
+        return (f"the registry watch applies it within a poll ({interval:g} s)" if interval > 0 else
+                "the registry watch is off on this server (ZOOSERVE_WATCH_INTERVAL_S=0)")
+
+    def _registry_models(self) -> list[str] | None:
+        """The registry's models; None while its root cannot be read (an outage lists none)."""
+        try:
+            return self.registry.models() if self.registry.root.is_dir() else None
+        except OSError:
+            return None
+
+    def _missing_model(self, name: str) -> ServeError:
+        """Why `name` has no table: unknown to the registry (which models it holds), unloaded (how to
+        load it), refused at load (why), left out of this server, or not loaded yet."""
+        registry_models = self._registry_models()
+        if registry_models is None or name not in registry_models:
+            listed = registry_models if registry_models is not None else sorted(self.tables)
+            where = "the registry's models" if registry_models is not None else "served models"
+            return not_found(f"unknown model {name!r}; {where}: {', '.join(listed) or 'none'}")
+        if name in self.unloaded:
+            again = "; a change to it in the registry loads it too" if self.settings.watch_interval_s > 0 else ""
+            return not_found(f"model {name!r} is unloaded (load it with {self._load_hint(name)}{again})")
+        if name in self.config_errors:
+            return not_found(f"model {name!r} could not be loaded: {self.config_errors[name]}. Fix it in the "
+                             f"registry ({self._watch_hint()}) or load it again with {self._load_hint(name)}")
+        if self.settings.models is not None and name not in self.settings.models:
+            return not_found(f"model {name!r} is in the registry but this server serves only "
+                             f"{', '.join(self.settings.models) or 'none'} (its `models` setting)")
+        if not self.loaded:
+            return unavailable(f"model {name!r} is not loaded yet: the server is starting")
+        return not_found(f"model {name!r} is in the registry but not loaded yet: {self._watch_hint()}; or load it "
+                         f"now with {self._load_hint(name)}")
+
+    def _missing_version(self, name: str, version: int, table: dict[int, LoadedVersion]) -> ServeError:
+        """Why `version` is not in the model's table: the registry has no such version, it was
+        published after the last load, or the version policy does not choose it (and no alias does)."""
+        loaded = _versions(table)
+        try:
+            available = self.registry.versions(name)
+            cfg = self.registry.model_config(name)
+        except (RegistryError, OSError):
+            return not_found(f"version {version} of model {name!r} is not loaded; loaded: {loaded}")
+        if version not in available:
+            return not_found(f"model {name!r} has no version {version}; the registry holds version(s) "
+                             f"{_versions(available)}, loaded: {loaded}")
+        if version in versions_to_load(cfg, available):
+            return not_found(f"version {version} of model {name!r} is in the registry but not loaded yet: it was "
+                             f"published after the server last loaded the model; {self._watch_hint()}, or load "
+                             f"it now with {self._load_hint(name)}")
+        policy = cfg.version_policy
+        described = (f"latest {policy.num_versions}" if policy.policy == "latest" else
+                     f"specific {_versions(policy.versions)}" if policy.policy == "specific" else policy.policy)
+        return not_found(
+            f"version {version} of model {name!r} is in the registry but not loaded: model.json's version_policy "
+            f"({described}) does not choose it and no alias points at it (loaded: {loaded}). Point an alias at it "
+            f"(PUT /v2/repository/models/{name}/aliases/<alias> with {{\"version\": {version}}}, an admin call "
+            f"that loads it at once, or `zooserve registry alias {name} <alias> {version}`: "
+            f"{self._watch_hint()}) or widen the version policy")
+
     def resolve(self, name: str, ref: str | None) -> LoadedVersion:
         """The version a request means: a number, an alias, or (none) `stable` else the newest ready."""
         table = self.tables.get(name)
         if table is None:
-            raise not_found(f"unknown model {name!r}; served models: {', '.join(sorted(self.tables)) or 'none'}")
+            raise self._missing_model(name)
         aliases = self.configs[name].routing.aliases
         if ref is None or ref == "":
             if "stable" in aliases:
@@ -362,8 +436,7 @@ class ModelRepository:
                             f"{', '.join(sorted(aliases)) or 'none'}")
         lv = table.get(version)
         if lv is None:
-            raise not_found(f"version {version} of model {name!r} is not loaded; loaded: "
-                            f"{', '.join(map(str, sorted(table))) or 'none'}")
+            raise self._missing_version(name, version, table)
         if lv.state != State.READY:
             raise ServeError(503, f"version {version} of model {name!r} is {lv.state.value}: {lv.reason}")
         return lv
@@ -432,7 +505,14 @@ class ModelRepository:
         for name in sorted(names | set(self.tables)):
             table = self.tables.get(name)
             if not table:
-                rows.append({"name": name})
+                if name in self.unloaded:       # Triton's row of an unloaded model: each version it had
+                    rows.extend({"name": name, **({"version": str(v)} if v is not None else {}),
+                                 "state": State.UNAVAILABLE.value, "reason": "unloaded"}
+                                for v in self.unloaded[name] or [None])
+                elif name in self.config_errors:
+                    rows.append({"name": name, "state": State.UNAVAILABLE.value, "reason": self.config_errors[name]})
+                else:
+                    rows.append({"name": name})
                 continue
             for version, lv in sorted(table.items()):
                 row = {"name": name, "version": str(version), "state": lv.state.value}

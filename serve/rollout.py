@@ -35,6 +35,7 @@ from model_registry import Registry, RegistryError
 from model_registry.routing import Rollout, RolloutStatus
 
 from .judge import ArmWindow, Verdict, judge
+from .metrics import rollout_events_counter
 
 log = logging.getLogger("zooserve.rollout")
 
@@ -270,12 +271,6 @@ class Window:
     key: tuple                          # window_key of the status it judges
     started_at: float                   # controller clock
     start: dict[int, ArmCounters]       # snapshot at started_at
-
-
-def rollout_events_counter(collector_registry: CollectorRegistry) -> Counter:
-    """`zooserve_rollout_events_total{model,event}` on `collector_registry` (serve.metrics.Metrics has one)."""
-    return Counter("zooserve_rollout_events", "Rollout decisions taken by the controller (stepped, held, "
-                   "promoted, rolled_back)", ["model", "event"], registry=collector_registry)
 
 
 class RolloutController:

@@ -91,12 +91,14 @@ def refuse_context(prompt_tokens: int, max_tokens: int, max_len: int) -> Context
         return ContextRefusal("prompt", "empty prompt: it has no tokens after tokenization")
     if prompt_tokens >= max_len:
         return ContextRefusal("prompt", f"prompt is {prompt_tokens} tokens; the context of this model is {max_len} "
-                                        "tokens (prompt + at least one generated token must fit): shorten it")
+                                        "tokens (prompt + at least one generated token must fit): shorten it to "
+                                        f"at most {max_len - 1} tokens")
     if max_tokens < 1:
         return ContextRefusal("max_tokens", f"max_tokens must be >= 1, got {max_tokens}")
     if prompt_tokens + max_tokens > max_len:
         return ContextRefusal("max_tokens", f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds "
-                                            f"the context of {max_len} tokens: lower max_tokens or shorten the prompt")
+                                            f"the context of {max_len} tokens: lower max_tokens to at most "
+                                            f"{max_len - prompt_tokens}, or shorten the prompt")
     return None
 
 

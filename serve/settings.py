@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from types import UnionType
+from typing import Literal, get_args, get_origin
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "ZOOSERVE_"
 
 
 class ServeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ZOOSERVE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     registry: Path = Field(Path("registry"), description="registry root to serve")
+    allow_empty: bool = Field(False, description="serve a registry folder that does not exist yet: it is created "
+                              "empty, and models published into it later load through the registry watch")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU")
@@ -20,8 +25,12 @@ class ServeSettings(BaseSettings):
     intra_op_threads: int = Field(1, ge=1)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     request_timeout_s: float = Field(30.0, gt=0, description="default deadline of a queued request (504 after)")
+    max_refusal_pause_s: float = Field(1.0, ge=0, description="after a 429 for overload the connection is not "
+                                       "read for min(Retry-After, this) seconds, pacing clients that retry at "
+                                       "once (serve/api/pacing.py); 0 turns it off")
     allow_non_finite: bool = Field(False, description="accept NaN/Inf in float inputs")
-    admin_token: str | None = Field(None, description="bearer token for repository load/unload; unset = off")
+    admin_token: str | None = Field(None, min_length=8, description="bearer token for repository load/unload; "
+                                    "unset = off")
     drain_timeout_s: float = Field(30.0, ge=0, description="how long shutdown and unload wait for accepted work")
     # token engines: state slots (concurrent sequences) and the longest sequence a slot holds
     max_num_seqs: int = Field(64, ge=1, description="sequences a token engine runs at once; the rest wait")
@@ -56,13 +65,45 @@ class ServeSettings(BaseSettings):
                                                     "lenient: 200 once the start-up load has finished, for "
                                                     "registries that hold models unloadable on purpose")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "text"] = Field("auto", description="auto: text when stderr is a terminal, "
+                                                         "else JSON lines")
+    access_log: bool = Field(False, description="one log line per request: method, path, status, ms, request id")
     # batch jobs load only the models their lines name
     models: list[str] | None = Field(None, description="load only these models of the registry at start-up; "
                                      "unset = every model")
 
-    @field_validator("admin_token")
-    @classmethod
-    def _token_not_trivial(cls, v: str | None) -> str | None:
-        if v is not None and len(v) < 8:
-            raise ValueError("admin_token must be at least 8 characters")
-        return v
+
+# settings whose values an error message must not repeat
+_SECRET = {"admin_token"}
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "text", Path: "a path"}
+_BOUNDS = (("ge", ">= {}"), ("gt", "> {}"), ("le", "<= {}"), ("lt", "< {}"),
+           ("min_length", "of at least {} characters"))
+
+
+def expected(name: str) -> str:
+    """The values setting `name` takes, in words: 'an integer >= 0 and <= 65535', 'one of auto, cpu, cuda'."""
+    field = ServeSettings.model_fields[name]
+    kind = field.annotation
+    if isinstance(kind, UnionType):                                     # X | None: unset is the default
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
+    if get_origin(kind) is Literal:
+        return "one of " + ", ".join(get_args(kind))
+    if get_origin(kind) is list:
+        return 'a JSON list of names, e.g. ["mlp-digits"]'
+    bounds = [text.format(getattr(m, attr)) for m in field.metadata for attr, text in _BOUNDS
+              if getattr(m, attr, None) is not None]
+    return " ".join([_KINDS.get(kind, "a value"), " and ".join(bounds)]).strip()
+
+
+def explain(error: ValidationError, flags: dict[str, str]) -> list[str]:
+    """One line per bad setting of a ServeSettings ValidationError, naming where its value came from:
+    the command-line flag in `flags` (setting -> flag) when one gave it, else its ZOOSERVE_* variable."""
+    lines: dict[str, str] = {}
+    for problem in error.errors():
+        name = str(problem["loc"][0])
+        if name in lines or name not in ServeSettings.model_fields:
+            continue
+        value = "" if name in _SECRET else (f" {problem['input']}" if name in flags else f"={problem['input']!r}")
+        source = flags.get(name) or f"{ENV_PREFIX}{name.upper()}"
+        lines[name] = f"{source}{value} is not valid: expected {expected(name)}"
+    return list(lines.values())

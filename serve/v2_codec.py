@@ -11,6 +11,7 @@ Binary requests are recognised by the `Inference-Header-Content-Length` header a
 
 from __future__ import annotations
 
+import difflib
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -59,6 +60,24 @@ _U32 = struct.Struct("<I")
 NON_FINITE_TEXT = ("NaN", "Infinity", "-Infinity")
 _OPT = orjson.OPT_SERIALIZE_NUMPY
 
+# What a request may hold (KServe v2 and the Triton extensions this server implements); anything
+# else is a 400 naming it, never ignored. The stock `tritonclient.http` sends only these: the body's
+# four fields, an input's five, an output's two; `binary_data_size` on a binary input, `binary_data`
+# (and `classification`, refused) on a requested output. Shared memory is named so that it is refused
+# as unsupported rather than as unknown. Request-level `parameters` depend on the model's kind
+# (serve/api/v2.py, `check_request_parameters`).
+REQUEST_FIELDS = ("id", "inputs", "outputs", "parameters")
+INPUT_FIELDS = ("name", "shape", "datatype", "parameters", "data")
+OUTPUT_FIELDS = ("name", "parameters")
+_SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+INPUT_PARAMETERS = ("binary_data_size",)
+OUTPUT_PARAMETERS = ("binary_data", "classification")
+_REQUEST_FIELD_SET = frozenset(REQUEST_FIELDS)
+_INPUT_FIELD_SET = frozenset(INPUT_FIELDS)
+_OUTPUT_FIELD_SET = frozenset(OUTPUT_FIELDS)
+_INPUT_PARAMETER_SET = frozenset(INPUT_PARAMETERS + _SHARED_MEMORY)
+_OUTPUT_PARAMETER_SET = frozenset(OUTPUT_PARAMETERS + _SHARED_MEMORY)
+
 
 class V2Error(Exception):
     """A client error: HTTP status (400 or 413), message naming the field and what was expected."""
@@ -92,6 +111,17 @@ def _bad(message: str) -> V2Error:
 
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
+
+
+def unknown_keys(where: str, what: str, given: Any, known: tuple[str, ...]) -> str:
+    """The message for keys of `given` outside `known`: "<where>: unknown <what> 'x' (did you
+    mean 'y'?); known: a, b"; `where` empty for the body itself."""
+    unknown = [k for k in given if k not in known]
+    named = ", ".join(repr(k) for k in unknown)
+    hints = [close[0] for k in unknown if (close := difflib.get_close_matches(k, known, 1, 0.75))]
+    hint = f" (did you mean {', '.join(repr(h) for h in hints)}?)" if hints else ""
+    plural = "s" if len(unknown) > 1 else ""
+    return f"{where + ': ' if where else ''}unknown {what}{plural} {named}{hint}; known: {', '.join(known)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +186,8 @@ def _load_json(header: bytes) -> dict:
         raise _bad(f"malformed JSON: {exc}") from None
     if type(request) is not dict:
         raise _bad(f"malformed JSON: the request must be an object, got {_type_name(request)}")
+    if not request.keys() <= _REQUEST_FIELD_SET:
+        raise _bad(unknown_keys("", "field", request, REQUEST_FIELDS) + " (an infer request's fields)")
     return request
 
 
@@ -207,19 +239,27 @@ def _input_header(
     """Check one input's name, shape, datatype and parameters; return what decoding needs."""
     if type(item) is not dict:
         raise _bad(f"inputs[{index}] must be an object, got {_type_name(item)}")
-    name = item.get("name")
+    if "name" not in item:
+        raise _bad(f"inputs[{index}]: 'name' is missing")
+    name = item["name"]
     if type(name) is not str:
         raise _bad(f"inputs[{index}].name must be a string, got {_type_name(name)}")
+    if not item.keys() <= _INPUT_FIELD_SET:
+        raise _bad(unknown_keys(f"input '{name}'", "field", item, INPUT_FIELDS))
     spec = by_name.get(name)
     if spec is None:
         expected = ", ".join(repr(n) for n in by_name)
         raise _bad(f"unknown input '{name}'; the model expects {expected}")
     if name in seen:
         raise _bad(f"input '{name}' appears more than once")
-    shape = item.get("shape")
+    if "shape" not in item:
+        raise _bad(f"input '{name}': 'shape' is missing (the model's is {spec.shape}, -1 any size)")
+    shape = item["shape"]
     if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
         raise _bad(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
-    datatype = item.get("datatype")
+    if "datatype" not in item:
+        raise _bad(f"input '{name}': 'datatype' is missing (the model's is {spec.datatype})")
+    datatype = item["datatype"]
     if type(datatype) is not str:
         raise _bad(f"input '{name}': datatype must be a string, got {_type_name(datatype)}")
     if datatype == "BF16":
@@ -242,7 +282,9 @@ def _binary_size(name: str, parameters: Any) -> int | None:
         return None
     if type(parameters) is not dict:
         raise _bad(f"input '{name}': parameters must be an object, got {_type_name(parameters)}")
-    if "shared_memory_region" in parameters:
+    if not parameters.keys() <= _INPUT_PARAMETER_SET:
+        raise _bad(unknown_keys(f"input '{name}'", "parameters key", parameters, INPUT_PARAMETERS))
+    if any(k in parameters for k in _SHARED_MEMORY):
         raise _bad(f"input '{name}': shared memory is not supported")
     size = parameters.get("binary_data_size")
     if size is not None and (type(size) is not int or size < 0):
@@ -494,9 +536,13 @@ def _resolve_outputs(
     for index, item in enumerate(raw):
         if type(item) is not dict:
             raise _bad(f"outputs[{index}] must be an object, got {_type_name(item)}")
-        name = item.get("name")
+        if "name" not in item:
+            raise _bad(f"outputs[{index}]: 'name' is missing")
+        name = item["name"]
         if type(name) is not str:
             raise _bad(f"outputs[{index}].name must be a string, got {_type_name(name)}")
+        if not item.keys() <= _OUTPUT_FIELD_SET:
+            raise _bad(unknown_keys(f"output '{name}'", "field", item, OUTPUT_FIELDS))
         if name not in known:
             names = ", ".join(repr(s.name) for s in specs)
             raise _bad(f"unknown output '{name}'; the model has {names}")
@@ -513,9 +559,11 @@ def _output_binary(name: str, parameters: Any, default: bool) -> bool:
         return default
     if type(parameters) is not dict:
         raise _bad(f"output '{name}': parameters must be an object, got {_type_name(parameters)}")
+    if not parameters.keys() <= _OUTPUT_PARAMETER_SET:
+        raise _bad(unknown_keys(f"output '{name}'", "parameters key", parameters, OUTPUT_PARAMETERS))
     if parameters.get("classification"):
         raise _bad(f"output '{name}': the classification extension is not supported")
-    if "shared_memory_region" in parameters:
+    if any(k in parameters for k in _SHARED_MEMORY):
         raise _bad(f"output '{name}': shared memory is not supported")
     binary = parameters.get("binary_data", default)
     if type(binary) is not bool:

@@ -98,11 +98,12 @@ class Imported:
 def import_model(registry: Registry, name: str, source: str | Path, *, labels: str | Path | None = None,
                  input_shape: str | list[int] | None = None, input_name: str | None = None,
                  output_name: str | None = None, datatype: str | None = None, batch: bool = True,
-                 seed: int = 0) -> Imported:
+                 seed: int = 0, force: bool = False) -> Imported:
     """Publish `source` (.onnx, or TorchScript .pt/.ts) as the next version of `name`; ImportRefused
     (nothing published) if it cannot be served. `input_shape` is the example input's shape, batch
     dim first ("1,1,8,8"); `datatype` (KServe v2) and the names default to FP32, input, output for
-    TorchScript and must match the graph for ONNX."""
+    TorchScript and must match the graph for ONNX. Into a model whose versions are of another
+    family, only with `force` (Registry.publish)."""
     validate_name(name)
     source = Path(source)
     fmt = format_of(source)
@@ -127,7 +128,7 @@ def import_model(registry: Registry, name: str, source: str | Path, *, labels: s
     with tempfile.TemporaryDirectory(prefix="zooserve-import-") as tmp:
         folder = Path(tmp)
         write_package(folder, artifact, signature, label_list, golden_in, golden_out, options)
-        version = registry.publish(name, folder)
+        version = registry.publish(name, folder, force=force)
     notes = [] if batch else fit_batcher_to_fixed_rows(registry, name, artifact.inputs[0].shape[0])
     return Imported(name, version, registry.manifest(name, version), notes)
 

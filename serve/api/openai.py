@@ -1,6 +1,9 @@
-"""OpenAI-compatible routes for token models: /v1/models, /v1/completions, /v1/chat/completions.
+"""OpenAI-compatible routes for token models: /v1/models, /v1/models/{model}, /v1/completions,
+/v1/chat/completions.
 
-`model` is `name`, `name:version` or `name@alias`. Every prompt is checked against the
+`model` is `name`, `name:version` or `name@alias`. Requests are strict, as OpenAI's are: an unknown
+body field or query parameter is a 400 naming it, and a field of OpenAI's that this server does not
+honour is a 400 saying so (serve/openai_protocol.py). Every prompt is checked against the
 context before anything is queued, so a bad request gets a 400 (OpenAI's error object) and
 never reaches the engine. `n` choices and list prompts become independent sequences in the
 engine's continuous batch; `stream: true` answers with server-sent events ending in
@@ -10,7 +13,9 @@ engine's continuous batch; `stream: true` answers with server-sent events ending
 from __future__ import annotations
 
 import asyncio
+import difflib
 import functools
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,8 +30,10 @@ from serve.api.deps import read_body, repository_of, settings_of, unless_disconn
 from serve.batching import Closed, QueueFull
 from serve.engines.tokens import GenerationRequest, TokenEngine, TokenEvent
 from serve.errors import ServeError
-from serve.openai_protocol import ChatCompletionRequest, CompletionRequest, openapi_request_body
-from serve.repository import State
+from serve.openai_protocol import (UNSUPPORTED, ChatCompletionRequest, CompletionRequest, field_names,
+                                   openapi_request_body)
+from serve.repository import ModelRepository, State
+from serve.sample_request import GENERATIVE_KINDS
 from serve.scheduler import refuse_context
 from serve.shadow import compare_tokens
 from training.sampling import SamplingParams
@@ -42,10 +49,12 @@ class OpenAIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers or {}
 
-    def response(self) -> Response:
-        body = {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
+    def response_body(self) -> dict:
+        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
                           "param": self.param, "code": self.status}}
-        return Response(orjson.dumps(body), status_code=self.status, media_type="application/json",
+
+    def response(self) -> Response:
+        return Response(orjson.dumps(self.response_body()), status_code=self.status, media_type="application/json",
                         headers=self.headers)
 
 
@@ -62,9 +71,56 @@ async def _parse(request: Request, model: type[BaseModel]):
     except orjson.JSONDecodeError as exc:
         raise OpenAIError(400, f"malformed JSON: {exc}") from None
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
-        raise OpenAIError(400, f"{param}: {first['msg']}", param) from None
+        raise _invalid(exc, model) from None
+
+
+# the error told first: an unknown field (a misspelt one also shows as a missing one), then a
+# field we do not support, then the rest, deepest first (the branch of a union that got furthest)
+_FIRST = {"extra_forbidden": 0, UNSUPPORTED: 1}
+
+
+@functools.cache
+def _known(envelope: type[BaseModel]) -> frozenset[str]:
+    return frozenset(field_names(envelope))
+
+
+def _invalid(exc: ValidationError, envelope: type[BaseModel]) -> OpenAIError:
+    """One 400 for a body that does not validate, naming the field (`messages.0.content`: pydantic's
+    union branch tags are left out of the name)."""
+    known = _known(envelope)
+    error = min(exc.errors(), key=lambda e: (_FIRST.get(e["type"], 2), -len(e["loc"])))
+    loc, unknown = error["loc"], error["type"] == "extra_forbidden"      # the last of `loc` is the unknown field
+    param = ".".join(str(p) for i, p in enumerate(loc)
+                     if isinstance(p, int) or p in known or (unknown and i == len(loc) - 1))
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.75)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return OpenAIError(400, f"Unrecognized request argument supplied: {param}{hint}", param)
+    if error["type"] == UNSUPPORTED:
+        return OpenAIError(400, f"Unsupported parameter: {param!r} is not supported: {error['msg']}", param)
+    return OpenAIError(400, f"{param}: {error['msg']}" if param else error["msg"], param or None)
+
+
+def _no_query(request: Request) -> None:
+    """The OpenAI routes take no query parameters: one is a 400 naming it, never ignored."""
+    for key, _ in request.query_params.multi_items():
+        raise OpenAIError(400, f"Unrecognized request argument supplied: {key} (a query parameter; "
+                               f"{request.method} {request.url.path} takes none)", key)
+
+
+def _openai_models(repo: ModelRepository) -> list[tuple[str, list[tuple[int, Any]]]]:
+    """(name, its READY versions) of every model the OpenAI routes serve now, by name."""
+    served = []
+    for name, table in sorted(repo.tables.items()):
+        ready = [(v, lv) for v, lv in sorted(table.items()) if lv.state == State.READY and lv.engine.api == "openai"]
+        if ready:
+            served.append((name, ready))
+    return served
+
+
+def _unknown_model(repo: ModelRepository, model: str) -> OpenAIError:
+    names = ", ".join(name for name, _ in _openai_models(repo)) or "none"
+    return OpenAIError(404, f"The model {model!r} does not exist; the OpenAI routes serve: {names}", "model")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,19 +143,42 @@ class Routed:
 
 def _engine_for(request: Request, model: str, user: str | None = None) -> Routed:
     """Route `name` (split, sticky by header or `user`), `name:version` or `name@alias` to a token engine."""
-    name, ref = model, None
-    if "@" in model:
-        name, ref = model.split("@", 1)
-    elif ":" in model:
-        name, ref = model.split(":", 1)
+    name, ref = _split_model(model)
+    repo = repository_of(request)
+    if name not in repo.tables:
+        raise _unknown_model(repo, name)
     try:
-        lv, alias = repository_of(request).route(name, ref, request.headers.get, user)
+        lv, alias = repo.route(name, ref, request.headers.get, user)
     except ServeError as exc:
         raise OpenAIError(exc.status, exc.message, "model") from None
     if lv.engine.api != "openai":
-        raise OpenAIError(400, f"model {name!r} is a {lv.engine.manifest.kind!r} model; the OpenAI API serves "
-                               "token models (use /v2/models/{name}/infer)", "model")
+        kind = lv.engine.manifest.kind
+        images = f" or GET /v1/images/{name}" if kind in GENERATIVE_KINDS else ""
+        raise OpenAIError(400, f"model {name!r} is a {kind!r} model; the OpenAI API serves token models "
+                               f"(use POST /v2/models/{name}/infer{images})", "model")
     return Routed(lv.engine, lv.version, alias)
+
+
+def _split_model(model: str) -> tuple[str, str | None]:
+    """`name`, `name:version`, `name@alias` -> (name, the version or alias or None)."""
+    for separator in "@:":
+        if separator in model:
+            name, ref = model.split(separator, 1)
+            return name, ref
+    return model, None
+
+
+def _check_combinations(body: CompletionRequest | ChatCompletionRequest) -> None:
+    """Fields that mean something only with another one: refused alone, never ignored."""
+    if body.stream_options is not None and not body.stream:
+        raise OpenAIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                          "stream_options")
+    if isinstance(body, ChatCompletionRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise OpenAIError(400, "top_logprobs: only allowed with logprobs: true", "top_logprobs")
+        if None not in (body.max_tokens, body.max_completion_tokens) and body.max_tokens != body.max_completion_tokens:
+            raise OpenAIError(400, f"max_tokens ({body.max_tokens}) and max_completion_tokens "
+                                   f"({body.max_completion_tokens}) disagree: send one of them", "max_tokens")
 
 
 def _check_prompt(engine: TokenEngine, ids: list[int], max_tokens: int | None, default_tokens: int | None) -> int:
@@ -191,7 +270,9 @@ def _engine_error(exc: BaseException) -> OpenAIError:
     if isinstance(exc, OpenAIError):
         return exc
     if isinstance(exc, QueueFull):
-        return OpenAIError(429, "too many requests waiting; retry later", headers={"Retry-After": "1"})
+        # the same answer as the v2 routes' (serve.errors.engine_refusal): whole seconds, at least 1
+        return OpenAIError(429, "every sequence slot is busy and the waiting queue is full; retry later",
+                           headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
     if isinstance(exc, Closed):
         return OpenAIError(503, str(exc))
     if isinstance(exc, ValueError):
@@ -241,9 +322,10 @@ def _shadow_tokens(request: Request, routed: Routed, jobs: list[GenerationReques
     shadows.start(name, shadow.alias, run)
 
 
-async def _guarded(handler) -> Response:
-    """Errors of /v1 routes in OpenAI's error shape."""
+async def _guarded(request: Request, handler) -> Response:
+    """Errors of /v1 routes in OpenAI's error shape (a query parameter is one: they take none)."""
     try:
+        _no_query(request)
         return await handler()
     except OpenAIError as exc:
         return exc.response()
@@ -253,20 +335,48 @@ async def _guarded(handler) -> Response:
 
 # ---- routes -----------------------------------------------------------------------------------
 
-@router.get("/models", summary="Token models, as `name` and `name:version`")
-async def list_models(request: Request) -> Response:
-    repo = repository_of(request)
+def _model_objects(repo: ModelRepository) -> list[dict]:
+    """OpenAI Model objects: each served token model as `name`, and each of its ready versions."""
     data = []
-    for name, table in sorted(repo.tables.items()):
-        ready = [(v, lv) for v, lv in sorted(table.items()) if lv.state == State.READY and lv.engine.api == "openai"]
-        if not ready:
-            continue
-        created = int(time.time())
+    created = int(time.time())
+    for name, ready in _openai_models(repo):
         data.append({"id": name, "object": "model", "created": created, "owned_by": "zooserve",
                      "max_model_len": ready[-1][1].engine.max_len})
         data += [{"id": f"{name}:{v}", "object": "model", "created": created, "owned_by": "zooserve",
                   "parent": name, "max_model_len": lv.engine.max_len} for v, lv in ready]
-    return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+    return data
+
+
+def _json(payload: Any) -> Response:
+    return Response(orjson.dumps(payload), media_type="application/json")
+
+
+@router.get("/models", summary="Token models, as `name` and `name:version`")
+async def list_models(request: Request) -> Response:
+    async def handle() -> Response:
+        return _json({"object": "list", "data": _model_objects(repository_of(request))})
+    return await _guarded(request, handle)
+
+
+@router.get("/models/{model}", summary="One token model (`name`, `name:version` or `name@alias`), as an "
+                                       "OpenAI Model object; 404 for one the OpenAI routes do not serve")
+async def retrieve_model(request: Request, model: str) -> Response:
+    async def handle() -> Response:
+        repo = repository_of(request)
+        listed = next((m for m in _model_objects(repo) if m["id"] == model), None)
+        if listed is not None:
+            return _json(listed)
+        name, ref = _split_model(model)
+        if ref and "@" in model and name in dict(_openai_models(repo)):
+            try:
+                lv = repo.resolve(name, ref)
+            except ServeError:
+                lv = None
+            if lv is not None and lv.engine.api == "openai":
+                return _json({"id": model, "object": "model", "created": int(time.time()), "owned_by": "zooserve",
+                              "parent": name, "max_model_len": lv.engine.max_len})
+        raise _unknown_model(repo, model)
+    return await _guarded(request, handle)
 
 
 @router.post("/completions", summary="Text completion (OpenAI-compatible; `stream: true` for SSE)",
@@ -274,6 +384,7 @@ async def list_models(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     async def handle() -> Response:
         body: CompletionRequest = await _parse(request, CompletionRequest)
+        _check_combinations(body)
         routed = _engine_for(request, body.model, body.user)
         engine = routed.engine
         prompts = [engine.tokenizer.encode(p) if isinstance(p, str) else _token_ids(engine, p) for p in body.prompt]
@@ -298,7 +409,7 @@ async def completions(request: Request) -> Response:
                 "logprobs": _completion_logprobs(engine, c) if body.logprobs is not None else None} for c in choices]
         payload = {**meta, "choices": out, "usage": _usage(prompt_tokens, sum(len(c.tokens) for c in choices))}
         return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
-    return await _guarded(handle)
+    return await _guarded(request, handle)
 
 
 @router.post("/chat/completions", summary="Chat completion (OpenAI-compatible; `stream: true` for SSE)",
@@ -306,10 +417,12 @@ async def completions(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     async def handle() -> Response:
         body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+        _check_combinations(body)
         routed = _engine_for(request, body.model, body.user)
         engine = routed.engine
         try:
-            text = engine.tokenizer.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+            text = engine.tokenizer.render_chat([{"role": m.template_role, "content": m.text()}
+                                                for m in body.messages])
         except ValueError as exc:
             raise OpenAIError(400, str(exc), "messages") from None
         ids = engine.tokenizer.encode(text)
@@ -334,7 +447,7 @@ async def chat_completions(request: Request) -> Response:
         payload = {**meta, "object": "chat.completion", "choices": out,
                    "usage": _usage(len(ids), sum(len(c.tokens) for c in choices))}
         return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
-    return await _guarded(handle)
+    return await _guarded(request, handle)
 
 
 # ---- streaming --------------------------------------------------------------------------------

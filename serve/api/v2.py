@@ -19,9 +19,12 @@ from fastapi.responses import Response
 from serve import __version__
 from serve.api.deps import (RequestOutcome, read_body, receive_body, repository_of, request_id, require_admin_token,
                             settings_of, unless_disconnected, valid_model_name)
+from serve.api.pacing import pause_connection
 from serve.errors import ServeError, error_body, log_refusal, unavailable
 from serve.repository import LoadedVersion, State
+from serve.sample_request import DIFFUSION_PARAMETERS
 from serve.shadow import ShadowTraffic, compare_tensors, parity_tolerance
+from serve.v2_codec import unknown_keys
 
 
 router = APIRouter()
@@ -29,20 +32,36 @@ router = APIRouter()
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics", "parameters",
               "schedule_policy", "sequence", "sequence(string_id)"]
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
-# the JSON body of the infer route, for the OpenAPI document (decoding is by hand, not by this schema)
+# What an infer body may hold, for the OpenAPI document (decoding is by hand, not by this schema;
+# serve/v2_codec.py and `check_request_parameters` refuse any other field or key with a 400 naming it)
+_INPUT_PARAMETERS_SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
+    "binary_data_size": {"type": "integer", "minimum": 0, "description": "bytes of this input in the binary section"}}}
+_OUTPUT_PARAMETERS_SCHEMA = {"type": "object", "additionalProperties": False, "properties": {
+    "binary_data": {"type": "boolean", "description": "send this output in the binary section"}}}
+_PARAMETER_SCHEMAS = {
+    "timeout": {"type": "number", "exclusiveMinimum": 0, "description": "deadline, microseconds"},
+    "priority": {"type": "integer", "minimum": 0, "description": "accepted, as Triton does: one priority level"},
+    "binary_data_output": {"type": "boolean", "description": "every output in the binary section"},
+    "sequence_id": {"type": ["integer", "string"], "description": "sequence kind: the stateful sequence"},
+    "sequence_start": {"type": "boolean"}, "sequence_end": {"type": "boolean"},
+    "response_format": {"enum": ["tensor", "png"]}, "sampler": {"enum": ["ddpm", "ddim"]},
+    "steps": {"type": "integer", "minimum": 1}, "eta": {"type": "number", "minimum": 0, "maximum": 1},
+    "guidance": {"type": "number", "minimum": 0},
+}
 INFER_BODY_SCHEMA = {
     "requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "type": "object", "required": ["inputs"],
+        "type": "object", "required": ["inputs"], "additionalProperties": False,
         "properties": {
             "id": {"type": "string"},
-            "parameters": {"type": "object", "properties": {
-                "timeout": {"type": "number", "exclusiveMinimum": 0, "description": "deadline, microseconds"}}},
+            "parameters": {"type": "object", "description": "the keys of the model's kind (see each model's route)",
+                           "properties": _PARAMETER_SCHEMAS},
             "inputs": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name", "shape", "datatype"],
+                       "additionalProperties": False,
                        "properties": {"name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                                      "datatype": {"type": "string"}, "parameters": {"type": "object"},
+                                      "datatype": {"type": "string"}, "parameters": _INPUT_PARAMETERS_SCHEMA,
                                       "data": {"type": "array"}}}},
-            "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
-                        "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}}}},
+            "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "additionalProperties": False,
+                        "properties": {"name": {"type": "string"}, "parameters": _OUTPUT_PARAMETERS_SCHEMA}}},
         }}}}},
     "responses": {"200": {"description": "inference response (JSON, or JSON + binary tensors)"}},
 }
@@ -55,13 +74,13 @@ def _input_schema(spec) -> dict:
     """One input of a signature as a schema: its name and datatype, its rank, its fixed dimensions
     (a -1 dimension takes any size)."""
     dims = [{"type": "integer", "enum": [d]} if d >= 0 else {"type": "integer", "minimum": 1} for d in spec.shape]
-    return {"type": "object", "required": ["name", "shape", "datatype", "data"],
+    return {"type": "object", "required": ["name", "shape", "datatype", "data"], "additionalProperties": False,
             "properties": {"name": {"type": "string", "enum": [spec.name]},
                            "datatype": {"type": "string", "enum": [spec.datatype]},
                            "shape": {"type": "array", "prefixItems": dims, "items": False,
                                      "minItems": len(dims), "maxItems": len(dims)},
                            "data": {"type": "array", "items": {"type": _DATA_TYPES.get(spec.datatype, "integer")}},
-                           "parameters": {"type": "object"}}}
+                           "parameters": _INPUT_PARAMETERS_SCHEMA}}
 
 
 def _example_input(spec) -> dict:
@@ -74,18 +93,22 @@ def _example_input(spec) -> dict:
     return {"name": spec.name, "shape": shape, "datatype": spec.datatype, "data": [value] * size}
 
 
-def model_infer_operation(name: str, signature) -> dict:
+def model_infer_operation(name: str, signature, kind: str = "classify") -> dict:
     """`POST /v2/models/{name}/infer` of one loaded model for the OpenAPI document: the generic infer
-    body narrowed to the model's inputs (names, datatypes and shapes as enums), with an example
-    that it answers, so that client generators and fuzzers reach the model itself."""
+    body narrowed to the model's inputs (names, datatypes and shapes as enums) and to the request
+    parameters of its kind, with an example that it answers, so that client generators and fuzzers
+    reach the model itself."""
     generic = INFER_BODY_SCHEMA["requestBody"]["content"]["application/json"]["schema"]
     inputs = [_input_schema(spec) for spec in signature.inputs]
+    parameters = {key: _PARAMETER_SCHEMAS[key] for key in REQUEST_PARAMETERS + KIND_PARAMETERS.get(kind, ())}
     schema = {**generic, "properties": {
         **generic["properties"],
+        "parameters": {"type": "object", "additionalProperties": False, "properties": parameters},
         "inputs": {"type": "array", "minItems": 1, "maxItems": len(inputs), "items": {"anyOf": inputs}},
-        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "additionalProperties": False,
+                                               "properties": {
             "name": {"type": "string", "enum": [spec.name for spec in signature.outputs]},
-            "parameters": {"type": "object"}}}},
+            "parameters": _OUTPUT_PARAMETERS_SCHEMA}}},
     }}
     example = {"inputs": [_example_input(spec) for spec in signature.inputs]}
     return {"summary": f"Inference on {name} (default version)", "operationId": f"infer_model_{name}",
@@ -103,7 +126,8 @@ def loaded_model_paths(repo) -> dict:
         except ServeError:                   # no ready version: nothing to say about its inputs
             continue
         if lv.engine.api == "v2":
-            paths[f"/v2/models/{name}/infer"] = {"post": model_infer_operation(name, lv.engine.manifest.signature)}
+            manifest = lv.engine.manifest
+            paths[f"/v2/models/{name}/infer"] = {"post": model_infer_operation(name, manifest.signature, manifest.kind)}
     return paths
 
 
@@ -316,6 +340,33 @@ def _header_values(raw_headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None
     return length, encoding, header_length, given_id
 
 
+# The request-level `parameters` a model reads, by kind; any other key is a 400 naming it (an
+# ignored key is a silent surprise: `timeout_us` would run with the default deadline). Every kind
+# takes Triton's `timeout` (µs), `priority` (accepted, as Triton does for a model without priority
+# levels: one queue) and `binary_data_output`, the keys the stock tritonclient writes itself.
+REQUEST_PARAMETERS = ("binary_data_output", "priority", "timeout")
+KIND_PARAMETERS = {
+    "classify": (),
+    "sequence": ("sequence_id", "sequence_start", "sequence_end"),      # Triton's sequence batcher
+    "sample": ("response_format",),                                     # serve/sample_request.py
+    "denoise": ("response_format", *DIFFUSION_PARAMETERS),
+}
+
+
+def check_request_parameters(model: str, kind: str, parameters: dict) -> None:
+    """400 naming any key of a request's `parameters` that a model of `kind` does not read, with
+    the keys it does. A few lookups in a short tuple: cheap enough for the hot path."""
+    known = REQUEST_PARAMETERS + KIND_PARAMETERS.get(kind, ())
+    for key in parameters:
+        if key not in known:
+            raise ServeError(400, unknown_keys("", "parameters key", parameters, tuple(sorted(known)))
+                             + f" (model {model!r} is of kind {kind})")
+    priority = parameters.get("priority", 0)
+    if type(priority) is not int or priority < 0:
+        raise ServeError(400, f"parameter 'priority' must be a non-negative integer (Triton's; this server has one "
+                              f"priority level), got {orjson.dumps(priority).decode()[:40]}")
+
+
 def _timeout_s(parameters: dict, default_s: float) -> float:
     """The request's own deadline (`parameters.timeout`, in microseconds, Triton's unit) in
     seconds, else the server's. Anything but a positive number is a 400: a bool is not a number
@@ -341,19 +392,22 @@ async def _infer(repo, settings, shadows: ShadowTraffic, model: str, version: st
     request header (the sticky routing key)."""
     lv, alias = repo.route(model, version, header)
     with RequestOutcome(model, started, "inference", lambda: (lv.engine.metrics, lv.version)) as outcome:
-        # shed before reading: a refusal under overload must cost less than the work it avoids
-        lv.engine.admit(started + settings.request_timeout_s)
-        body = await body_of(settings.max_body_bytes)
-        if body is None:
-            outcome.status = 499
-            return None
-        body = _decompress(body, encoding, settings.max_body_bytes)
-        call = lv.engine.bind(body, header_length, settings, repo.configs[model].batching)
-        pin = call.pinned_version()
-        if pin is not None and pin[0] != lv.version:   # a live sequence's chunk: the version it started on
-            lv, alias = repo.pinned(model, pin[0], version, pin[1]), None
-            call = call.bound_to(lv.engine)
-        work = call.run(started + _timeout_s(call.parameters, settings.request_timeout_s))
+        # shed before reading: a refusal under overload must cost less than the work it avoids;
+        # the place admitted is held until `work` queues the request (no await in between)
+        with lv.engine.admit(started + settings.request_timeout_s):
+            body = await body_of(settings.max_body_bytes)
+            if body is None:
+                outcome.status = 499
+                return None
+            body = _decompress(body, encoding, settings.max_body_bytes)
+            call = lv.engine.bind(body, header_length, settings, repo.configs[model].batching)
+            if call.parameters:
+                check_request_parameters(model, lv.engine.manifest.kind, call.parameters)
+            pin = call.pinned_version()
+            if pin is not None and pin[0] != lv.version:   # a live sequence's chunk: the version it started on
+                lv, alias = repo.pinned(model, pin[0], version, pin[1]), None
+                call = call.bound_to(lv.engine)
+            work = call.run(started + _timeout_s(call.parameters, settings.request_timeout_s))
         if lv.engine.cancellable:   # watching costs two tasks: only where requests run long
             outputs = await unless_disconnected(work, receive)
             if outputs is None:
@@ -415,6 +469,7 @@ async def fast_infer(scope, receive, send, state, model: str, version: str | Non
     Every answer carries its x-request-id (the client's, or a new one)."""
     started = time.perf_counter()
     length, encoding, header_length, given_id = _header_values(scope["headers"])
+    pause_s = 0.0
     try:
         result = await _infer(state.repository, state.settings, state.shadow, model, version, started,
                               lambda limit: receive_body(receive, length, limit), receive, encoding, header_length,
@@ -430,10 +485,14 @@ async def fast_infer(scope, receive, send, state, model: str, version: str | Non
         status, payload = exc.status, error_body(exc.message)
         headers = [(b"content-type", b"application/json"),
                    *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
+        if status == 429:           # shed for overload: pace a client that retries at once (pacing.py)
+            pause_s = min(float(exc.headers.get("Retry-After", 1)), state.settings.max_refusal_pause_s)
     headers.append((b"x-request-id", rid.encode()))
     headers.append((b"content-length", str(len(payload)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
+    if pause_s:
+        pause_connection(send, pause_s)
 
 
 async def _routed_infer(request: Request, model: str, version: str | None) -> Response:

@@ -10,6 +10,7 @@ Two request verbs, by API (`Engine.api`):
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 import numpy as np
@@ -67,10 +68,13 @@ class Engine(Protocol):
     def in_flight(self) -> int:
         """Requests accepted and not yet answered."""
 
-    def admit(self, deadline: float) -> None:
+    def admit(self, deadline: float) -> AbstractContextManager:
         """Refuse a request before its body is read (QueueFull with a Retry-After, or Closed) when
         the engine could not start it within model.json's max_queue_wait_ms or by `deadline`;
-        shedding then costs no decoding. Admitting is not reserving: the queue checks again."""
+        shedding then costs no decoding. An admitted request holds its place until it is queued:
+        the caller reads and decodes the body inside `with engine.admit(deadline):`, so that
+        requests admitted at once, before any is queued, count against each other (else an empty
+        queue would admit a whole flood). The queue checks again when the request is queued."""
 
     def reconfigure(self, batching: Batching) -> None:
         """model.json's batching changed: apply it to the queues (no reload, nothing dropped)."""

@@ -22,6 +22,7 @@ computed, while running it leaves at the next step boundary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -173,12 +174,13 @@ class DenoiseEngine(StepLoop):
         finally:
             self._pending -= 1
 
-    def admit(self, deadline: float) -> None:
+    def admit(self, deadline: float) -> contextlib.nullcontext:
         """Requests step together: the queue bound is a count of waiting requests."""
         if self._closing:
             raise Closed("model is shutting down")
         if self._pending - self._running >= self.max_waiting:
             raise QueueFull(retry_after_s=1.0)
+        return contextlib.nullcontext()
 
     def reconfigure(self, batching) -> None:
         """Requests step together, not in batches: only the queue bound applies."""

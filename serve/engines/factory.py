@@ -84,6 +84,7 @@ def _tokens(version: int, manifest: Manifest, vdir: Path, ctx: BuildContext) -> 
     name = ctx.cfg.name
     engine = make_token_engine(name, version, manifest, runtime, vdir, ctx.settings,
                                ctx.metrics.for_token_model(name, version))
+    engine.reconfigure(ctx.cfg.batching)
     return Built(engine, error, runtime.device, getattr(runtime, "prefill", ""))
 
 

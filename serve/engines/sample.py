@@ -28,7 +28,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from model_registry import Batching, Manifest
-from serve.batching import BatchRecord, DynamicBatcher
+from serve.batching import BatchRecord, DynamicBatcher, Reservation
 from serve.golden import GoldenMismatch
 from serve.metrics import EngineStats, Metrics, ModelMetrics
 from serve.runtimes import Runtime, open_runtime
@@ -136,8 +136,8 @@ class SampleEngine:
         out = {**feeds, **await self._run(self.main, feeds, deadline)}
         return {n: out[n] for n in req.outputs}
 
-    def admit(self, deadline: float) -> None:
-        self.batchers[self.main].admit(deadline)      # a request starts on the main part (the VAE encoder too)
+    def admit(self, deadline: float) -> Reservation:
+        return self.batchers[self.main].admit(deadline)      # a request starts on the main part (the VAE encoder too)
 
     def reconfigure(self, batching: Batching) -> None:
         for batcher in self.batchers.values():

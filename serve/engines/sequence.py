@@ -32,7 +32,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from model_registry import Batching, Manifest
-from serve.batching import BatchRecord, DynamicBatcher
+from serve.batching import BatchRecord, DynamicBatcher, Reservation
 from serve.errors import ServeError
 from serve.golden import GoldenMismatch
 from serve.metrics import EngineStats, SequenceMetrics
@@ -189,8 +189,8 @@ class SequenceEngine:
         request = decode_for(self.manifest, body, header_length, settings, batching)
         return SequenceCall(self, request, parse_control(request.parameters))
 
-    def admit(self, deadline: float) -> None:
-        self.batcher.admit(deadline)
+    def admit(self, deadline: float) -> Reservation:
+        return self.batcher.admit(deadline)
 
     def reconfigure(self, batching: Batching) -> None:
         self.batcher.reconfigure(batching.max_batch_size, batching.max_queue_delay_ms, batching.max_queue_size,

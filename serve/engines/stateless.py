@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from model_registry import Batching, Manifest
-from serve.batching import BatchRecord, DynamicBatcher
+from serve.batching import BatchRecord, DynamicBatcher, Reservation
 from serve.metrics import EngineStats, ModelMetrics
 from serve.runtimes import Runtime
 from serve.v2_codec import InferRequest, decode_infer_request, encode_infer_response
@@ -72,8 +72,8 @@ class StatelessEngine:
     def bind(self, body: bytes, header_length: str | None, settings, batching: Batching) -> TensorCall:
         return TensorCall(self, decode_for(self.manifest, body, header_length, settings, batching))
 
-    def admit(self, deadline: float) -> None:
-        self.batcher.admit(deadline)
+    def admit(self, deadline: float) -> Reservation:
+        return self.batcher.admit(deadline)
 
     def reconfigure(self, batching: Batching) -> None:
         self.batcher.reconfigure(batching.max_batch_size, batching.max_queue_delay_ms, batching.max_queue_size,

@@ -13,6 +13,7 @@ step. A request whose client went away is aborted and its row is freed at the ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -147,18 +148,49 @@ class TokenEngine(StepLoop):
         self.scheduler = TokenScheduler(max_rows=slots.rows, max_len=slots.max_len)
         self.runner = TokenRunner(runtime, slots)
         self.max_waiting = max_waiting
+        self.max_queue_wait_s = float("inf")     # model.json's batching.max_queue_wait_ms (reconfigure)
         self._ids = itertools.count()
+        # running mean of a sequence's time in a row (first step to last): a row frees every
+        # mean_service_s / rows seconds, which bounds the waiting queue by time
+        self.mean_service_s = 0.0
+        self._began: dict[str, float] = {}     # request id -> its first step (engine thread)
 
     # ---- asyncio side -------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         super().start()
 
-    def admit(self, deadline: float) -> None:
-        """Token requests come by the OpenAI routes, which read the body for the model's name."""
+    def admit(self, deadline: float) -> contextlib.nullcontext:
+        """Refuse a new sequence now (QueueFull, Closed) when `generate` would: the OpenAI routes
+        ask before validating and tokenizing (serve/api/token_admission.py). Nothing is held:
+        `generate` checks again."""
+        self._check_admission()
+        return contextlib.nullcontext()
 
     def reconfigure(self, batching) -> None:
-        """Sequences run in the continuous batch (max_num_seqs), not in model.json's batches."""
+        """Sequences run in the continuous batch (max_num_seqs), not in model.json's batches: only
+        the waiting queue's bounds apply (max_queue_size sequences, max_queue_wait_ms)."""
+        self.max_waiting = batching.max_queue_size
+        self.max_queue_wait_s = batching.max_queue_wait_ms / 1000.0
+
+    def expected_wait_s(self, ahead: int) -> float:
+        """How long a sequence with `ahead` sequences waiting before it waits for a row."""
+        return (ahead + 1) * self.mean_service_s / self.scheduler.max_rows
+
+    def _check_admission(self) -> None:
+        """A new sequence is refused (QueueFull, with the time until it would be admitted) when
+        every row is busy and the waiting queue is full, by count or by expected wait; running
+        sequences are never touched."""
+        if self._closing:
+            raise Closed("model is shutting down")
+        ahead = self._pending - self.scheduler.max_rows
+        if ahead < 0:
+            return
+        wait = self.expected_wait_s(ahead)
+        if ahead >= self.max_waiting:
+            raise QueueFull(retry_after_s=wait)
+        if wait > self.max_queue_wait_s:
+            raise QueueFull(retry_after_s=wait - self.max_queue_wait_s)
 
     def bind(self, body: bytes, header_length: str | None, settings, batching) -> None:
         raise ServeError(400, f"model {self.name!r} generates tokens: use POST /v1/completions or "
@@ -166,10 +198,11 @@ class TokenEngine(StepLoop):
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
         """Queue one sequence; yields its events step by step until the last one (finish_reason set)."""
-        if self._closing:
-            raise Closed("model is shutting down")
-        if self._pending >= self.scheduler.max_rows + self.max_waiting:
-            raise QueueFull(retry_after_s=1.0)
+        try:
+            self._check_admission()
+        except QueueFull:
+            self.metrics.request_done(429, 0.0)     # refused at once; the early refusals count themselves
+            raise
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue = asyncio.Queue()
         request = TokenRequest(f"{self.name}-{next(self._ids)}", list(req.prompt_ids), req.max_tokens,
@@ -216,6 +249,7 @@ class TokenEngine(StepLoop):
         if request is not None and not request.status.is_finished:
             self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
             self.metrics.finished("abort", time.perf_counter() - request.arrival)
+            self._began.pop(request_id, None)
 
     def _step(self) -> None:
         plan = self.scheduler.schedule()
@@ -233,6 +267,7 @@ class TokenEngine(StepLoop):
         self.metrics.step_done(len(plan.decode) + len(plan.prefill), now - started)
         for request in plan.prefill:
             self.metrics.admitted(len(request.prompt_ids), started - request.arrival)
+            self._began[request.request_id] = started
         deliveries = [self._emit(r, sampled[r.request_id], now) for r in (*plan.decode, *plan.prefill)]
         # one hop to the event loop per step, not per sequence (each hop is a wake-up syscall)
         self._loop.call_soon_threadsafe(_deliver, [d for d in deliveries if d is not None])
@@ -251,7 +286,14 @@ class TokenEngine(StepLoop):
         self.metrics.token_emitted(stream, now, request.arrival)
         if finish is not None:
             self.metrics.finished(finish, now - request.arrival)
+            self._served(request.request_id, now)
         return stream.sink, event
+
+    def _served(self, request_id: str, now: float) -> None:
+        began = self._began.pop(request_id, None)
+        if began is not None:
+            self.mean_service_s = (now - began if not self.mean_service_s
+                                   else 0.8 * self.mean_service_s + 0.2 * (now - began))
 
     def _fail_everything(self, exc: Exception) -> None:
         now = time.perf_counter()
@@ -268,6 +310,7 @@ class TokenEngine(StepLoop):
         """Empty books, and the rows the running requests held zeroed (a step may have half-written them)."""
         old = self.scheduler
         self.scheduler = TokenScheduler(old.max_rows, old.max_len, old.max_prefill_tokens)
+        self._began.clear()
         if old.running:
             self.runner.state.reset_rows(list(range(len(old.running))))
         self.metrics.scheduler_state(0, 0, old.max_rows)

@@ -323,8 +323,9 @@ def test_imported_models_are_served_like_any_other_version(registry_copy, start_
 # ---- the faulty canaries ----------------------------------------------------------------------------
 
 def import_canary(registry: Path, source: Path) -> int:
-    """Publish a canary as the next version of mlp-digits, aliased `canary` so that the server loads it."""
-    assert import_cli(registry, "mlp-digits", source, *IMPORT_ARGS) == 0
+    """Import a canary as the next version of mlp-digits, aliased `canary` so that the server loads it
+    (--force: an import's family, `imported`, is not mlp-digits' `mlp`)."""
+    assert import_cli(registry, "mlp-digits", source, *IMPORT_ARGS, "--force") == 0
     reg = Registry(registry)
     version = reg.versions("mlp-digits")[-1]
     reg.set_alias("mlp-digits", "canary", version)

@@ -130,7 +130,8 @@ def test_errors_exit_2_without_traceback(root: str, capsys: pytest.CaptureFixtur
     assert cli("registry", "verify", "--registry", root, "nope") == 2
     assert cli("registry", "publish", "--registry", root, "../evil", root) == 2
     assert "invalid model name" in capsys.readouterr().err
-    assert cli("registry", "list", "--registry", root) == 0
+    assert cli("registry", "list", "--registry", root) == 2                # a registry that does not exist
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_subprocess_round_trip(root: str, src: str) -> None:

@@ -198,7 +198,7 @@ def test_every_route_writes_the_registry_and_answers_the_new_revision(registry_c
         from prometheus_client.parser import text_string_to_metric_families
         events = {s.labels["event"]: s.value for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
                   for s in f.samples if s.name == "zooserve_rollout_events_total" and s.labels["model"] == "mlp-digits"}
-        assert events == {"started": 2, "aborted": 1, "promoted": 2, "rolled_back": 1}
+        assert events == {"started": 2, "aborted": 1, "promoted": 2, "rolled_back": 1, "stepped": 0, "held": 0}
 
 
 def test_a_split_set_through_the_route_is_in_force_when_the_write_answers(registry_copy, start_server):

@@ -2,17 +2,21 @@
 
 A mixed file (v2 classify, completions, chat, and every kind of bad line) gives one record per line
 with the right status; reruns, a SIGKILLed-and-resumed CLI run, and merged shards all write the same
-bytes as one uninterrupted run.
+bytes as one uninterrupted run. A disk that fills (a real small tmpfs), a file size limit and a failing
+fsync end the job with one line of error, and the rerun resumes to the same bytes.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import os
+import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -116,9 +120,27 @@ def test_duplicate_custom_id_loses_its_id():
     raw = line("a", "/v2/models/m/infer", {"inputs": []})
     assert parse_line(raw, 0, seen).custom_id == "a"
     dup = parse_line(raw, 1, seen)
-    assert dup.custom_id is None and dup.error[0] == "duplicate_custom_id" and "line 0" in dup.error[1]
+    assert dup.custom_id is None and dup.error[0] == "duplicate_custom_id"
+    assert dup.error[1] == "line 2: custom_id 'a' was already used on line 1"      # lines count from 1
     assert claim(raw, 2, seen) is None and claim(line("b", "/x", None), 3, seen) == "b"
     assert record_ids(dup.key) != record_ids(parse_line(line("line:1", "/x", None), 1, {}).key)
+
+
+def test_messages_count_lines_from_1_as_editors_do():
+    assert parse_line(b"{oops", 0, {}).error[1].startswith("line 1 is not JSON")
+    assert parse_line(b"[1]", 4, {}).error[1] == "line 5 is not a JSON object"
+    assert parse_line(b'{"method": "POST"}', 9, {}).error[1] == "line 10 has no custom_id"
+    assert parse_line(b'{"custom_id": 5}', 2, {}).error[1].startswith("line 3: custom_id must be")
+    # --lines stays 0-based (Python's slices: shards a:b and b:c meet); its message says how they map
+    with pytest.raises(BatchError, match="lines 1 to 10 in an editor and in this job's messages, are 0:10"):
+        parse_range("1-10")
+
+
+def test_the_routes_a_line_may_name_are_those_the_server_takes():
+    # GET only: the images route takes no POST (a POST line was sent on and answered 405)
+    req = parse_line(line("p", "/v1/images/gan-digits", {"label": 3}), 0, {})
+    assert req.error[0] == "invalid_url" and "GET /v1/images/{m}" in req.error[1] and "GET|POST" not in req.error[1]
+    assert parse_line(line("g", "/v1/images/gan-digits?label=3", None, "GET"), 0, {}).error is None
 
 
 def test_seeds_are_derived_only_where_a_request_samples():
@@ -245,6 +267,20 @@ def test_a_finished_output_is_left_alone_and_a_foreign_one_refused(mixed, whole,
     assert foreign.read_bytes() == content                # refused before anything was touched
 
 
+def test_a_foreign_output_names_its_record_and_line_from_1(mixed, whole, settings, tmp_path):
+    foreign = tmp_path / "foreign-first.jsonl"
+    foreign.write_bytes(whole.read_bytes().splitlines(keepends=True)[1])
+    with pytest.raises(BatchError, match="record 1 has custom_id 'cmpl-seeded' but line 1 has 'digit-0'"):
+        run(settings, mixed, foreign, progress=False)
+
+
+def test_a_line_naming_an_unknown_model_lists_the_registrys_models(whole):
+    # the job loads only the models its file names: the answer lists the registry's, not those
+    message = by_id(whole)["unknown-model"]["response"]["body"]["error"]
+    assert "unknown model 'no-such-model'" in message
+    assert "the registry's models: decoder-moe-tiny, decoder-tiny, lstm-charlm, mamba-tiny, mlp-digits" in message
+
+
 def test_samplers_without_a_seed_repeat_through_their_derived_seed(generative_registry, tmp_path):
     def gan(custom_id, seed=None):
         inputs = [{"name": "label", "shape": [3], "datatype": "INT64", "data": [1, 4, 7]}]
@@ -274,11 +310,11 @@ def test_samplers_without_a_seed_repeat_through_their_derived_seed(generative_re
 
 # ---- the CLI, killed and resumed -----------------------------------------------------------------
 
-def cli(registry: Path, inp: Path, out: Path, log: Path, *extra: str) -> subprocess.Popen:
+def cli(registry: Path, inp: Path, out: Path, log: Path, *extra: str, **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "serve.cli", "batch", "--registry", str(registry), "-i", str(inp), "-o", str(out),
            "--threads", "1", "--log-level", "warning", *extra]
     with open(log, "wb") as f:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, **popen)
 
 
 def test_cli_killed_with_sigkill_resumes_to_the_same_output(token_registry, settings, tmp_path):
@@ -312,3 +348,111 @@ def test_cli_killed_with_sigkill_resumes_to_the_same_output(token_registry, sett
     assert out.read_bytes() == reference.read_bytes()
     ids = [r["custom_id"] for r in records(out)]
     assert len(ids) == len(set(ids)) == 1200
+
+
+# ---- a disk that fills, a write that fails -------------------------------------------------------
+
+DIGITS = 600     # ~370 bytes a record: ~220 KB of output
+
+
+@pytest.fixture(scope="module")
+def digits_job(demo_registry, tmp_path_factory) -> tuple[Path, bytes]:
+    """(input of DIGITS classifier lines, its output written on an ordinary disk)."""
+    work = tmp_path_factory.mktemp("digits")
+    inp = work / "digits.jsonl"
+    inp.write_bytes(b"".join(line(f"d{i}", "/v2/models/mlp-digits/infer", digit_body(i)) for i in range(DIGITS)))
+    run(ServeSettings(registry=demo_registry, log_level="warning"), inp, work / "reference.jsonl", progress=False)
+    return inp, (work / "reference.jsonl").read_bytes()
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A 128 KiB tmpfs (needs root: CI runs as root); unmounted afterwards."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; test_a_file_size_limit_* covers the path unprivileged")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def assert_failed_cleanly(proc, log: Path, out: Path, reference: bytes, reason: str) -> int:
+    """The job exited 2 with one line naming the file, the reason and the records kept, and left a prefix
+    of the reference (perhaps with a torn last line); returns the records kept."""
+    proc.wait(timeout=60)
+    text = log.read_text()
+    written = out.read_bytes()
+    kept = written.count(b"\n")
+    assert proc.returncode == 2, text
+    assert "Traceback" not in text and text.endswith("\n")
+    assert [x for x in text.splitlines() if x.startswith("zooserve batch:")] == [text.splitlines()[-1]]
+    assert text.splitlines()[-1] == (f"zooserve batch: cannot write {out}: {reason}; {kept} of {DIGITS} records are "
+                                     "in it, and once that is fixed, rerunning the same command resumes after them")
+    assert 0 < kept < DIGITS and written == reference[:len(written)]
+    return kept
+
+
+def assert_resumed(proc, log: Path, out: Path, reference: bytes, kept: int) -> None:
+    proc.wait(timeout=60)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert f"{DIGITS} records in {out} ({kept} from an earlier run" in text
+    assert out.read_bytes() == reference
+
+
+def test_a_full_disk_ends_the_cli_job_cleanly_and_the_rerun_resumes(demo_registry, digits_job, small_disk, tmp_path):
+    inp, reference = digits_job
+    out = small_disk / "out.jsonl"
+    proc = cli(demo_registry, inp, out, tmp_path / "full.log", "--no-progress")
+    kept = assert_failed_cleanly(proc, tmp_path / "full.log", out, reference, "No space left on device (ENOSPC)")
+    assert out.stat().st_size > 100_000                          # it stopped because the disk was full
+    subprocess.run(["mount", "-o", "remount,size=1m", str(small_disk)], check=True)     # make room
+    proc = cli(demo_registry, inp, out, tmp_path / "rerun.log", "--no-progress")
+    assert_resumed(proc, tmp_path / "rerun.log", out, reference, kept)
+
+
+def test_a_file_size_limit_ends_the_job_cleanly_too(demo_registry, digits_job, tmp_path):
+    """Unprivileged: RLIMIT_FSIZE makes the write that crosses 64 KiB fail with EFBIG (Python ignores SIGXFSZ)."""
+    inp, reference = digits_job
+    out = tmp_path / "out.jsonl"
+    limit = (64 * 1024, 64 * 1024)
+    proc = cli(demo_registry, inp, out, tmp_path / "limited.log", "--no-progress",
+               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, limit))
+    kept = assert_failed_cleanly(proc, tmp_path / "limited.log", out, reference, "File too large (EFBIG)")
+    assert out.stat().st_size == 64 * 1024
+    proc = cli(demo_registry, inp, out, tmp_path / "rerun.log", "--no-progress")
+    assert_resumed(proc, tmp_path / "rerun.log", out, reference, kept)
+
+
+@pytest.mark.parametrize("failing", ["fsync thread", "close"])
+def test_a_failing_fsync_ends_the_job_and_the_rerun_resumes(demo_registry, digits_job, tmp_path, monkeypatch,
+                                                            failing):
+    """The OS's fsync fails (EIO) in the job's fsync thread, or in close()'s final fsync on the loop's thread."""
+    inp, reference = digits_job
+    settings = ServeSettings(registry=demo_registry, log_level="warning")
+    out = tmp_path / "out.jsonl"
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if (threading.current_thread() is threading.main_thread()) == (failing == "close"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(BatchError) as failed:
+        run(settings, inp, out, progress=False)
+    monkeypatch.undo()
+    written = out.read_bytes()
+    kept = written.count(b"\n")
+    assert str(failed.value) == (f"cannot write {out}: Input/output error (EIO); {kept} of {DIGITS} records are in "
+                                 "it, and once that is fixed, rerunning the same command resumes after them")
+    assert written == reference[:len(written)] and written.endswith(b"\n")
+    assert kept == DIGITS if failing == "close" else 0 < kept < DIGITS     # the thread's failure stops the workers
+    summary = run(settings, inp, out, progress=False)
+    assert (summary.records, summary.resumed) == (DIGITS, kept) and out.read_bytes() == reference

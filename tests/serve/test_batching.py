@@ -207,7 +207,8 @@ def test_the_queue_is_bounded_by_expected_wait_and_the_refusal_says_when_to_retr
         await asyncio.sleep(0)
         with pytest.raises(QueueFull):
             batcher.admit(time.perf_counter() + 0.01)
-        batcher.admit(time.perf_counter() + 5)          # the same queue admits a patient request
+        with batcher.admit(time.perf_counter() + 5):    # the same queue admits a patient request
+            pass
         results = await asyncio.gather(*early)
         await batcher.close()
         return accepted, waits, refused.value, results
@@ -220,12 +221,49 @@ def test_the_queue_is_bounded_by_expected_wait_and_the_refusal_says_when_to_retr
     assert len(results) == 4
 
 
+def test_requests_admitted_but_not_yet_queued_count_against_the_next():
+    """Admission comes before the body is read, so a flood arrives while the queue is still empty:
+    each admitted request holds a place until it is queued, else an empty queue admits them all."""
+    model = RecordingModel(delay_s=0.02)            # ~20 ms a batch of at most 2 rows: ~100 rows/s
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch_size=2, max_queue_delay_ms=0, max_queue_size=1000,
+                                 max_queue_wait_ms=100)
+        batcher.start()
+        for _ in range(5):                              # learn the drain rate
+            await asyncio.gather(batcher.submit(rows(1), 1), batcher.submit(rows(1), 1))
+        held = []
+        with pytest.raises(QueueFull):
+            for _ in range(100):                        # bodies still being read: nothing queued yet
+                held.append(batcher.admit())
+        admitted = len(held)
+        for place in held[:admitted // 2]:              # half give up (client gone, bad body)
+            place.release()
+            place.release()                             # releasing twice frees one place
+        with batcher.admit():                           # their places are free again
+            pass
+        for place in held[admitted // 2:]:              # the rest are queued: no longer reserved
+            with place:
+                pass
+        queued = [asyncio.ensure_future(batcher.submit(rows(1), 1)) for _ in range(admitted - admitted // 2)]
+        await asyncio.sleep(0)
+        wait = batcher.expected_wait_s()
+        await asyncio.gather(*queued)
+        await batcher.close()
+        return admitted, wait
+    admitted, wait = run(main())
+    # ~100 rows/s and a 100 ms bound: about 10 places (the measured rate is approximate)
+    assert 5 <= admitted <= 20
+    assert 0.03 < wait < 0.2
+
+
 def test_an_empty_queue_admits_anything():
     async def main():
         batcher = DynamicBatcher(RecordingModel(), max_batch_size=2, max_queue_delay_ms=0, max_queue_size=1,
                                  max_queue_wait_ms=0.001)
         batcher.start()
-        batcher.admit(time.perf_counter() - 1)          # even a request past its deadline: the queue says nothing
+        with batcher.admit(time.perf_counter() - 1):    # even a request past its deadline: the queue says nothing
+            pass
         out = await batcher.submit(rows(2), 2)
         await batcher.close()
         return out
@@ -246,3 +284,14 @@ def test_requests_of_different_shapes_are_batched_apart_in_arrival_order():
     results = run(main())
     assert model.batch_rows == [3, 1, 1]            # (1+2 rows of width 3), the width-5 one, then the last
     assert results[2]["y"].shape == (1, 5) and results[3]["y"][0, 0] == 8.0
+
+
+def test_a_flood_of_429s_logs_one_line_a_second_per_model_with_the_count_left_out():
+    from serve.errors import ShedLog
+
+    log = ShedLog()
+    assert log.shed("a", now=100.0) == 0                       # the first is logged
+    assert [log.shed("a", now=100.0 + i / 10) for i in range(1, 6)] == [None] * 5
+    assert log.shed("b", now=100.2) == 0                       # another model has its own line
+    assert log.shed("a", now=101.0) == 5                       # a second later: logged, with the 5 left out
+    assert log.shed("a", now=101.5) is None

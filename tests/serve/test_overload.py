@@ -87,3 +87,113 @@ def headers_only_request(port: int) -> tuple[bytes, float]:
                      b"Content-Length: 50000000\r\n\r\n")
         answer = sock.recv(4096)
         return answer.split(b"\r\n", 1)[0], time.perf_counter() - started
+
+
+@pytest.fixture
+def busy_decoder(token_registry, tmp_path):
+    """decoder-tiny alone."""
+    reg = Registry(tmp_path / "registry")
+    reg.set_alias("decoder-tiny", "stable", reg.publish("decoder-tiny", token_registry / "decoder-tiny" / "1"))
+    return reg.root
+
+
+def test_a_token_model_refuses_new_sequences_past_its_wait_bound_and_running_streams_finish(busy_decoder,
+                                                                                           start_server):
+    """Two rows (max_num_seqs 2): a burst of new sequences beyond the rows and about one
+    sequence's time of waiting is refused with 429 and a Retry-After; every sequence accepted, and
+    a stream already running, gets every token it asked for."""
+    tokens = 24
+    body = {"model": "decoder-tiny", "prompt": "ROMEO.", "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    with start_server(busy_decoder, env={"ZOOSERVE_MAX_NUM_SEQS": "2"}) as server:
+        url = f"{server.url}/v1/completions"
+        took = []
+        for _ in range(3):                            # learn how long a sequence holds its row
+            started = time.perf_counter()
+            assert httpx.post(url, json=body, timeout=60).status_code == 200
+            took.append(time.perf_counter() - started)
+        # bound the wait at about one sequence's time (whatever this machine's speed): with two rows,
+        # about two sequences may wait, and most of a burst of 30 is refused. The server applies
+        # model.json's batching without a restart (the registry watch, 0.5 s).
+        reg = Registry(busy_decoder)
+        cfg = reg.model_config("decoder-tiny")
+        cfg.batching.max_queue_wait_ms = max(20.0, 1000 * min(took))
+        reg.write_model_config(cfg)
+        time.sleep(1.5)
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=120) as client:
+                async def stream() -> int:
+                    events = 0
+                    async with client.stream("POST", url, json={**body, "max_tokens": 4 * tokens,
+                                                                "stream": True}) as r:
+                        assert r.status_code == 200
+                        async for line in r.aiter_lines():
+                            events += line.startswith("data: {") and '"text"' in line
+                    return events
+                running = asyncio.ensure_future(stream())
+                await asyncio.sleep(0.05)
+                answers = await asyncio.gather(*(client.post(url, json=body) for _ in range(30)))
+                return await running, answers
+        streamed, answers = asyncio.run(burst())
+        ok = [r for r in answers if r.status_code == 200]
+        shed = [r for r in answers if r.status_code == 429]
+        assert len(ok) + len(shed) == 30 and len(shed) >= 15 and ok, [r.status_code for r in answers]
+        assert all(int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["type"] == "rate_limit_error"
+                   for r in shed)
+        assert all(r.json()["usage"]["completion_tokens"] == tokens for r in ok)
+        assert streamed == 4 * tokens                 # the running stream lost nothing
+        assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+
+
+def raw_infer(sock: socket.socket, body: bytes) -> tuple[int, dict[str, str], float]:
+    """One keep-alive request on `sock`: (status, headers, seconds until the whole answer came)."""
+    started = time.perf_counter()
+    sock.sendall(b"POST /v2/models/slow-digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, rest = data.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    while len(rest) < int(headers["content-length"]):
+        rest += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, time.perf_counter() - started
+
+
+@pytest.mark.parametrize("pause_s", [1.0, 0.0])
+def test_a_client_that_retries_at_once_on_its_connection_is_paced_after_a_429(slow_registry, start_server, pause_s):
+    """After a 429 the server does not read that connection for min(Retry-After, max_refusal_pause_s):
+    a retry sent at once waits there, while another connection is answered at once."""
+    import json
+
+    body = json.dumps(BODY).encode()
+    with start_server(slow_registry, env={"ZOOSERVE_MAX_REFUSAL_PAUSE_S": str(pause_s)}) as server:
+        url = f"{server.url}/v2/models/slow-digits/infer"
+        for _ in range(4):
+            httpx.post(url, json=BODY)                # learn the drain rate
+
+        async def fill_and_probe():
+            async with httpx.AsyncClient(timeout=60) as client:
+                load = [asyncio.ensure_future(client.post(url, json=BODY)) for _ in range(30)]
+                await asyncio.sleep(0.1)            # the queue is past its 200 ms bound now
+                probe = await asyncio.to_thread(refused_then_retried, server.port, body)
+                await asyncio.gather(*load)
+                return probe
+        (first, retry, other) = asyncio.run(fill_and_probe())
+        assert first[0] == 429 and first[2] < 0.5, first
+        assert int(first[1]["retry-after"]) >= 1
+        if pause_s:
+            assert retry[2] > 0.8, retry             # read only once the pause ended
+        else:
+            assert retry[2] < 0.8, retry
+        assert other[2] < 0.8, other                 # another connection is not paused
+
+
+def refused_then_retried(port: int, body: bytes):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, \
+            socket.create_connection(("127.0.0.1", port), timeout=10) as other_sock:
+        first = raw_infer(sock, body)
+        retry = raw_infer(sock, body)                # at once, on the same connection
+        other = raw_infer(other_sock, body)
+        return first, retry, other

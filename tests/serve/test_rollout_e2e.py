@@ -72,8 +72,9 @@ def add_canary(registry_root: Path, tmp_path: Path, kind: str) -> int:
             next(p for p in (registry_root / "mlp-digits" / "1").iterdir() if p.suffix in (".pt", ".ts"))
         build = build_failing_canary if kind == "failing" else build_slow_canary
         artifact = build(ts, tmp_path / f"{kind}.pt")
+        # force: an import's family is `imported`, not `mlp`
         version = import_model(reg, "mlp-digits", artifact, input_shape="1,1,8,8", input_name="image",
-                               output_name="logits").version
+                               output_name="logits", force=True).version
     reg.set_alias("mlp-digits", "canary", version)
     return version
 

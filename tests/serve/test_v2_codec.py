@@ -164,7 +164,8 @@ def test_header_length_as_string_is_accepted():
         ({"inputs": {"image": 1}}, "'inputs' must be a list, got dict"),
         ({"inputs": []}, "'inputs' is empty"),
         ({"inputs": [3]}, "inputs[0] must be an object, got int"),
-        ({"inputs": [{"shape": [1]}]}, "inputs[0].name must be a string, got null"),
+        ({"inputs": [{"shape": [1]}]}, "inputs[0]: 'name' is missing"),
+        ({"inputs": [{"name": None, "shape": [1]}]}, "inputs[0].name must be a string, got null"),
     ],
 )
 def test_bad_inputs_field(request_, expected):
