@@ -3,33 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
+import traceback
 from pathlib import Path
 
-from training.families import FAMILIES
+from training.families import FAMILIES, preset_names
 
 # torch is imported inside the commands: `zooserve serve` builds this parser too and must not
 # pay for torch (import time, and ~200k objects for the garbage collector to walk).
 FORMATS = ("onnx", "torchscript")
 
-# (registry name, family, preset) published by `zooserve demo`
+# (registry name, family, preset) published by `zooserve demo`, in the order their training starts
 DEMO_MODELS = [
     ("mlp-digits", "mlp", "tiny"),
-    ("resnet-digits", "resnet", "tiny"),
+    ("mamba-tiny", "mamba", "tiny"),
     ("decoder-tiny", "decoder", "tiny"),
     ("decoder-moe-tiny", "decoder", "tiny-moe"),
-    ("mamba-tiny", "mamba", "tiny"),
+    ("lstm-charlm", "rnn_lm", "tiny"),
+    ("diffusion-digits", "diffusion", "tiny"),
+    ("gan-digits", "gan", "tiny"),
+    ("vae-digits", "vae", "tiny"),
+    ("resnet-digits", "resnet", "tiny"),
     ("lstm-forecast", "rnn", "tiny"),
     ("gru-forecast", "rnn", "tiny-gru"),
     ("rnn-forecast", "rnn", "tiny-rnn"),
-    ("lstm-charlm", "rnn_lm", "tiny"),
-    ("gan-digits", "gan", "tiny"),
-    ("vae-digits", "vae", "tiny"),
-    ("diffusion-digits", "diffusion", "tiny"),
 ]
+DEMO_FAMILIES = {name: (family, preset) for name, family, preset in DEMO_MODELS}
 
 
 def _train(args: argparse.Namespace) -> int:
+    known = preset_names(args.family)
+    if args.preset not in known:        # before torch is imported: a typo answers at once, in one line
+        print(f"zooserve train: error: argument --preset: invalid choice {args.preset!r} for {args.family} "
+              f"(choose from {', '.join(known)})", file=sys.stderr)
+        return 2
     import torch
 
     from training.train import train
@@ -54,29 +67,277 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def demo(registry_root: str | Path, threads: int = 1, progress: bool = True,
-         only: list[str] | None = None) -> dict[str, int]:
-    """Train, export and publish every demo model (alias `stable` on it); returns name -> version."""
+         only: list[str] | None = None, missing: bool = False) -> dict[str, int]:
+    """Train, export and publish the demo models one after the other in this process (alias `stable`
+    on each); returns name -> version. `missing`: only those the registry has no version of. A model
+    that fails does not stop the others; DemoFailed (with what did publish) is raised at the end."""
     import torch
 
+    torch.set_num_threads(threads)
+    published, failures = {}, {}
+    for name in demo_names(registry_root, only, missing):
+        family, preset = DEMO_FAMILIES[name]
+        print(f"[demo] started    {name} ({family}, preset {preset})", flush=True)
+        started = time.monotonic()
+        try:
+            published[name], metrics = publish_demo_model(registry_root, name, progress=progress)
+        except Exception as exc:  # noqa: BLE001 - one model's failure is reported, the others go on
+            failures[name] = _one_line(exc)
+            print(f"[demo] failed     {name} after {time.monotonic() - started:.0f} s: {failures[name]}", flush=True)
+            continue
+        print(f"[demo] published  {name} version {published[name]} in {time.monotonic() - started:.0f} s: "
+              f"{quality(metrics)}", flush=True)
+    if failures:
+        raise DemoFailed(published, failures)
+    return published
+
+
+class DemoFailed(RuntimeError):
+    """Some demo models failed; `published` holds the others, `failures` name -> reason."""
+
+    def __init__(self, published: dict[str, int], failures: dict[str, str]):
+        super().__init__("demo models not published: " + "; ".join(f"{n}: {r}" for n, r in failures.items()))
+        self.published, self.failures = published, failures
+
+
+class DemoStopped(Exception):
+    """A signal (SIGTERM, SIGHUP) stopped `demo_parallel`; its workers are gone."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def demo_names(registry_root: str | Path, only: list[str] | None = None, missing: bool = False) -> list[str]:
+    """The demo models to train, in DEMO_MODELS order: those in `only` (all by default), less those
+    the registry has already when `missing`."""
+    names = [name for name, _, _ in DEMO_MODELS if only is None or name in only]
+    if missing:
+        from model_registry import Registry
+
+        have = set(Registry(registry_root).models())
+        names = [name for name in names if name not in have]
+    return names
+
+
+def publish_demo_model(registry_root: str | Path, name: str, progress: bool = False) -> tuple[int, dict[str, float]]:
+    """Train, export (with parity checks) and publish one demo model, alias `stable` on the new
+    version; returns (version, training metrics). Nothing reaches the registry before it all passed."""
     from model_registry import Registry
     from training import export
     from training.train import train
 
-    torch.set_num_threads(threads)
+    family, preset = DEMO_FAMILIES[name]
     registry = Registry(registry_root)
-    published = {}
-    for name, family, preset in DEMO_MODELS:
-        if only is not None and name not in only:
-            continue
-        with tempfile.TemporaryDirectory(prefix=f"zooserve-{name}-") as tmp:
-            ckpt, pkg = Path(tmp) / "checkpoint", Path(tmp) / "package"
-            print(f"[demo] training {name} ({family}, preset {preset})", flush=True)
-            metrics = train(family, preset, ckpt, progress=progress)
-            export.package(ckpt, pkg)
-            published[name] = registry.publish(name, pkg)
-            registry.set_alias(name, "stable", published[name])
-            print(f"[demo] published {name} version {published[name]}: {quality(metrics)}", flush=True)
-    return published
+    with tempfile.TemporaryDirectory(prefix=f"zooserve-{name}-") as tmp:
+        ckpt, pkg = Path(tmp) / "checkpoint", Path(tmp) / "package"
+        metrics = train(family, preset, ckpt, progress=progress)
+        export.package(ckpt, pkg)
+        version = registry.publish(name, pkg)
+        registry.set_alias(name, "stable", version)
+    return version, metrics
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask, which a container's cpuset narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:       # not on Linux
+        return os.cpu_count() or 1
+
+
+def demo_parallel(registry_root: str | Path, names: list[str], jobs: int | None = None, threads: int | None = None,
+                  log_dir: str | Path | None = None) -> tuple[dict[str, int], dict[str, str]]:
+    """Train the demo models `names` side by side, each in its own worker process (`jobs` at a time,
+    default one per usable core), and publish each as soon as it passes. Prints one line when a
+    model starts and one when it is published (version, seconds, quality) or fails (the reason; its
+    worker's whole output stays in `log_dir`). A failed model does not stop the others. Returns
+    (name -> version, name -> reason). SIGTERM/SIGHUP (DemoStopped) and Ctrl-C (KeyboardInterrupt)
+    stop the workers before the exception leaves.
+
+    `threads`: torch intra-op threads per worker, default 1: parallelism comes from the workers, one
+    per core. The demo models are too small for intra-op threads to pay: mlp-digits took 19 s (19 s
+    CPU) with 2 threads against 6 s (6 s CPU) with 1, on 2 cores with other work running."""
+    root = Path(registry_root).resolve()
+    cores = usable_cores()
+    jobs = max(1, min(jobs or cores, len(names))) if names else 1
+    own_log_dir = log_dir is None
+    log_dir = Path(tempfile.mkdtemp(prefix="zooserve-demo-")) if own_log_dir else Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    queue, running = list(names), {}
+    published, failures = {}, {}
+    began = time.monotonic()
+    print(f"[demo] training {len(names)} model{'s' if len(names) != 1 else ''} into {root}, {jobs} at a time "
+          f"({cores} usable cores); worker logs in {log_dir}", flush=True)
+    restore = _trap_stop_signals()
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                name = queue.pop(0)
+                running[name] = _Worker.start(root, name, threads or 1, log_dir)
+            time.sleep(0.2)
+            for name, worker in list(running.items()):
+                if worker.proc.poll() is None:
+                    continue
+                del running[name]
+                seconds = time.monotonic() - worker.started
+                result = worker.result()
+                if worker.proc.returncode == 0 and "version" in result:
+                    published[name] = result["version"]
+                    worker.log_path.unlink(missing_ok=True)
+                    cpu = f", {result['cpu_seconds']:.0f} s CPU" if "cpu_seconds" in result else ""
+                    print(f"[demo] published  {name} version {result['version']} in {seconds:.0f} s{cpu}: "
+                          f"{result['quality']}", flush=True)
+                else:
+                    failures[name] = result.get("error") or _exit_reason(worker.proc.returncode)
+                    print(f"[demo] failed     {name} after {seconds:.0f} s: {failures[name]} "
+                          f"(log: {worker.log_path})", flush=True)
+    except BaseException as exc:
+        if running:
+            # stopping: a second signal (the Makefile's trap and its final kill, a second Ctrl-C)
+            # must not cut the wait for the workers short and leave them behind
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+                _set_handler(sig, signal.SIG_IGN)
+            what = exc.args[0] if isinstance(exc, DemoStopped) else type(exc).__name__
+            _stop_workers(running.values())
+            for worker in running.values():          # stopped on purpose: nothing in its log to keep
+                worker.log_path.unlink(missing_ok=True)
+            from model_registry import Registry
+
+            have = set(Registry(root).models())
+            lost = [name for name in [*running, *queue] if name not in have]
+            print(f"[demo] stopped ({what}): " + (f"{', '.join(lost)} not published" if lost else "all published"),
+                  flush=True)
+        raise
+    finally:
+        _stop_workers(running.values())
+        restore()
+        if own_log_dir and not any(log_dir.iterdir()):
+            log_dir.rmdir()
+    total = time.monotonic() - began
+    print(f"[demo] done in {total // 60:.0f} min {total % 60:02.0f} s: {len(published)} published"
+          + (f", {len(failures)} failed ({', '.join(failures)}; logs in {log_dir})" if failures else ""), flush=True)
+    return published, failures
+
+
+# the command of a worker process (tests put a stand-in here)
+WORKER = [sys.executable, "-m", "training.cli"]
+
+
+class _Worker:
+    """One `python -m training.cli --demo-worker NAME` process: trains, exports, publishes one model."""
+
+    def __init__(self, name: str, proc: subprocess.Popen, log_path: Path, result_path: Path):
+        self.name, self.proc = name, proc
+        self.log_path, self.result_path = log_path, result_path
+        self.started = time.monotonic()
+
+    @classmethod
+    def start(cls, root: Path, name: str, threads: int, log_dir: Path) -> "_Worker":
+        family, preset = DEMO_FAMILIES[name]
+        log_path, result_path = log_dir / f"{name}.log", log_dir / f"{name}.result.json"
+        result_path.unlink(missing_ok=True)
+        # OpenMP/MKL size their pools from these at import: no more threads than torch is told to use
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [*WORKER, "--demo-worker", name, "--registry", str(root), "--threads", str(threads),
+                 "--result", str(result_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+        print(f"[demo] started    {name} ({family}, preset {preset}, {threads} torch "
+              f"thread{'s' if threads > 1 else ''})", flush=True)
+        return cls(name, proc, log_path, result_path)
+
+    def result(self) -> dict:
+        try:
+            result = json.loads(self.result_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        self.result_path.unlink(missing_ok=True)
+        return result
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()     # the worker exits through its finally blocks (temporary folders)
+
+    def wait_or_kill(self, timeout_s: float = 10.0) -> None:
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.result_path.unlink(missing_ok=True)
+
+
+def _stop_workers(workers) -> None:
+    workers = list(workers)
+    for worker in workers:
+        worker.stop()
+    for worker in workers:
+        worker.wait_or_kill()
+
+
+def _set_handler(sig: int, handler) -> None:
+    try:
+        signal.signal(sig, handler)
+    except ValueError:           # not the main thread
+        pass
+
+
+def _trap_stop_signals():
+    """SIGTERM and SIGHUP raise DemoStopped in the main thread (so that the workers are stopped);
+    returns what puts the previous handlers (SIGINT's too) back. Elsewhere than the main thread: nothing."""
+    def stop(signum, frame):
+        raise DemoStopped(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGHUP, stop)
+    except ValueError:           # not the main thread: the caller handles its signals
+        return lambda: None
+    return lambda: [_set_handler(sig, handler) for sig, handler in previous.items() if handler is not None]
+
+
+def _exit_reason(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        return f"worker killed by {signal.Signals(-returncode).name}"
+    return f"worker exited with code {returncode} and no result"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _demo_worker(argv: list[str]) -> int:
+    """`python -m training.cli --demo-worker NAME ...`: one demo model, its result as JSON in --result."""
+    p = argparse.ArgumentParser(prog="python -m training.cli")
+    p.add_argument("--demo-worker", required=True, choices=list(DEMO_FAMILIES))
+    p.add_argument("--registry", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--result", required=True)
+    args = p.parse_args(argv)
+    # exit (not die) on SIGTERM: temporary folders and a half-staged publish are removed on the way out
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    import resource
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        version, metrics = publish_demo_model(args.registry, args.demo_worker, progress=False)
+        result, code = {"version": version, "quality": quality(metrics), "metrics": metrics}, 0
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        result["cpu_seconds"] = usage.ru_utime + usage.ru_stime   # all of its threads: wall time less the waits
+    except Exception as exc:  # noqa: BLE001 - reported to the parent in one line, the traceback in the log
+        traceback.print_exc()
+        result, code = {"error": _one_line(exc)}, 1
+    tmp = Path(args.result + ".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, args.result)
+    return code
 
 
 def quality(metrics: dict[str, float]) -> str:
@@ -100,13 +361,34 @@ def quality(metrics: dict[str, float]) -> str:
 def _demo(args: argparse.Namespace) -> int:
     from model_registry.cli import resolve_root
 
-    demo(resolve_root(args.registry), threads=args.threads, only=args.only)
-    return 0
+    root = resolve_root(args.registry)
+    names = demo_names(root, args.only, args.missing)
+    if not names:
+        print(f"[demo] every demo model asked for is in {root} already", flush=True)
+        return 0
+    try:
+        _, failures = demo_parallel(root, names, jobs=args.jobs, threads=args.threads)
+    except DemoStopped as exc:
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        return 130
+    return 1 if failures else 0
+
+
+class _TrainHelp(argparse.HelpFormatter):
+    """`zooserve train --help` lists each family's presets (read when help is asked for, not when
+    the parser is built: `zooserve serve` builds it too)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.dest == "preset":
+            known = "; ".join(f"{family}: {', '.join(preset_names(family))}" for family in sorted(FAMILIES))
+            return f"{action.help} (default %(default)s). Presets: {known}"
+        return action.help
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `train`, `export` and `demo` to the zooserve CLI."""
-    p = sub.add_parser("train", help="train a family preset into a checkpoint folder")
+    p = sub.add_parser("train", help="train a family preset into a checkpoint folder", formatter_class=_TrainHelp)
     p.add_argument("family", choices=sorted(FAMILIES), help="model family")
     p.add_argument("--preset", default="tiny", help="named size from the family's PRESETS")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
@@ -123,9 +405,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("demo", help="train, export and publish every demo model (tiny presets)")
+    p = sub.add_parser("demo", help="train, export and publish every demo model (tiny presets), side by side")
     p.add_argument("--registry", default=None, help="registry root (default: $ZOOSERVE_REGISTRY or ./registry)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--jobs", type=_positive, default=None,
+                   help="models trained at once, each in its own process (default: one per usable core)")
+    p.add_argument("--threads", type=_positive, default=1,
+                   help="torch intra-op threads per model (default 1: the demo models are too small to gain from more)")
     p.add_argument("--only", nargs="+", default=None, choices=[m[0] for m in DEMO_MODELS],
                    help="publish only these demo models")
+    p.add_argument("--missing", action="store_true",
+                   help="skip the demo models the registry has a version of already (what `make serve` runs)")
     p.set_defaults(func=_demo)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(_demo_worker(sys.argv[1:]))
