@@ -185,17 +185,22 @@ def test_close_drains_accepted_work_then_refuses():
     assert len(run(main())) == 5
 
 
+async def drained_batcher() -> DynamicBatcher:
+    """A started batcher over a ~20 ms-a-batch model (at most 2 rows: ~100 rows/s), bounded at
+    100 ms of expected wait, that has measured its drain rate."""
+    batcher = DynamicBatcher(RecordingModel(delay_s=0.02), max_batch_size=2, max_queue_delay_ms=0,
+                             max_queue_size=1000, max_queue_wait_ms=100)
+    batcher.start()
+    for _ in range(5):
+        await asyncio.gather(batcher.submit(rows(1), 1), batcher.submit(rows(1), 1))
+    return batcher
+
+
 def test_the_queue_is_bounded_by_expected_wait_and_the_refusal_says_when_to_retry():
     """Requests ahead / the measured drain rate: a request that would wait longer than
     max_queue_wait_ms, or past its own deadline, is refused before it is queued."""
-    model = RecordingModel(delay_s=0.02)            # ~20 ms a batch of at most 2 rows: ~100 rows/s
-
     async def main():
-        batcher = DynamicBatcher(model, max_batch_size=2, max_queue_delay_ms=0, max_queue_size=1000,
-                                 max_queue_wait_ms=100)
-        batcher.start()
-        for _ in range(5):                              # learn the drain rate
-            await asyncio.gather(batcher.submit(rows(1), 1), batcher.submit(rows(1), 1))
+        batcher = await drained_batcher()
         accepted = [asyncio.ensure_future(batcher.submit(rows(1), 1)) for _ in range(40)]
         await asyncio.sleep(0)
         waits = batcher.expected_wait_s()
@@ -224,14 +229,8 @@ def test_the_queue_is_bounded_by_expected_wait_and_the_refusal_says_when_to_retr
 def test_requests_admitted_but_not_yet_queued_count_against_the_next():
     """Admission comes before the body is read, so a flood arrives while the queue is still empty:
     each admitted request holds a place until it is queued, else an empty queue admits them all."""
-    model = RecordingModel(delay_s=0.02)            # ~20 ms a batch of at most 2 rows: ~100 rows/s
-
     async def main():
-        batcher = DynamicBatcher(model, max_batch_size=2, max_queue_delay_ms=0, max_queue_size=1000,
-                                 max_queue_wait_ms=100)
-        batcher.start()
-        for _ in range(5):                              # learn the drain rate
-            await asyncio.gather(batcher.submit(rows(1), 1), batcher.submit(rows(1), 1))
+        batcher = await drained_batcher()
         held = []
         with pytest.raises(QueueFull):
             for _ in range(100):                        # bodies still being read: nothing queued yet
