@@ -636,7 +636,11 @@ async def run_batch(settings: ServeSettings, input_path: Path, output_path: Path
     began = time.perf_counter()
     if window is not None and window < 1:
         raise BatchError(f"window must be at least 1, got {window}")
-    summary, configs, todo = _resume(settings, input_path, output_path, lines)
+    try:
+        summary, configs, todo = _resume(settings, input_path, output_path, lines)
+    except OSError as exc:             # the output's folder cannot be made, a file cannot be read ...
+        raise BatchError(f"cannot prepare the job: {exc.filename or output_path}: "
+                         f"{exc.strerror or exc}; nothing was written") from None
     if todo is None:
         return summary
     app = create_app(settings.model_copy(update={"models": sorted(configs)}))

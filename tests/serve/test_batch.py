@@ -430,6 +430,17 @@ def test_a_file_size_limit_ends_the_job_cleanly_too(demo_registry, digits_job, t
     assert_resumed(proc, tmp_path / "rerun.log", out, reference, kept)
 
 
+def test_an_output_that_cannot_be_created_is_one_line_and_exit_2(demo_registry, digits_job, tmp_path):
+    inp, _ = digits_job
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "a-file" / "out.jsonl"          # its folder is a file
+    proc = cli(demo_registry, inp, out, tmp_path / "cannot.log", "--no-progress")
+    assert proc.wait(60) == 2
+    text = (tmp_path / "cannot.log").read_text()
+    assert "Traceback" not in text
+    assert text.strip().splitlines()[-1].startswith(f"zooserve batch: cannot prepare the job: {tmp_path / 'a-file'}")
+
+
 @pytest.mark.parametrize("failing", ["fsync thread", "close"])
 def test_a_failing_fsync_ends_the_job_and_the_rerun_resumes(demo_registry, digits_job, tmp_path, monkeypatch,
                                                             failing):
