@@ -22,7 +22,7 @@ from model_registry import Registry
 from serve import __version__, logs
 from serve.api import admin, images, openai, ops, token_admission, v2
 from serve.api.deps import request_id
-from serve.api.pacing import pause_connection
+from serve.api.pacing import RefusalPacer
 from serve.errors import ServeError, error_body, log_refusal
 from serve.metrics import Metrics
 from serve.registry_watch import RegistryWatcher
@@ -50,6 +50,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         app.state.settings, app.state.metrics, app.state.repository = settings, metrics, repository
         app.state.draining = False
         app.state.shadow = ShadowTraffic(metrics, settings.shadow_max_in_flight)
+        app.state.pacer = RefusalPacer(settings.max_refusal_hold_s)
         watcher = RegistryWatcher(repository, settings.watch_interval_s)
         app.state.watcher = watcher
         loading = asyncio.create_task(_load_then_watch(repository, watcher, time.monotonic()))
@@ -159,18 +160,21 @@ async def _with_request_id(app, scope, receive, send) -> None:
     given = next((value for name, value in scope["headers"] if name == b"x-request-id"), None)
     rid = request_id(given)
     refusal: dict | None = None           # the status, version and body of an error answer being sent
-    pause_s = 0.0                         # a 429 for overload: pace the connection (serve/api/pacing.py)
+    retry_after_s = 0.0                   # a 429 for overload: its Retry-After, for the pacer (serve/api/pacing.py)
+    pacer = app.state.pacer
 
     async def send_with_id(message) -> None:
-        nonlocal refusal, pause_s
+        nonlocal refusal, retry_after_s
         if message["type"] == "http.response.start":
             message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid.encode())]
             if message["status"] >= 400 and not scope["path"].startswith(_PROBES):
                 refusal = {"status": message["status"], "body": b"",
                            "version": _header(message["headers"], b"x-model-version")}
             if message["status"] == 429:
-                pause_s = min(float(_header(message["headers"], b"retry-after") or 1),
-                              app.state.settings.max_refusal_pause_s)
+                retry_after_s = float(_header(message["headers"], b"retry-after") or 1)
+                hold = pacer.hold_s(scope.get("client"))
+                if hold > 0:              # a client that did not wait its last Retry-After
+                    await asyncio.sleep(hold)
         elif message["type"] == "http.response.body" and refusal is not None:
             refusal["body"] = (refusal["body"] + message.get("body", b""))[:_REFUSAL_BODY_LIMIT]
             if not message.get("more_body", False):
@@ -179,8 +183,8 @@ async def _with_request_id(app, scope, receive, send) -> None:
                             params.get("model"), refusal["version"] or params.get("version"), rid)
                 refusal = None
         await send(message)
-        if pause_s and message["type"] == "http.response.body" and not message.get("more_body", False):
-            pause_connection(send, pause_s)
+        if retry_after_s and message["type"] == "http.response.body" and not message.get("more_body", False):
+            pacer.refused(scope.get("client"), retry_after_s)
 
     await app(scope, receive, send_with_id)
 

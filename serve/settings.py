@@ -25,9 +25,10 @@ class ServeSettings(BaseSettings):
     intra_op_threads: int = Field(1, ge=1)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     request_timeout_s: float = Field(30.0, gt=0, description="default deadline of a queued request (504 after)")
-    max_refusal_pause_s: float = Field(1.0, ge=0, description="after a 429 for overload the connection is not "
-                                       "read for min(Retry-After, this) seconds, pacing clients that retry at "
-                                       "once (serve/api/pacing.py); 0 turns it off")
+    max_refusal_hold_s: float = Field(1.0, ge=0, description="a 429 for overload to a connection that comes back "
+                                      "before its last Retry-After has passed is held until it has, at most this "
+                                      "many seconds, pacing clients that retry at once (serve/api/pacing.py); "
+                                      "0 turns it off")
     allow_non_finite: bool = Field(False, description="accept NaN/Inf in float inputs")
     admin_token: str | None = Field(None, min_length=8, description="bearer token for repository load/unload; "
                                     "unset = off")

@@ -1,35 +1,70 @@
-"""Pacing a client that was refused for overload: its connection is not read for a while.
+"""Pacing clients that were refused for overload: a 429 to a connection that comes back before its
+last Retry-After has passed is held until it has.
 
-A 429 is answered at once (a client with another replica fails over without waiting), and then the
-server stops reading that keep-alive connection for min(Retry-After, `max_pause_s`) seconds. A
-client that honours Retry-After sends nothing in that time and never notices; one that retries at
-once has its retry wait, unread, in the socket until the pause ends, so a flood of such clients is
-paced to about one refused request per client per pause instead of as many as the event loop can
-answer, and the loop's turns stay free for the requests it accepted (bench/overload.py measures
-both kinds of client). Behind a proxy that reuses one upstream connection for many users, the next
-user's request on that connection waits out the pause too; `max_pause_s` 0 turns pacing off.
+A first 429 on a connection goes out at once (a client with another replica fails over without
+waiting; one that honours Retry-After comes back after it and is never held). A client that retries
+at once instead gets its next 429 only when the Retry-After it ignored has passed (at most
+`max_hold_s`), so a flood of such clients is paced to about one refusal per client per Retry-After
+instead of as many as the event loop can answer, and the loop's turns stay free for the requests
+it accepted. Only refusals wait: a retry that finds room in the queue is admitted at once, so an
+accepted request never carries a pause in its latency (bench/overload.py measures both kinds of
+client).
 
-uvicorn's `send` callable is a method of the request's cycle, which holds the connection's flow
-control (the same pause and resume uvicorn uses for its own back-pressure); under another server
-nothing is paused.
+A connection is known by the ASGI scope's `client` (address and port): a client that opens a new
+connection for each retry is not held, and pays a connection each time instead. Behind a proxy
+that reuses one upstream connection for many users, a user refused right after another one on that
+connection has its 429 held too; `max_hold_s` 0 turns holding off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from itertools import islice
 
 
-def pause_connection(send, seconds: float) -> bool:
-    """Stop reading the connection `send` answers on for `seconds`; False when it cannot be."""
-    cycle = getattr(send, "__self__", None)
-    flow, transport = getattr(cycle, "flow", None), getattr(cycle, "transport", None)
-    if seconds <= 0 or flow is None or transport is None or transport.is_closing():
-        return False
-    flow.pause_reading()
-    asyncio.get_running_loop().call_later(seconds, _resume, flow, transport)
-    return True
+class RefusalPacer:
+    """When each recently refused connection may be refused again without waiting."""
 
+    def __init__(self, max_hold_s: float):
+        self.max_hold_s = max_hold_s
+        # connection -> (when it was refused, when its Retry-After, capped, has passed); kept in the
+        # order of refusal (a connection refused again moves to the end), so the expired ones are
+        # at the front and are dropped there, a few at each refusal
+        self._held: dict[object, tuple[float, float]] = {}
 
-def _resume(flow, transport) -> None:
-    if not transport.is_closing():
-        flow.resume_reading()
+    def hold_s(self, client, now: float | None = None) -> float:
+        """Seconds to hold a refusal for `client` (the scope's `client`) before sending it: the time
+        left of the Retry-After its last 429 gave, 0 when it has passed or there was none."""
+        entry = self._held.get(client) if client is not None else None
+        if entry is None:
+            return 0.0
+        return max(0.0, entry[1] - (time.monotonic() if now is None else now))
+
+    def refused(self, client, retry_after_s: float, now: float | None = None) -> None:
+        """`client` was just sent a 429 with this Retry-After."""
+        if client is None or self.max_hold_s <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        self._held.pop(client, None)
+        self._held[client] = (now, now + min(retry_after_s, self.max_hold_s))
+        self._forget_expired(now)
+
+    def _forget_expired(self, now: float) -> None:
+        for client, (refused_at, _) in list(islice(self._held.items(), 8)):
+            if refused_at + self.max_hold_s > now:
+                break
+            del self._held[client]
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    async def send_refusal(self, scope, send, messages, retry_after_s: float) -> None:
+        """Send the 429's ASGI `messages` once the connection's hold has passed, then note it."""
+        client = scope.get("client")
+        hold = self.hold_s(client)
+        if hold > 0:
+            await asyncio.sleep(hold)
+        for message in messages:
+            await send(message)
+        self.refused(client, retry_after_s)

@@ -19,7 +19,6 @@ from typing import Callable
 import orjson
 
 from serve.api.deps import receive_body, request_id
-from serve.api.pacing import pause_connection
 from serve.errors import QueueFull, ServeError, log_refusal
 
 GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
@@ -89,12 +88,12 @@ async def _refuse(scope, send, state, lv, exc: QueueFull, started: float) -> Non
     retry_after = error.headers["Retry-After"]
     lv.engine.metrics.request_done(429, time.perf_counter() - started)
     log_refusal("POST", scope["path"], 429, error.message, lv.name, str(lv.version), rid)
-    await send({"type": "http.response.start", "status": 429, "headers": [
-        (b"content-type", b"application/json"), (b"retry-after", retry_after.encode()),
-        (b"x-model-version", str(lv.version).encode()), (b"x-request-id", rid.encode()),
-        (b"content-length", str(len(payload)).encode())]})
-    await send({"type": "http.response.body", "body": payload})
-    pause_connection(send, min(float(retry_after), state.settings.max_refusal_pause_s))
+    await state.pacer.send_refusal(scope, send, (
+        {"type": "http.response.start", "status": 429, "headers": [
+            (b"content-type", b"application/json"), (b"retry-after", retry_after.encode()),
+            (b"x-model-version", str(lv.version).encode()), (b"x-request-id", rid.encode()),
+            (b"content-length", str(len(payload)).encode())]},
+        {"type": "http.response.body", "body": payload}), float(retry_after))
 
 
 def _replay(body: bytes, receive) -> Callable:

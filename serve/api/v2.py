@@ -19,7 +19,6 @@ from fastapi.responses import Response
 from serve import __version__
 from serve.api.deps import (RequestOutcome, read_body, receive_body, repository_of, request_id, require_admin_token,
                             settings_of, unless_disconnected, valid_model_name)
-from serve.api.pacing import pause_connection
 from serve.errors import ServeError, error_body, log_refusal, unavailable
 from serve.repository import LoadedVersion, State
 from serve.sample_request import DIFFUSION_PARAMETERS
@@ -469,7 +468,7 @@ async def fast_infer(scope, receive, send, state, model: str, version: str | Non
     Every answer carries its x-request-id (the client's, or a new one)."""
     started = time.perf_counter()
     length, encoding, header_length, given_id = _header_values(scope["headers"])
-    pause_s = 0.0
+    retry_after_s = 0.0
     try:
         result = await _infer(state.repository, state.settings, state.shadow, model, version, started,
                               lambda limit: receive_body(receive, length, limit), receive, encoding, header_length,
@@ -485,14 +484,17 @@ async def fast_infer(scope, receive, send, state, model: str, version: str | Non
         status, payload = exc.status, error_body(exc.message)
         headers = [(b"content-type", b"application/json"),
                    *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
-        if status == 429:           # shed for overload: pace a client that retries at once (pacing.py)
-            pause_s = min(float(exc.headers.get("Retry-After", 1)), state.settings.max_refusal_pause_s)
+        if status == 429:           # shed for overload: paced when the client did not wait (pacing.py)
+            retry_after_s = float(exc.headers.get("Retry-After", 1))
     headers.append((b"x-request-id", rid.encode()))
     headers.append((b"content-length", str(len(payload)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
-    if pause_s:
-        pause_connection(send, pause_s)
+    messages = ({"type": "http.response.start", "status": status, "headers": headers},
+                {"type": "http.response.body", "body": payload})
+    if retry_after_s:
+        await state.pacer.send_refusal(scope, send, messages, retry_after_s)
+    else:
+        for message in messages:
+            await send(message)
 
 
 async def _routed_infer(request: Request, model: str, version: str | None) -> Response:

@@ -1,0 +1,39 @@
+"""serve.api.pacing.RefusalPacer: when a refused connection may be refused again without waiting."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve.api.pacing import RefusalPacer
+
+A, B = ("127.0.0.1", 50001), ("127.0.0.1", 50002)
+
+
+def test_a_connection_is_held_for_what_is_left_of_its_retry_after_capped():
+    pacer = RefusalPacer(max_hold_s=1.0)
+    assert pacer.hold_s(A, now=10.0) == 0.0                 # never refused: answered at once
+    pacer.refused(A, retry_after_s=3.0, now=10.0)
+    assert pacer.hold_s(A, now=10.25) == pytest.approx(0.75)             # capped at 1 s, not Retry-After's 3 s
+    assert pacer.hold_s(B, now=10.25) == 0.0                # another connection is not held
+    assert pacer.hold_s(A, now=11.0) == 0.0                 # it waited: answered at once
+    pacer.refused(A, retry_after_s=0.5, now=12.0)
+    assert pacer.hold_s(A, now=12.1) == pytest.approx(0.4)               # a Retry-After under the cap is kept
+
+
+def test_holding_off_and_unknown_clients_hold_nothing():
+    off = RefusalPacer(max_hold_s=0.0)
+    off.refused(A, retry_after_s=1.0, now=0.0)
+    assert off.hold_s(A, now=0.1) == 0.0 and len(off) == 0
+    pacer = RefusalPacer(max_hold_s=1.0)
+    pacer.refused(None, retry_after_s=1.0, now=0.0)         # a server that gives no client address
+    assert pacer.hold_s(None, now=0.1) == 0.0 and len(pacer) == 0
+
+
+def test_expired_connections_are_forgotten_so_the_table_stays_bounded():
+    pacer = RefusalPacer(max_hold_s=1.0)
+    for i in range(1000):                                   # 1000 connections refused over 10 s
+        pacer.refused(("10.0.0.1", i), retry_after_s=1.0, now=i * 0.01)
+    # at 10 s only those refused in the last second can still be held (plus a few not yet swept)
+    assert len(pacer) <= 110, len(pacer)
+    assert pacer.hold_s(("10.0.0.1", 999), now=10.0) > 0.9
+    assert pacer.hold_s(("10.0.0.1", 0), now=10.0) == 0.0
