@@ -47,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -261,13 +262,30 @@ def environment() -> dict[str, str]:
             "loop": loop_factory()[1]}
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default said once: not again after a help that says it, none for a flag that is off or
+    unset by default, and a list as it is typed (1 16 64); no line broken at a hyphen."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or any(action.default is off for off in (None, False, argparse.SUPPRESS)):
+            return text
+        default = " ".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
+        return f"{text} (default: {default})"
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)   # keep mlp-digits whole
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_Help)
     p.add_argument("--model", default="mlp-digits", choices=[*CLASSIFIERS, *SAMPLERS],
                    help="model to benchmark: a classifier or a sampler (generation jobs)")
     p.add_argument("--registry", type=Path, default=None,
-                   help="existing registry (default: build one with `zooserve demo`)")
+                   help="existing registry; one without --model gets it with `zooserve demo --only MODEL` "
+                        "(default: a temp one built with `zooserve demo`: the two classifiers, or the sampler "
+                        "asked for)")
     p.add_argument("--requests", type=int, default=None,
                    help="lines in the batch file (default: 20000 classifiers, 24000 GAN/VAE, 400 diffusion)")
     p.add_argument("--samples", type=int, default=4, help="sampler: images per request (labels per line)")

@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -472,17 +473,37 @@ def event_loop_factory(choice: str):
     return None, "asyncio"
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default said once: not again after a help that says it, none for a flag that is off or
+    unset by default, and a list as it is typed (1 16 64); no line broken at a hyphen."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or any(action.default is off for off in (None, False, argparse.SUPPRESS)):
+            return text
+        default = " ".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
+        return f"{text} (default: {default})"
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)   # keep mlp-digits whole
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="mlp-digits", help="model to benchmark (its default version)")
-    p.add_argument("--registry", type=Path, default=None, help="existing registry (default: build one with `zooserve demo`)")
+                                formatter_class=_Help)
+    p.add_argument("--model", default="mlp-digits",
+                   help="classifier to benchmark, in the registry (its default version: the stable alias, else the "
+                        "newest)")
+    p.add_argument("--registry", type=Path, default=None,
+                   help="existing registry holding --model (default: a temp one built with `zooserve demo --only "
+                        "mlp-digits resnet-digits`, ~30 s)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per concurrency level")
     p.add_argument("--warmup", type=float, default=1.5, help="warm-up seconds before each level")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64], help="closed-loop connections per level")
     p.add_argument("--ceiling-seconds", type=float, default=1.0, help="seconds per batch size for the ceiling")
     p.add_argument("--threads", type=int, default=1, help="server intra-op threads (--threads of zooserve serve)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the order in which each connection picks "
+                   "its requests")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="load generator event loop (auto: uvloop when installed)")

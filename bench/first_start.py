@@ -160,11 +160,13 @@ def later_start(args, registry: Path, port: int, models: list[str], log_path: Pa
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--registry", default=None, help="registry folder to create (must not exist; default: a temp one)")
-    p.add_argument("--only", nargs="+", default=None, help="demo models to train (default: all)")
+    p.add_argument("--only", metavar="NAME", nargs="+", default=None,
+                   help="demo models to train, as `zooserve demo --only` takes them (default: all)")
     p.add_argument("--jobs", type=int, default=None, help="`zooserve demo --jobs` (default: its own, one per core)")
     p.add_argument("--setup", action="store_true", help="let make run `make setup` when it is out of date")
-    p.add_argument("--timeout-s", type=float, default=1800, help="give up on the first start after this long")
-    p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--timeout-s", metavar="SECONDS", type=float, default=1800,
+                   help="give up on the first start after this many seconds (default 1800)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the figures here, as JSON")
     args = p.parse_args()
     models = [name for name, _, _ in DEMO_MODELS if args.only is None or name in args.only]
     args.demo_args = " ".join([*(["--only", *models] if args.only else []),

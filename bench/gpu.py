@@ -124,8 +124,10 @@ def workloads(url: str) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    p.add_argument("--devices", nargs="+", choices=["cuda", "cpu"], default=["cuda", "cpu"])
+    p.add_argument("--out", metavar="FILE", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument("--devices", nargs="+", choices=["cuda", "cpu"], default=["cuda", "cpu"],
+                   help="the servers to run and compare (default: cuda cpu; cpu alone checks the script on a "
+                        "machine without a GPU)")
     args = p.parse_args()
     import torch
 

@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                     "every kind served, 2 each for classifiers, token models, forecasters, 1 per sampler)")
     ap.add_argument("--wait", type=float, default=0.0, help="seconds each user waits between requests (default 0)")
     ap.add_argument("--sample-s", type=float, default=60.0, help="seconds between samples (default 60)")
-    ap.add_argument("--out", help="write the result as JSON here")
+    ap.add_argument("--out", metavar="FILE", help="also write the result as JSON here")
     ap.add_argument("--keep", action="store_true", help="keep the run folder (server and locust logs, CSVs)")
     args = ap.parse_args(argv)
     result = soak(args)

@@ -57,6 +57,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -773,9 +774,24 @@ def versions() -> dict[str, str]:
     return env
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default said once: not again after a help that says it, none for a flag that is off or
+    unset by default, and a list as it is typed (1 16 64); no line broken at a hyphen."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or any(action.default is off for off in (None, False, argparse.SUPPRESS)):
+            return text
+        default = " ".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
+        return f"{text} (default: {default})"
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)   # keep mlp-digits whole
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_Help)
     p.add_argument("--family", choices=["decoder", "mamba"], default="decoder",
                    help="decoder: the `small` Llama-style preset; mamba: the `bench` Mamba-1 preset")
     p.add_argument("--requests", type=int, default=96, help="size of the seeded request list")
@@ -783,9 +799,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64], help="server concurrency levels")
     p.add_argument("--level-requests", type=int, nargs="+", default=[6, 48, 96],
                    help="requests per level: the first N of the list (6 at level 1 = the HF batch-1 subset)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the request list (prompts, max_tokens) and "
+                   "of the Mamba context prompts")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto")
+    p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                   help="load generator event loop (auto: uvloop when installed)")
     p.add_argument("--keep", action="store_true", help="keep the temp registry and server log")
     args = p.parse_args(argv)
     if len(args.level_requests) != len(args.concurrency):

@@ -4,6 +4,8 @@
 #   loadtest/run.sh [HOST_URL] [USERS] [DURATION]
 #   defaults:        http://127.0.0.1:8000  16  30s
 #
+# USERS: concurrent locust users; DURATION: locust's --run-time (30s, 5m, 1h30m). Start the server
+# first (`make serve`, or `zooserve serve`).
 # Writes loadtest/results/<UTC timestamp>_{stats,stats_history,failures,exceptions}.csv and, when
 # matplotlib is importable (it comes with the dev extra), loadtest/results/<UTC timestamp>.png: requests/s,
 # failures/s, users, mean/p50/p95 latency over the whole run, the spawn ramp shaded (loadtest/plot.py).
@@ -15,6 +17,15 @@
 #        loadtest/locustfile.py), ZOOSERVE_LOADTEST_OUT (results folder, default loadtest/results),
 #        SPAWN_RATE (users started per second; default all at once), LOCUST_ARGS (extra flags).
 set -euo pipefail
+
+case "${1:-}" in
+    -h|--help)     # this file's opening comment, without the '#'
+        awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+        exit 0 ;;
+    -*)
+        echo "run.sh: unknown option $1 (usage: loadtest/run.sh [HOST_URL] [USERS] [DURATION]; --help for more)" >&2
+        exit 2 ;;
+esac
 
 HOST="${1:-http://127.0.0.1:8000}"
 USERS="${2:-16}"

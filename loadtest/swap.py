@@ -372,20 +372,26 @@ def print_report(r: dict, prefix: Path) -> None:
 # ---- main -------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--registry", required=True, type=Path, help="registry root the server serves")
-    p.add_argument("--host", default="http://127.0.0.1:8000", help="the server's URL")
+    p.add_argument("--host", default="http://127.0.0.1:8000", help="the server's URL (default: %(default)s)")
     p.add_argument("--model", required=True, help="model to load and change (its kind picks the locust user)")
-    p.add_argument("--flips", type=int, default=20, help="alias flips of `stable` between two versions")
-    p.add_argument("--publishes", type=int, default=5, help="new versions published (copies of stable)")
-    p.add_argument("--splits", type=int, default=5, help="split changes (stable=70 canary=30, and back)")
-    p.add_argument("--interval", type=float, default=0.75, help="seconds between two changes")
-    p.add_argument("--users", type=int, default=4, help="locust users (all spawned at once)")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the first change")
-    p.add_argument("--cooldown", type=float, default=5.0, help="seconds of load after the last change")
+    p.add_argument("--flips", type=int, default=20,
+                   help="alias flips of `stable` between two versions (default: %(default)s)")
+    p.add_argument("--publishes", type=int, default=5,
+                   help="new versions published (copies of stable) (default: %(default)s)")
+    p.add_argument("--splits", type=int, default=5,
+                   help="split changes (stable=70 canary=30, and back) (default: %(default)s)")
+    p.add_argument("--interval", type=float, default=0.75, help="seconds between two changes (default: %(default)s)")
+    p.add_argument("--users", type=int, default=4, help="locust users, all spawned at once (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=2.0,
+                   help="seconds of load before the first change (default: %(default)s)")
+    p.add_argument("--cooldown", type=float, default=5.0,
+                   help="seconds of load after the last change (default: %(default)s)")
     p.add_argument("--settle", type=float, default=10.0, help="seconds to wait, after the load, for the server "
-                   "to hold just the versions the policy and aliases load")
-    p.add_argument("--out", type=Path, default=ROOT / "loadtest" / "results", help="folder for the results")
+                   "to hold just the versions the policy and aliases load (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=ROOT / "loadtest" / "results",
+                   help="folder for the results (default: loadtest/results)")
     return p.parse_args(argv)
 
 

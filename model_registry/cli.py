@@ -1,5 +1,5 @@
 """`registry` subcommands of the project CLI: list, show, publish, alias, split, shadow, promote,
-rollback, verify."""
+rollback, verify, import."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import functools
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,27 @@ from .store import Registry, dump_json
 
 ENV_VAR = "ZOOSERVE_REGISTRY"
 DEFAULT_ROOT = "registry"
+# the help of every command's --registry (registry, rollout, demo, serve, batch): one wording everywhere
+REGISTRY_HELP = f"registry root folder (default: ${ENV_VAR}, else ./{DEFAULT_ROOT})"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """The `zooserve` commands' help: a description's lines are paragraphs, wrapped to the terminal,
+    except lines indented by two spaces (examples), kept as written so they can be copied; no line
+    is broken at a hyphen (mlp-digits, --sticky-key)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            if line.startswith("  ") or not line.strip():
+                lines.append(indent + line if line.strip() else "")
+            else:
+                lines.append(textwrap.fill(" ".join(line.split()), width, initial_indent=indent,
+                                           subsequent_indent=indent, break_on_hyphens=False))
+        return "\n".join(lines)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def resolve_root(arg: str | None) -> Path:
@@ -226,61 +248,88 @@ def _import(args: argparse.Namespace, reg: Registry) -> int:
     return 0
 
 
+def _verb(sub: argparse._SubParsersAction, common: argparse.ArgumentParser, name: str, help_text: str,
+          more: str = "") -> argparse.ArgumentParser:
+    """A registry subcommand whose own --help opens with its one-line summary (and `more`)."""
+    description = help_text[0].upper() + help_text[1:] + "." + (f" {more}" if more else "")
+    return sub.add_parser(name, parents=[common], help=help_text, description=description,
+                          formatter_class=HelpFormatter)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the `registry` command and its subcommands to the project's CLI."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--registry", metavar="DIR", default=None,
-        help=f"registry root folder (default: ${ENV_VAR}, else ./{DEFAULT_ROOT})",
-    )
-    parser = subparsers.add_parser("registry", help="inspect and change a model registry")
+    common.add_argument("--registry", metavar="DIR", default=None, help=REGISTRY_HELP)
+    parser = subparsers.add_parser(
+        "registry", help="inspect and change a model registry", formatter_class=HelpFormatter,
+        description="Inspect and change a model registry: a folder with one folder per model, holding its "
+                    "numbered versions (the files, each hashed in manifest.json) and model.json (aliases, "
+                    "traffic split, shadow, rollout). A running `zooserve serve` follows every change within "
+                    "a poll (0.5 s). Every subcommand takes --registry DIR; `zooserve registry COMMAND --help` "
+                    "for its arguments.")
     sub = parser.add_subparsers(dest="registry_command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("list", parents=[common], help="list models with their versions and aliases")
+    p = _verb(sub, common, "list", "list models with their versions and aliases")
     p.set_defaults(func=_list)
 
-    p = sub.add_parser("show", parents=[common], help="print model.json, or one version's manifest")
+    p = _verb(sub, common, "show", "print model.json, or one version's manifest")
     p.add_argument("name", metavar="NAME", help="model name")
     p.add_argument("ref", metavar="VERSION_OR_ALIAS", nargs="?", default=None,
                    help="version number or alias whose manifest to print (default: print model.json)")
     p.set_defaults(func=_show)
 
-    p = sub.add_parser("publish", parents=[common], help="publish a folder as the next version")
-    p.add_argument("name", metavar="NAME", help="model name")
-    p.add_argument("src_dir", metavar="SRC_DIR", help="folder holding manifest.json and the model files")
+    p = _verb(sub, common, "publish", "publish a folder as the next version",
+              "The folder is what `zooserve export --out` writes; its files are copied and hashed, the new "
+              "version number is printed. Give it an alias with `zooserve registry alias`.")
+    p.add_argument("name", metavar="NAME", help="model name (created by its first version)")
+    p.add_argument("src_dir", metavar="SRC_DIR",
+                   help="folder holding manifest.json and the model files (from `zooserve export --out`)")
     p.add_argument("--force", action="store_true",
                    help="publish a package of another family than the model's versions (refused otherwise)")
     p.set_defaults(func=_publish)
 
-    p = sub.add_parser("alias", parents=[common], help="point an alias at a version, or remove it")
+    p = _verb(sub, common, "alias", "point an alias at a version, or remove it",
+              "Requests without a version in the URL follow the split (`zooserve registry split`) when "
+              "there is one, else go to the `stable` alias, else to the newest ready version.")
     p.add_argument("name", metavar="NAME", help="model name")
     p.add_argument("alias", metavar="ALIAS", help="alias name, e.g. stable or canary")
     p.add_argument("version", metavar="VERSION", nargs="?", default=None,
                    help="version number (or an existing alias, to copy its version); omit with --remove")
-    p.add_argument("--remove", action="store_true", help="remove the alias instead of setting it")
+    p.add_argument("--remove", action="store_true",
+                   help="remove the alias instead of setting it (refused while the split, the shadow or a running "
+                        "rollout uses it)")
     p.set_defaults(func=_alias)
 
-    p = sub.add_parser("split", parents=[common], help="set the traffic split over aliases")
+    p = _verb(sub, common, "split", "set the traffic split over aliases",
+              "Example:\n  zooserve registry split mlp-digits stable=90 canary=10 --sticky-key x-user")
     p.add_argument("name", metavar="NAME", help="model name")
     p.add_argument("weights", metavar="ALIAS=WEIGHT", nargs="+",
-                   help="integer weight (>= 0) of an existing alias, e.g. stable=90 canary=10")
+                   help="integer weight (>= 0, at least one above 0) of an existing alias; traffic is shared in "
+                        "proportion to the weights, e.g. stable=90 canary=10")
     sticky = p.add_mutually_exclusive_group()
     sticky.add_argument("--sticky-key", dest="sticky_key", metavar="HEADER",
-                        help="pin each caller to one alias by this request header's value")
+                        help="pin each caller to one alias by this request header's value (the OpenAI `user` "
+                             "field pins too)")
     sticky.add_argument("--no-sticky-key", dest="sticky_key", action="store_const", const=None,
                         help="stop pinning callers (default: keep the sticky key as it is)")
     p.set_defaults(func=_split, sticky_key=...)
 
     _add_routing_parsers(sub, common)
 
-    p = sub.add_parser("verify", parents=[common], help="re-hash version files against their manifests")
+    p = _verb(sub, common, "verify", "re-hash version files against their manifests",
+              "Prints OK or FAILED (with each problem) per version; exits 1 when any version failed.")
     p.add_argument("name", metavar="NAME", nargs="?", default=None, help="model name (default: every model)")
     p.add_argument("ref", metavar="VERSION", nargs="?", default=None,
                    help="version number or alias to verify (default: every version)")
     p.set_defaults(func=_verify)
 
-    p = sub.add_parser("import", parents=[common],
-                       help="publish an ONNX or TorchScript file trained elsewhere as the next version (classify)")
+    p = _verb(sub, common, "import",
+              "publish an ONNX or TorchScript file trained elsewhere as the next version",
+              "It is served like a classifier: tensors in, tensors out, through the dynamic batcher (KServe v2). "
+              "A golden pair is recorded by running the file on seeded inputs; a file the server could not "
+              "serve is refused before anything is published. Prints the new version number. Examples:\n"
+              "  zooserve registry import my-cnn model.onnx --labels labels.txt\n"
+              "  zooserve registry import my-cnn model.pt --input-shape 1,3,32,32")
     p.add_argument("name", metavar="NAME", help="model name")
     p.add_argument("file", metavar="FILE", help="model file: FILE.onnx, or TorchScript FILE.pt / FILE.ts")
     p.add_argument("--labels", metavar="FILE", default=None, help="class names, one a line (classifiers)")
@@ -292,7 +341,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output-name", metavar="NAME", default=None,
                    help="TorchScript output name (default: output; NAME_<i> for a tuple); ONNX takes the graph's")
     p.add_argument("--datatype", metavar="TYPE", default=None,
-                   help="KServe v2 datatype of the TorchScript input (default: FP32); ONNX takes the graph's")
+                   help="KServe v2 datatype of the TorchScript input, e.g. FP32, INT64 (default: FP32); "
+                        "ONNX takes the graph's")
     p.add_argument("--no-batch", action="store_true",
                    help="the model has no batch axis (fixed first dim): serve one request at a time")
     p.add_argument("--seed", type=int, default=0, help="seed of the golden inputs (default: 0)")
@@ -303,7 +353,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_routing_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """The shadow, promote and rollback subcommands."""
-    p = sub.add_parser("shadow", parents=[common], help="copy a share of requests to an alias, or stop")
+    p = _verb(sub, common, "shadow", "copy a share of requests to an alias, or stop",
+              "The copies' answers are compared with the primary's (zooserve_shadow_requests_total), never "
+              f"returned. Examples:\n  zooserve registry shadow mlp-digits canary 10\n"
+              f"  zooserve registry shadow mlp-digits {SHADOW_OFF}")
     p.add_argument("name", metavar="NAME", help="model name")
     p.add_argument("alias", metavar="ALIAS",
                    help=f"alias to shadow (same signature as the primary), or '{SHADOW_OFF}'")
@@ -313,10 +366,10 @@ def _add_routing_parsers(sub: argparse._SubParsersAction, common: argparse.Argum
 
     for verb, func, text in (("promote", _promote, "point stable at the canary's version, all traffic to it"),
                              ("rollback", _rollback, "send all traffic to stable at once (canary kept)")):
-        p = sub.add_parser(verb, parents=[common], help=text)
+        p = _verb(sub, common, verb, text, "Ends a running rollout, if any, recording --reason in its history.")
         p.add_argument("name", metavar="NAME", help="model name")
         p.add_argument("--canary", metavar="ALIAS", default=None,
                        help="canary alias (default: the running rollout's canary, else 'canary')")
         p.add_argument("--reason", metavar="TEXT", default=f"{verb} from the command line",
-                       help="why, recorded in the rollout's history")
+                       help="why, recorded in the rollout's history (default: '%(default)s')")
         p.set_defaults(func=func)

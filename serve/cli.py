@@ -108,44 +108,92 @@ def _batch(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from model_registry import cli as registry_cli
+    from model_registry.cli import REGISTRY_HELP, HelpFormatter
     from serve import rollout_cli
     from training import cli as training_cli
 
-    parser = argparse.ArgumentParser(prog="zooserve", description="Train, register, export and serve models.")
+    parser = argparse.ArgumentParser(
+        prog="zooserve", formatter_class=HelpFormatter,
+        description="Train, register, export and serve models.",
+        epilog="The first steps, in a fresh folder (the registry is ./registry unless --registry DIR or "
+               "$ZOOSERVE_REGISTRY says otherwise):\n"
+               "  zooserve demo --only mlp-digits     # train and publish one demo model (seconds)\n"
+               "  zooserve serve                      # serve it on http://127.0.0.1:8000\n"
+               "  zooserve COMMAND --help             # each command's arguments\n"
+               "Or, from a checkout, `make serve`: the whole demo, trained beside a running server.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
     training_cli.add_parsers(sub)
     registry_cli.add_parser(sub)
     rollout_cli.add_parser(sub)
-    p = sub.add_parser("serve", help="serve a registry over HTTP (KServe v2)")
-    p.add_argument("--registry", default=None, help="registry root (default: $ZOOSERVE_REGISTRY or ./registry)")
-    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where models run")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads per model (default 1)")
-    p.add_argument("--admin-token", default=None, help="bearer token that enables repository load/unload")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None, help="log level")
+    p = sub.add_parser(
+        "serve", help="serve a registry over HTTP: KServe v2, and the OpenAI API for token models",
+        formatter_class=HelpFormatter,
+        description="Serve every model of a registry over HTTP: KServe v2 under /v2 (the stock tritonclient "
+                    "works), the OpenAI API under /v1 for the token models, PNG grids under /v1/images, "
+                    "Prometheus metrics on /metrics. Versions published later, alias and split changes load "
+                    "within a poll (0.5 s). Every flag is also a ZOOSERVE_* environment variable "
+                    "(ZOOSERVE_PORT, ZOOSERVE_ADMIN_TOKEN, ...; more settings in serve/settings.py); a flag "
+                    "wins over its variable. Ctrl-C or SIGTERM drains and stops. Example:\n"
+                    "  zooserve serve --registry registry --port 8000")
+    p.add_argument("--registry", metavar="DIR", default=None,
+                   help=REGISTRY_HELP + "; refused if it does not exist, unless --allow-empty")
+    p.add_argument("--host", metavar="ADDR", default=None,
+                   help="bind address (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="where models run (default auto: CUDA when present, else CPU; cuda refuses a version "
+                        "whose runtime cannot run on the GPU)")
+    p.add_argument("--threads", metavar="N", type=int, default=None,
+                   help="intra-op threads per model (default 1: on small shared CPUs more is slower)")
+    p.add_argument("--admin-token", metavar="TOKEN", default=None,
+                   help="bearer token, 8 characters or more, that turns on the admin routes: repository "
+                        "load/unload, routing and rollouts (default: none, those routes answer 404); "
+                        "ZOOSERVE_ADMIN_TOKEN keeps it out of the process list")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
+                   help="log level (default info)")
     p.add_argument("--log-format", choices=["auto", "json", "text"], default=None,
                    help="log lines as JSON or text (default auto: text on a terminal, else JSON)")
     p.add_argument("--access-log", action="store_true", default=None,
                    help="log one line per request: method, path, status, ms, request id (default off)")
     p.add_argument("--allow-empty", action="store_true", default=None,
                    help="start on a registry folder that does not exist (it is created; models published "
-                        "into it later are loaded)")
+                        "into it later are loaded) (default off: refused, exit 2)")
     p.set_defaults(func=_serve)
-    p = sub.add_parser("batch", help="answer a JSONL file of requests (OpenAI Batch format) in process, resumably")
-    p.add_argument("--registry", default=None, help="registry root (default: $ZOOSERVE_REGISTRY or ./registry)")
-    p.add_argument("-i", "--input", required=True, help="input JSONL: {custom_id, method, url, body} per line")
-    p.add_argument("-o", "--output", required=True, help="output JSONL; an existing one is resumed")
-    p.add_argument("--lines", default=None, help="shard: 0-based line range START:STOP (STOP exclusive)")
-    p.add_argument("--window", type=int, default=None, help="requests in flight (default: twice the largest "
-                   "batch a loaded model forms, at least 64)")
-    p.add_argument("--created", type=int, default=0, help="`created` written into /v1 responses (default 0; "
-                   "give every shard and rerun of a job the same value)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where models run")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads per model (default 1)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None, help="log level")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser(
+        "batch", help="answer a JSONL file of requests (OpenAI Batch format) in process, resumably",
+        formatter_class=HelpFormatter,
+        description="Answer a file of requests in the OpenAI Batch format, in this process, through the same "
+                    "routes and models as the server (no server needed), and write one result line per input "
+                    "line, in input order, with a progress bar. Stopped (Ctrl-C, a full disk), the same "
+                    "command again keeps what was written and finishes the rest; reruns write the same bytes. "
+                    "Other settings come from ZOOSERVE_* variables (e.g. ZOOSERVE_LOG_FORMAT), as for "
+                    "`zooserve serve`. Examples:\n"
+                    "  zooserve batch -i requests.jsonl -o results.jsonl\n"
+                    "  zooserve batch -i requests.jsonl -o part-0.jsonl --lines 0:1000   # one shard")
+    p.add_argument("--registry", metavar="DIR", default=None, help=REGISTRY_HELP)
+    p.add_argument("-i", "--input", metavar="FILE", required=True,
+                   help='input JSONL, one request a line: {"custom_id": "...", "method": "POST", "url": '
+                        '"/v2/models/M/infer", "body": {...}}; url: any inference route (/v2/models/M/infer, '
+                        '/v1/completions, /v1/chat/completions, GET /v1/images/M)')
+    p.add_argument("-o", "--output", metavar="FILE", required=True,
+                   help="output JSONL, one record per input line; an existing one is resumed")
+    p.add_argument("--lines", metavar="START:STOP", default=None,
+                   help="only these input lines, a shard: 0-based, STOP exclusive, like a Python slice (editor "
+                        "lines 1-1000 are 0:1000; START or STOP may be left out: 1000: is the rest) (default: "
+                        "every line)")
+    p.add_argument("--window", metavar="N", type=int, default=None, help="requests in flight (default: twice "
+                   "the largest batch a loaded model forms, at least 64)")
+    p.add_argument("--created", metavar="UNIX_S", type=int, default=0,
+                   help="`created` (Unix seconds) written into /v1 responses (default 0; give every shard and "
+                        "rerun of a job the same value)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="where models run (default auto: CUDA when present, else CPU)")
+    p.add_argument("--threads", metavar="N", type=int, default=None,
+                   help="intra-op threads per model (default 1)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
+                   help="log level (default info)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: one on stderr)")
     p.set_defaults(func=_batch)
     return parser
 

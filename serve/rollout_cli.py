@@ -185,50 +185,85 @@ def _when(unix_s: float) -> str:
 # ---- parser --------------------------------------------------------------------------------
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("rollout", help="progressive rollouts of a canary: start, status, abort, run the controller")
-    verbs = p.add_subparsers(dest="rollout_command", required=True)
+    from model_registry.cli import REGISTRY_HELP, HelpFormatter
 
-    start = _verb(verbs, "start", "start a rollout of the canary alias against the stable alias", _start)
+    p = sub.add_parser(
+        "rollout", help="progressive rollouts of a canary: start, status, abort, run the controller",
+        formatter_class=HelpFormatter,
+        description="Progressive rollouts: the canary alias takes a growing share of traffic, step by step; "
+                    "each window judges it against stable (errors, latency, shadow agreement) and the rollout "
+                    "promotes or rolls back by itself. `start`, `status` and `abort` write and read the "
+                    "registry; a running `zooserve serve` drives the rollout (its controller is on by "
+                    "default), or `zooserve rollout run` does for a fleet of servers. Errors print `error: ...` "
+                    "and exit 2. `zooserve rollout COMMAND --help` for each command.")
+    verbs = p.add_subparsers(dest="rollout_command", metavar="COMMAND", required=True)
+
+    start = _verb(verbs, "start", "start a rollout of the canary alias against the stable alias", _start,
+                  "Both aliases must exist (`zooserve registry alias`). Example:\n"
+                  "  zooserve rollout start mlp-digits --canary canary --steps 5,25,50,100 --interval 30s")
     start.add_argument("--canary", required=True, metavar="ALIAS", help="alias of the new version")
     start.add_argument("--stable", default=None, metavar="ALIAS", help="alias of the version in service "
                        "(default stable)")
-    start.add_argument("--steps", type=parse_steps, default=None, help="canary weights, e.g. 5,25,50,100")
-    start.add_argument("--interval", type=parse_duration, default=None, help="analysis window: 30s, 2m, "
-                       "500ms or seconds (default 30s)")
-    start.add_argument("--min-requests", type=int, default=None, help="requests per arm before a window is "
-                       "judged (default 50)")
-    start.add_argument("--max-error-rate-delta", type=float, default=None, help="canary error rate may exceed "
-                       "stable's by this much (default 0.01)")
-    start.add_argument("--max-p99-ratio", type=float, default=None, help="canary p99 may be this many times "
-                       "stable's (default 1.5)")
-    start.add_argument("--min-agreement", type=float, default=None, help="shadow agreement floor 0..1 "
-                       "(default: not checked)")
-    start.add_argument("--alpha", type=float, default=None, help="significance of each test (default 0.05)")
-    start.add_argument("--reason", default="started by hand (zooserve rollout start)", help="recorded in history")
+    start.add_argument("--steps", type=parse_steps, default=None, metavar="W,W,...",
+                       help="the canary's share of traffic at each step, in percent: increasing integers in "
+                            "1..100 (default 5,25,50,100)")
+    start.add_argument("--interval", type=parse_duration, default=None, metavar="DURATION",
+                       help="analysis window, one per step: 30s, 2m, 500ms, 1h or plain seconds (default 30s)")
+    start.add_argument("--min-requests", type=int, default=None, metavar="N",
+                       help="requests each arm (canary and stable) needs in a window before it is judged "
+                            "(default 50)")
+    start.add_argument("--max-error-rate-delta", type=float, default=None, metavar="X",
+                       help="canary error rate (5xx share, 0..1) may exceed stable's by this much (default 0.01)")
+    start.add_argument("--max-p99-ratio", type=float, default=None, metavar="X",
+                       help="canary p99 latency may be this many times stable's, >= 1 (default 1.5)")
+    start.add_argument("--min-agreement", type=float, default=None, metavar="X",
+                       help="shadow agreement floor 0..1, checked when a shadow ran (default: not checked)")
+    start.add_argument("--alpha", type=float, default=None, metavar="X",
+                       help="significance level of each statistical test, 0..1 (default 0.05)")
+    start.add_argument("--reason", metavar="TEXT", default="started by hand (zooserve rollout start)",
+                       help="recorded in the rollout's history (default: '%(default)s')")
 
     _verb(verbs, "status", "show a rollout's state, step, weight, reason and history", _status)
 
     abort = _verb(verbs, "abort", "stop the running rollout; all traffic back to stable", _abort)
-    abort.add_argument("--reason", default="aborted by hand (zooserve rollout abort)", help="recorded in history")
+    abort.add_argument("--reason", metavar="TEXT", default="aborted by hand (zooserve rollout abort)",
+                       help="recorded in the rollout's history (default: '%(default)s')")
 
-    run = verbs.add_parser("run", help="run the rollout controller for the named models")
-    run.add_argument("--registry", default=None, help="registry root (default: $ZOOSERVE_REGISTRY or ./registry)")
+    run = verbs.add_parser(
+        "run", help="run the rollout controller for the named models", formatter_class=HelpFormatter,
+        description="Run the rollout controller for the named models: for a fleet, where each server's own "
+                    "controller sees only its own traffic (turn those off with ZOOSERVE_ROLLOUT_CONTROLLER=false "
+                    "on every replica). It reads the metrics of every replica (--servers) or of a Prometheus "
+                    "that scrapes them (--prometheus) and writes the decisions into the registry; a lease "
+                    "in the registry keeps one controller per model. Runs until Ctrl-C or SIGTERM, or one "
+                    "window with --once. Example:\n"
+                    "  zooserve rollout run mlp-digits --servers http://10.0.0.1:8000 http://10.0.0.2:8000")
+    run.add_argument("--registry", metavar="DIR", default=None, help=REGISTRY_HELP)
     run.add_argument("names", nargs="+", metavar="NAME", help="models whose rollouts this controller drives")
     source = run.add_mutually_exclusive_group(required=True)
-    source.add_argument("--servers", nargs="+", metavar="URL", help="every server replica (their /metrics "
-                        "are scraped and summed); put NAMEs before this option")
-    source.add_argument("--prometheus", metavar="URL", help="a Prometheus that scrapes every replica")
-    run.add_argument("--once", action="store_true", help="judge one window of each rollout, print, exit")
-    run.add_argument("--period", type=parse_duration, default=2.0, help="time between ticks (default 2s)")
+    source.add_argument("--servers", nargs="+", metavar="URL", help="base URL of every server replica, e.g. "
+                        "http://10.0.0.1:8000 (their /metrics are scraped and summed); put NAMEs before this "
+                        "option")
+    source.add_argument("--prometheus", metavar="URL", help="base URL of a Prometheus that scrapes every "
+                        "replica, e.g. http://127.0.0.1:9090")
+    run.add_argument("--once", action="store_true",
+                     help="judge one window of each rollout (waiting for it to fill), print the decisions, exit")
+    run.add_argument("--period", type=parse_duration, default=2.0, metavar="DURATION",
+                     help="time between ticks: 2s, 500ms or plain seconds (default 2s)")
     run.add_argument("--owner", default=f"{socket.gethostname()}:{os.getpid()}",
                      help="lease owner id (default host:pid; reuse one to resume a lease at once)")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                     help="log level (default info)")
     run.set_defaults(func=_run)
 
 
-def _verb(verbs: argparse._SubParsersAction, name: str, help_text: str, func) -> argparse.ArgumentParser:
-    p = verbs.add_parser(name, help=help_text)
-    p.add_argument("--registry", default=None, help="registry root (default: $ZOOSERVE_REGISTRY or ./registry)")
+def _verb(verbs: argparse._SubParsersAction, name: str, help_text: str, func,
+          more: str = "") -> argparse.ArgumentParser:
+    from model_registry.cli import REGISTRY_HELP, HelpFormatter
+
+    description = help_text[0].upper() + help_text[1:] + "." + (f" {more}" if more else "")
+    p = verbs.add_parser(name, help=help_text, description=description, formatter_class=HelpFormatter)
+    p.add_argument("--registry", metavar="DIR", default=None, help=REGISTRY_HELP)
     p.add_argument("name", metavar="NAME", help="model name")
     p.set_defaults(func=func)
     return p
