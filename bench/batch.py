@@ -47,7 +47,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -56,7 +55,9 @@ import orjson
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from classify import HelpFormatter  # noqa: E402  (each default said once)
 from model_registry import Registry  # noqa: E402
 from serve.batch import call_app, default_window, model_configs, parse_line, run  # noqa: E402
 from serve.settings import ServeSettings  # noqa: E402
@@ -262,24 +263,9 @@ def environment() -> dict[str, str]:
             "loop": loop_factory()[1]}
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Each default said once: not again after a help that says it, none for a flag that is off or
-    unset by default, and a list as it is typed (1 16 64); no line broken at a hyphen."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if "default" in text or any(action.default is off for off in (None, False, argparse.SUPPRESS)):
-            return text
-        default = " ".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
-        return f"{text} (default: {default})"
-
-    def _split_lines(self, text: str, width: int) -> list[str]:
-        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)   # keep mlp-digits whole
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=_Help)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="mlp-digits", choices=[*CLASSIFIERS, *SAMPLERS],
                    help="model to benchmark: a classifier or a sampler (generation jobs)")
     p.add_argument("--registry", type=Path, default=None,

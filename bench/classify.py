@@ -473,7 +473,7 @@ def event_loop_factory(choice: str):
     return None, "asyncio"
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each default said once: not again after a help that says it, none for a flag that is off or
     unset by default, and a list as it is typed (1 16 64); no line broken at a hyphen."""
 
@@ -490,7 +490,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=_Help)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="mlp-digits",
                    help="classifier to benchmark, in the registry (its default version: the stable alias, else the "
                         "newest)")

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from classify import (REPO_ROOT, Connection, Server, environment, event_loop_factory,  # noqa: E402
+from classify import (REPO_ROOT, Connection, HelpFormatter, Server, environment, event_loop_factory,  # noqa: E402
                       http_request, machine_busy_seconds, zooserve_cmd)
 
 MODEL = "cnn"
@@ -296,8 +296,7 @@ async def drive(server: Server, bodies: list[bytes], plan: list[tuple[str, int]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--duration", type=float, default=15.0, help="measured seconds per level")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds before each level is measured")
     p.add_argument("--family", choices=["cnn", "tokens"], default="cnn", help="the model under load")
@@ -306,10 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overload", type=int, default=1024, help="clients of the two overload levels")
     p.add_argument("--max-queue-wait-ms", type=float, default=None,
                    help="model.json batching.max_queue_wait_ms of the served model (default: 50 for the "
-                        "CNN, 500 for tokens)")
+                        "CNN, 300 for tokens: about two sequences' time)")
     p.add_argument("--threads", type=int, default=1, help="server intra-op threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs the clients send")
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here (default: printed only)")
     p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="load generator loop")
     args = p.parse_args(argv)
 
@@ -318,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokens = args.family == "tokens"
         peak = args.peak or ([16, 32] if tokens else [32, 64])
-        wait_ms = args.max_queue_wait_ms or (500.0 if tokens else 50.0)
+        wait_ms = args.max_queue_wait_ms or (300.0 if tokens else 50.0)
         if tokens:
             print("[overload] building the decoder ...", flush=True)
             registry, model, prompts = build_decoder(workdir, wait_ms)

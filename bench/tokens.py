@@ -57,7 +57,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +69,7 @@ if str(REPO_ROOT) not in sys.path:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from classify import (  # noqa: E402  (house helpers of the classifier benchmark)
+    HelpFormatter,
     Connection, Server, environment, event_loop_factory, http_request, machine_busy_seconds, scrape,
 )
 
@@ -774,24 +774,9 @@ def versions() -> dict[str, str]:
     return env
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Each default said once: not again after a help that says it, none for a flag that is off or
-    unset by default, and a list as it is typed (1 16 64); no line broken at a hyphen."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if "default" in text or any(action.default is off for off in (None, False, argparse.SUPPRESS)):
-            return text
-        default = " ".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
-        return f"{text} (default: {default})"
-
-    def _split_lines(self, text: str, width: int) -> list[str]:
-        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)   # keep mlp-digits whole
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=_Help)
+                                formatter_class=HelpFormatter)
     p.add_argument("--family", choices=["decoder", "mamba"], default="decoder",
                    help="decoder: the `small` Llama-style preset; mamba: the `bench` Mamba-1 preset")
     p.add_argument("--requests", type=int, default=96, help="size of the seeded request list")

@@ -25,9 +25,8 @@ from training.cli import DEMO_MODELS, FAMILY_HELP
 from training.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
-# bench/overload.py is left out while it is being rewritten elsewhere (its --seed has no help yet)
 SCRIPTS = ["bench/batch.py", "bench/classify.py", "bench/tokens.py", "bench/gpu.py", "bench/first_start.py",
-           "bench/soak.py", "loadtest/swap.py"]
+           "bench/soak.py", "bench/overload.py", "loadtest/swap.py"]
 UNSET = (None, False, argparse.SUPPRESS, ...)
 
 
