@@ -35,8 +35,8 @@ demo: setup
 
 # Serves at once, on whatever the registry holds (created when missing), while the demo models that
 # it lacks train in the background, side by side, one per usable core (`zooserve demo --missing`):
-# the server's registry watch loads each one as it is published, mlp-digits first (9 s after the
-# start; all 12 in 12 min on 2 shared cores, bench/first_start.py). Later starts train nothing.
+# the server's registry watch loads each one as it is published, mlp-digits first (7 s after the
+# start; all 12 in 6 min on 2 idle cores, bench/first_start.py). Later starts train nothing.
 # When the server stops (Ctrl-C, SIGTERM to make, or an error) the trainer and its workers stop
 # too; an interrupted first start trains only what is still missing next time. DEMO_ARGS adds
 # `zooserve demo` flags, e.g. DEMO_ARGS="--jobs 1" or DEMO_ARGS="--only mlp-digits resnet-digits".

@@ -449,7 +449,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Train, export (parity checked) and publish the demo models into the registry, several at "
                     "once, each in its own process; each new version gets the alias `stable`. One line per model "
                     "as it starts and as it is published or fails; a failure does not stop the others (exit 1 "
-                    "at the end). All 12 take about 12 minutes on 2 cores; mlp-digits alone a few seconds. "
+                    "at the end). All 12 take about 6 minutes on 2 idle cores; mlp-digits alone a few seconds. "
                     "Without --missing, a model the registry has already is trained again and published as a "
                     "new version. A running `zooserve serve` on the same registry serves each one within a poll. "
                     f"Demo models: {', '.join(names)}. Examples:\n"
