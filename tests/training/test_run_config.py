@@ -77,7 +77,7 @@ def test_unknown_key_lists_the_section_and_suggests():
         resolve("mlp", "tiny", ["train.epoch=3"])
     msg = str(err.value)
     assert "unknown key 'epoch' for mlp (did you mean 'epochs'?)" in msg
-    assert "train keys: batch_size, epochs, grad_clip, lr, patience, seed, warmup_steps, weight_decay" in msg
+    assert "train keys: batch_size, checkpoint_every, epochs, grad_clip, lr, patience, seed, warmup_steps, weight_decay" in msg
     assert "model keys" not in msg
     with pytest.raises(ConfigError, match=r"unknown key 'n_layer' for mlp \(did you mean 'n_layers'\?\); model keys: "):
         resolve("mlp", "tiny", ["n_layer=3"])
