@@ -63,6 +63,9 @@ class Lineage(_Strict):
     dataset: str = ""
     dataset_split: str = ""
     dataset_sha256: str = ""
+    # a user's own data (`zooserve train --data`, training/user_data.py): source, format, rows per
+    # split, class names and counts, what dataset_sha256 covers; None for bundled datasets
+    dataset_details: dict[str, Any] | None = None
     seed: int | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     code_revision: str | None = None

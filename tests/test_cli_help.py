@@ -123,7 +123,7 @@ def test_every_registry_flag_reads_the_same():
                 seen += 1
                 assert action.metavar == "DIR", path
                 assert action.help.startswith(REGISTRY_HELP), path
-    assert seen == 1 + 10 + 4 + 2            # demo, registry *, rollout *, serve and batch
+    assert seen == 2 + 10 + 4 + 2            # demo and train (--publish), registry *, rollout *, serve and batch
 
 
 def test_every_example_in_the_help_parses(capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,11 @@ from training.families import FAMILIES, preset_names
 # torch is imported inside the commands: `zooserve serve` builds this parser too and must not
 # pay for torch (import time, and ~200k objects for the garbage collector to walk).
 FORMATS = ("onnx", "torchscript")
+# the families `zooserve train --data` trains on the user's own data (training/user_data.py), and
+# that take --set/--config and --resume (the shared loop, training/loop.py)
+DATA_FAMILIES = ("mlp", "resnet")
+# inside --out: the run folder (run-state checkpoints and metrics.jsonl, training/run_state.py)
+RUN_FOLDER = "run"
 
 # (registry name, family, preset) published by `zooserve demo`, in the order their training starts
 DEMO_MODELS = [
@@ -38,18 +44,92 @@ DEMO_FAMILIES = {name: (family, preset) for name, family, preset in DEMO_MODELS}
 
 
 def _train(args: argparse.Namespace) -> int:
-    known = preset_names(args.family)
-    if args.preset not in known:        # before torch is imported: a typo answers at once, in one line
-        print(f"zooserve train: error: argument --preset: invalid choice {args.preset!r} for {args.family} "
-              f"(choose from {', '.join(known)})", file=sys.stderr)
+    def error(message: str) -> int:     # one line, as argparse would, exit 2
+        print(f"zooserve train: error: {message}", file=sys.stderr)
         return 2
+
+    known = preset_names(args.family)
+    if args.preset is not None and args.preset not in known:   # before torch is imported: one line at once
+        return error(f"argument --preset: invalid choice {args.preset!r} for {args.family} "
+                     f"(choose from {', '.join(known)})")
+    from training.run_config import DATA_DECIDES, ConfigError, resolve
+
+    try:
+        run = resolve(args.family, args.preset, args.set, args.config)
+    except ConfigError as exc:
+        return error(str(exc))
+    if args.print_config:
+        print(run.render(), end="")
+        return 0
+    if args.out is None:
+        return error("the following arguments are required: --out")
+    tuned = bool(args.set or args.config or args.resume)
+    if tuned and args.family not in DATA_FAMILIES:
+        return error(f"--set, --config and --resume are for {' and '.join(DATA_FAMILIES)} so far, not "
+                     f"{args.family} (its recipe takes only its preset; --print-config shows what it would use)")
+    if args.data is not None and (args.set or args.config):
+        baseline = resolve(args.family, run.preset).model
+        changed = [k for k in DATA_DECIDES.get(args.family, ()) if run.model[k] != baseline[k]]
+        if changed:
+            return error(f"model.{changed[0]} comes from --data (with it, {', '.join(DATA_DECIDES[args.family])} "
+                         f"are read from the data); do not set it")
+    data_options = {k: v for k, v in (("label_column", args.label_column), ("image_size", args.image_size),
+                                      ("channels", args.channels)) if v is not None}
+    if args.data is None and data_options:
+        return error(f"--{next(iter(data_options)).replace('_', '-')} describes --data, which is not given")
+    if args.data is not None and args.family not in DATA_FAMILIES:
+        return error(f"--data is for {' and '.join(DATA_FAMILIES)}, not {args.family}")
+    if args.registry is not None and args.publish is None:
+        return error("--registry is where --publish NAME publishes; give --publish too")
+    if args.publish is not None:
+        from model_registry import InvalidName
+        from model_registry.names import validate_name
+
+        try:
+            validate_name(args.publish)
+        except InvalidName as exc:
+            return error(f"--publish: {exc}")
     import torch
 
     from training.train import train
+    from training.user_data import DataError
 
     torch.set_num_threads(args.threads)
-    metrics = train(args.family, args.preset, args.out)
+    from training.run_state import RunStateError
+
+    run_dir = Path(args.out) / RUN_FOLDER
+    if args.family in DATA_FAMILIES and not args.resume and run_dir.exists():
+        shutil.rmtree(run_dir)          # a new run into --out: its files are overwritten, the old run's too
+    try:
+        if args.family in DATA_FAMILIES:
+            metrics = train(args.family, run.preset, args.out, data=args.data, data_options=data_options,
+                            train_cfg=run.train_config(), model_config=run.model_config(), run_dir=run_dir,
+                            resume=args.resume)
+        else:
+            metrics = train(args.family, run.preset, args.out)
+    except DataError as exc:            # bad data: named before anything trains
+        return error(str(exc))
+    except RunStateError as exc:        # --resume without a run to resume, or with another config
+        return error(f"--resume: {exc}")
     print(f"checkpoint written to {args.out}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    if args.publish is not None:
+        from model_registry.cli import resolve_root
+
+        from model_registry import RegistryError
+        from training.export import ParityError
+
+        root = resolve_root(args.registry)
+        try:
+            version, manifest = publish_checkpoint(root, args.publish, args.out)
+        except (ParityError, RegistryError) as exc:    # nothing published; the checkpoint stays in --out
+            print(f"zooserve train: error: not published: {_one_line(exc)} (checkpoint kept in {args.out})",
+                  file=sys.stderr)
+            return 1
+        for report in manifest.parity:
+            print(f"{report.format}: max abs error vs eager {report.max_abs_error:.3g} (tolerance {report.tolerance})")
+        signature = ", ".join(f"{t.name} {t.datatype} {t.shape}" for t in manifest.signature.inputs)
+        print(f"published {args.publish} version {version} to {root} (input {signature}; "
+              f"{len(manifest.labels)} classes)")
     return 0
 
 
@@ -127,19 +207,32 @@ def demo_names(registry_root: str | Path, only: list[str] | None = None, missing
 def publish_demo_model(registry_root: str | Path, name: str, progress: bool = False) -> tuple[int, dict[str, float]]:
     """Train, export (with parity checks) and publish one demo model, alias `stable` on the new
     version; returns (version, training metrics). Nothing reaches the registry before it all passed."""
-    from model_registry import Registry
-    from training import export
     from training.train import train
 
     family, preset = DEMO_FAMILIES[name]
+    with tempfile.TemporaryDirectory(prefix=f"zooserve-{name}-") as tmp:
+        ckpt = Path(tmp) / "checkpoint"
+        metrics = train(family, preset, ckpt, progress=progress)
+        version, _ = publish_checkpoint(registry_root, name, ckpt, alias="stable")
+    return version, metrics
+
+
+def publish_checkpoint(registry_root: str | Path, name: str, checkpoint_dir: str | Path,
+                       alias: str | None = None):
+    """Export a checkpoint (ONNX and TorchScript, each checked against eager: export.package) and
+    publish it as a new version of `name`, then point `alias` at it when given; returns (version,
+    manifest). A failed export (ParityError) publishes nothing."""
+    from model_registry import Registry
+    from training import export
+
     registry = Registry(registry_root)
     with tempfile.TemporaryDirectory(prefix=f"zooserve-{name}-") as tmp:
-        ckpt, pkg = Path(tmp) / "checkpoint", Path(tmp) / "package"
-        metrics = train(family, preset, ckpt, progress=progress)
-        export.package(ckpt, pkg)
+        pkg = Path(tmp) / "package"
+        manifest = export.package(checkpoint_dir, pkg)
         version = registry.publish(name, pkg)
-        registry.set_alias(name, "stable", version)
-    return version, metrics
+    if alias is not None:
+        registry.set_alias(name, alias, version)
+    return version, manifest
 
 
 def usable_cores() -> int:
@@ -381,7 +474,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 # what each family is, for `zooserve train --help` (FAMILIES holds the modules)
 FAMILY_HELP = {
-    "mlp": "digits classifier", "resnet": "digits classifier",
+    "mlp": "digits classifier, or your own table (--data)",
+    "resnet": "digits classifier, or your own image folder (--data)",
     "decoder": "Llama-style language model (tiny-moe: mixture of experts)", "mamba": "Mamba-1 language model",
     "rnn_lm": "character-level RNN/GRU/LSTM language model", "rnn": "RNN/GRU/LSTM CO2 forecaster",
     "gan": "digits sampler", "vae": "digits sampler", "diffusion": "digits sampler (UNet, DDPM/DDIM)",
@@ -398,7 +492,7 @@ def _help_formatter():
         def _get_help_string(self, action: argparse.Action) -> str | None:
             if action.dest == "preset":
                 known = "; ".join(f"{family}: {', '.join(preset_names(family))}" for family in sorted(FAMILIES))
-                return f"{action.help} (default %(default)s). Presets: {known}"
+                return f"{action.help}. Presets: {known}"
             return action.help
 
     return HelpFormatter, TrainHelp
@@ -415,13 +509,54 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Train one model family at a preset size on its bundled data (digits, Shakespeare, CO2) "
                     "and write a checkpoint folder (config.json, model.safetensors, meta.json), the input of "
                     "`zooserve export`; prints the held-out metrics. Tiny presets train in seconds (mlp) to a "
-                    f"few minutes on a CPU. Families: {families}. Example:\n"
-                    "  zooserve train mlp --preset tiny --out runs/mlp")
+                    f"few minutes on a CPU. Families: {families}.\n"
+                    "Your own data (mlp, resnet): --data names a table (.csv, .parquet, .jsonl: numeric feature "
+                    "columns and a label column) for mlp, or an image folder (one subfolder per class) for "
+                    "resnet; it is split 70/15/15 by a seeded permutation and its sha256, rows and class names go "
+                    "to the lineage. The model takes raw values: table rows as they are (standardised inside "
+                    "the model with the training split's mean and std), images as 0-255 pixels at --image-size. "
+                    "Bad data stops before training with one line naming the file, row or column (exit 2). "
+                    "--publish exports (parity checked, as `zooserve export`) and publishes a new version. "
+                    "Examples:\n"
+                    "  zooserve train mlp --preset tiny --out runs/mlp\n"
+                    "  zooserve train mlp --data flowers.csv --label-column species --out runs/flowers "
+                    "--publish flowers\n"
+                    "  zooserve train resnet --data photos/ --image-size 32 --out runs/photos --publish photos")
     p.add_argument("family", choices=sorted(FAMILIES), help="model family (see above)")
-    p.add_argument("--preset", default="tiny", help="named size from the family's PRESETS")
-    p.add_argument("--out", metavar="DIR", required=True,
-                   help="checkpoint folder to write (created if missing; its files are overwritten)")
+    p.add_argument("--preset", default=None, help="named size from the family's PRESETS (default tiny, or the "
+                   "--config file's)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="checkpoint folder to write (required; created if missing; its files are overwritten). "
+                        "mlp and resnet also keep their run there: DIR/run/metrics.jsonl (a line per step and per "
+                        "validation) and run-state checkpoints for --resume")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override one field of the model config or the training config (repeatable; "
+                        "`model.`/`train.` prefix where a name is ambiguous), e.g. --set hidden=256 --set lr=1e-3 "
+                        "(mlp, resnet; default: none)")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="a .yaml or .json file with `model:` and `train:` mappings (the --print-config format; "
+                        "--set wins over it; default: none)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the final configuration (preset, --config, --set resolved) and exit")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (killed, even by SIGKILL): same "
+                        "weights as an uninterrupted run; refused if the config or data changed (mlp, resnet)")
     p.add_argument("--threads", metavar="N", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--data", metavar="PATH", default=None,
+                   help="train on your own data instead of the bundled set (default: the bundled set): a table "
+                        "file (.csv, .parquet, .jsonl) for mlp, an image folder (one subfolder per class) for resnet")
+    p.add_argument("--label-column", metavar="NAME", default=None,
+                   help="mlp --data: the table's label column, strings or whole numbers (default: label); "
+                        "every other column is a numeric feature")
+    p.add_argument("--image-size", metavar="N", type=_positive, default=None,
+                   help="resnet --data: images are resized to N x N (default: the first image's larger side, "
+                        "at most 64)")  # training.user_data.MAX_DEFAULT_IMAGE_SIZE
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="resnet --data: 1 (grey) or 3 (RGB) channels (default: 1 if every image is greyscale, else 3)")
+    p.add_argument("--publish", metavar="NAME", default=None,
+                   help="after training, export (parity checked) and publish the checkpoint as a new version of "
+                        "NAME (default: not published)")
+    p.add_argument("--registry", metavar="DIR", default=None, help=f"{REGISTRY_HELP}; where --publish publishes")
     p.set_defaults(func=_train)
 
     p = sub.add_parser(

@@ -36,14 +36,20 @@ def digits(seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.1
     images = bunch.images.astype(np.float32)[:, None, :, :]   # (N, 1, 8, 8), values 0..16
     labels = bunch.target.astype(np.int64)                     # (N,)
     digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
-    order = np.random.default_rng(seed).permutation(len(labels))
-    n_test = int(len(labels) * test_fraction)
-    n_val = int(len(labels) * val_fraction)
+    train, val, test, split = seeded_split(images, labels, seed, val_fraction, test_fraction)
+    return Split(train=train, val=val, test=test, name="sklearn.datasets.load_digits", split=split, sha256=digest)
+
+
+def seeded_split(x: np.ndarray, y: np.ndarray, seed: int = 0, val_fraction: float = 0.15,
+                 test_fraction: float = 0.15) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                       tuple[torch.Tensor, torch.Tensor],
+                                                       tuple[torch.Tensor, torch.Tensor], str]:
+    """(train, val, test, description): rows of (x, y) by a seeded permutation, the first
+    int(n * test_fraction) to test, the next int(n * val_fraction) to validation, the rest to train.
+    Every dataset (digits, a user's own: training/user_data.py) is split this way."""
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_test = int(len(y) * test_fraction)
+    n_val = int(len(y) * val_fraction)
     parts = np.split(order, [n_test, n_test + n_val])
-    test, val, train = ((torch.from_numpy(images[p]), torch.from_numpy(labels[p])) for p in parts)
-    return Split(
-        train=train, val=val, test=test,
-        name="sklearn.datasets.load_digits",
-        split=f"seeded permutation seed={seed}: test {n_test}, val {n_val}, train {len(parts[2])}",
-        sha256=digest,
-    )
+    test, val, train = ((torch.from_numpy(x[p]), torch.from_numpy(y[p])) for p in parts)
+    return train, val, test, f"seeded permutation seed={seed}: test {n_test}, val {n_val}, train {len(parts[2])}"

@@ -89,7 +89,13 @@ DATA_FIT = "fit on the training split by the recipe; it cannot be set"
 DERIVED: dict[str, dict[str, str]] = {
     **{family: {"block_size": "block_size", "vocab_size": "vocab_size"} for family in TOKEN_FAMILIES},
     "rnn": {"mean": DATA_FIT, "std": DATA_FIT, "step_std": DATA_FIT},
+    # table mode (--data): the feature count and the standardisation come from the training split
+    "mlp": {"n_features": DATA_FIT, "feature_mean": DATA_FIT, "feature_std": DATA_FIT},
 }
+# model fields that --data decides for a family (training/user_data.py): set by hand with --data,
+# they would be replaced, so that is refused (training/cli.py)
+DATA_DECIDES = {"mlp": ("n_classes", "n_features", "feature_mean", "feature_std"),
+                "resnet": ("n_classes", "in_channels", "image_size", "input_scale")}
 
 
 class ConfigError(ValueError):

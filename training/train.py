@@ -10,12 +10,16 @@ from pathlib import Path
 
 import torch
 
-from training import checkpoint, data, loop
+from training import checkpoint, loop
+from training import data as bundled
 from training.families import family_module, make_config
 
 # which dataset each family trains on
 DATASETS = {"mlp": "digits", "resnet": "digits", "decoder": "text", "mamba": "text",
             "rnn": "series", "rnn_lm": "text"}
+# the families trained by train_classifier (the shared loop, loop.train), which take user data,
+# config overrides and resumable runs
+CLASSIFIERS = ("mlp", "resnet")
 # the generative families train on digits scaled to [-1, 1] (training.generative.digits_unit)
 DATASETS.update({"gan": "digits", "vae": "digits", "diffusion": "digits"})
 
@@ -31,16 +35,37 @@ def code_revision() -> str | None:
 
 
 def train_classifier(family: str, preset: str, out_dir: str | Path, train_cfg: loop.TrainConfig | None = None,
-                     progress: bool = True) -> dict:
-    """Train a classifier on digits; writes a checkpoint and returns its metrics."""
+                     progress: bool = True, data: str | Path | None = None,
+                     data_options: dict | None = None, model_config=None, run_dir: str | Path | None = None,
+                     resume: bool = False) -> dict:
+    """Train a classifier on digits, or on the user's own `data` (training/user_data.py: a table
+    for mlp, an image folder for resnet; `data_options` are user_data.read's keywords:
+    label_column, image_size, channels); writes a checkpoint and returns its metrics. Bad data
+    raises user_data.DataError before anything trains.
+
+    `model_config`: the family's Config (default: the preset's; training/run_config.py resolves
+    one from --set/--config); with `data`, the fields the data decides (features, classes, image
+    size and channels) replace its own. `run_dir`: the run folder of loop.train (run-state
+    checkpoints, metrics.jsonl); `resume` continues the run it holds (run_state.RunStateError when
+    it cannot)."""
     train_cfg = train_cfg or loop.TrainConfig()
     fam = family_module(family)
-    config = make_config(family, preset)
-    split = data.digits(seed=train_cfg.seed)
+    config = model_config if model_config is not None else make_config(family, preset)
+    if data is None:
+        split, labels, details = bundled.digits(seed=train_cfg.seed), bundled.DIGITS_LABELS, None
+    else:
+        from training import user_data
+
+        user = user_data.read(family, data, seed=train_cfg.seed, **(data_options or {}))
+        config = dataclasses.replace(config, **user.config_overrides())
+        split, labels, details = user.split, user.class_names, user.details
     torch.manual_seed(train_cfg.seed)
     model = fam.Model(config)
     started = time.perf_counter()
-    result = loop.train(model, fam.loss, split.train, split.val, train_cfg, progress=progress)
+    run_config = {"family": family, "preset": preset, "model": dataclasses.asdict(config),
+                  "data": None if data is None else str(Path(data).resolve())}
+    result = loop.train(model, fam.loss, split.train, split.val, train_cfg, progress=progress,
+                        run_dir=run_dir, resume=resume, run_config=run_config if run_dir is not None else None)
     metrics = {
         "val_loss": result["best_val_loss"],
         "test_accuracy": loop.accuracy(model, split.test),
@@ -49,7 +74,7 @@ def train_classifier(family: str, preset: str, out_dir: str | Path, train_cfg: l
     }
     meta = {
         "family": family,
-        "labels": data.DIGITS_LABELS,
+        "labels": labels,
         "lineage": {
             "training_config": {"preset": preset, "model": dataclasses.asdict(config),
                                 "train": dataclasses.asdict(train_cfg)},
@@ -58,12 +83,26 @@ def train_classifier(family: str, preset: str, out_dir: str | Path, train_cfg: l
             "created_at": datetime.now(timezone.utc).isoformat(),
         },
     }
+    if details is not None:
+        meta["lineage"]["dataset_details"] = details
     checkpoint.save(out_dir, model, config, meta)
     return metrics
 
 
-def train(family: str, preset: str, out_dir: str | Path, progress: bool = True) -> dict:
-    """Train `family` at `preset` into `out_dir`."""
+def train(family: str, preset: str, out_dir: str | Path, progress: bool = True, data: str | Path | None = None,
+          data_options: dict | None = None, train_cfg: loop.TrainConfig | None = None, model_config=None,
+          run_dir: str | Path | None = None, resume: bool = False) -> dict:
+    """Train `family` at `preset` into `out_dir`: on its bundled dataset, or for mlp/resnet on the
+    user's own `data` (see train_classifier; ValueError for other families). `train_cfg`,
+    `model_config`, `run_dir` and `resume`: the classifiers' loop settings, model config and run
+    folder (see train_classifier); the other families' recipes do not take them yet."""
+    if data is not None or train_cfg is not None or model_config is not None or run_dir is not None:
+        if family not in CLASSIFIERS:
+            raise ValueError(f"--data, --set, --config and --resume are for the classifier families "
+                             f"{' and '.join(CLASSIFIERS)} so far, not {family}")
+        return train_classifier(family, preset, out_dir, train_cfg, progress=progress, data=data,
+                                data_options=data_options, model_config=model_config, run_dir=run_dir,
+                                resume=resume)
     if family in ("gan", "vae", "diffusion"):   # own recipes, samples judged by a digits classifier
         from training import generative
 

@@ -1,7 +1,8 @@
-"""Small ResNet (basic blocks, He et al. 2015) for 8x8 digits.
+"""Small ResNet (basic blocks, He et al. 2015) for 8x8 digits, or a user's image folder.
 
-Dimensions: B batch, C channels, H x W the image (8x8), K classes (10).
-Raw digits values (0..16) go in; the model normalises them itself.
+Dimensions: B batch, C channels, H x W the image (8x8 for digits), K classes (10 for digits).
+Raw pixel values go in (digits 0..16; a user's images 0..255, input_scale 255); the model
+normalises them itself.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class Config:
     width: int = 32                         # channels of the first stage
     blocks_per_stage: tuple[int, ...] = (1, 1)  # stage i has width * 2**i channels, stride 2 after the first
     n_classes: int = 10
-    input_scale: float = 16.0
+    input_scale: float = 16.0               # the largest pixel value (digits 16, 8-bit images 255)
 
     def __post_init__(self):
         self.blocks_per_stage = tuple(self.blocks_per_stage)   # config.json stores a list
@@ -81,10 +82,10 @@ Model = ResNet
 
 
 def example_inputs(config: Config, batch: int = 2) -> tuple[torch.Tensor]:
-    """A batch of random digit-like images (values 0..16)."""
+    """A batch of random images with whole values 0..input_scale (digits: 0..16)."""
     g = torch.Generator().manual_seed(0)
     shape = (batch, config.in_channels, config.image_size, config.image_size)
-    return (torch.randint(0, 17, shape, generator=g).float(),)
+    return (torch.randint(0, int(config.input_scale) + 1, shape, generator=g).float(),)
 
 
 def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
