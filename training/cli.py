@@ -19,9 +19,14 @@ from training.families import FAMILIES, preset_names
 # torch is imported inside the commands: `zooserve serve` builds this parser too and must not
 # pay for torch (import time, and ~200k objects for the garbage collector to walk).
 FORMATS = ("onnx", "torchscript")
-# the families `zooserve train --data` trains on the user's own data (training/user_data.py), and
-# that take --set/--config and --resume (the shared loop, training/loop.py)
-DATA_FAMILIES = ("mlp", "resnet")
+# the families `zooserve train --data` trains on the user's own data: a table or an image folder
+# (training/user_data.py), a series (user_series.py), text (user_text.py); and the option that
+# describes each kind of data
+DATA_FAMILIES = ("mlp", "resnet", "rnn", "decoder", "mamba", "rnn_lm")
+DATA_OPTIONS = {"label_column": ("mlp",), "image_size": ("resnet",), "channels": ("resnet",),
+                "value_column": ("rnn",), "time_column": ("rnn",), "tokenizer": ("decoder", "mamba")}
+# the families whose recipe runs the shared loop (training/loop.py): --set/--config and --resume
+LOOP_FAMILIES = ("mlp", "resnet", "rnn")
 # inside --out: the run folder (run-state checkpoints and metrics.jsonl, training/run_state.py)
 RUN_FOLDER = "run"
 
@@ -64,8 +69,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.out is None:
         return error("the following arguments are required: --out")
     tuned = bool(args.set or args.config or args.resume)
-    if tuned and args.family not in DATA_FAMILIES:
-        return error(f"--set, --config and --resume are for {' and '.join(DATA_FAMILIES)} so far, not "
+    if tuned and args.family not in LOOP_FAMILIES:
+        return error(f"--set, --config and --resume are for {', '.join(LOOP_FAMILIES)} so far, not "
                      f"{args.family} (its recipe takes only its preset; --print-config shows what it would use)")
     if args.data is not None and (args.set or args.config):
         baseline = resolve(args.family, run.preset).model
@@ -73,12 +78,15 @@ def _train(args: argparse.Namespace) -> int:
         if changed:
             return error(f"model.{changed[0]} comes from --data (with it, {', '.join(DATA_DECIDES[args.family])} "
                          f"are read from the data); do not set it")
-    data_options = {k: v for k, v in (("label_column", args.label_column), ("image_size", args.image_size),
-                                      ("channels", args.channels)) if v is not None}
-    if args.data is None and data_options:
-        return error(f"--{next(iter(data_options)).replace('_', '-')} describes --data, which is not given")
+    data_options = {k: getattr(args, k) for k in DATA_OPTIONS if getattr(args, k) is not None}
     if args.data is not None and args.family not in DATA_FAMILIES:
-        return error(f"--data is for {' and '.join(DATA_FAMILIES)}, not {args.family}")
+        return error(f"--data is for {', '.join(DATA_FAMILIES)}, not {args.family}")
+    for key in data_options:
+        flag = "--" + key.replace("_", "-")
+        if args.family not in DATA_OPTIONS[key]:
+            return error(f"{flag} is for {' and '.join(DATA_OPTIONS[key])} --data, not {args.family}")
+        if args.data is None:
+            return error(f"{flag} describes --data, which is not given")
     if args.registry is not None and args.publish is None:
         return error("--registry is where --publish NAME publishes; give --publish too")
     if args.publish is not None:
@@ -98,15 +106,15 @@ def _train(args: argparse.Namespace) -> int:
     from training.run_state import RunStateError
 
     run_dir = Path(args.out) / RUN_FOLDER
-    if args.family in DATA_FAMILIES and not args.resume and run_dir.exists():
+    if args.family in LOOP_FAMILIES and not args.resume and run_dir.exists():
         shutil.rmtree(run_dir)          # a new run into --out: its files are overwritten, the old run's too
     try:
-        if args.family in DATA_FAMILIES:
+        if args.family in LOOP_FAMILIES:
             metrics = train(args.family, run.preset, args.out, data=args.data, data_options=data_options,
                             train_cfg=run.train_config(), model_config=run.model_config(), run_dir=run_dir,
                             resume=args.resume)
         else:
-            metrics = train(args.family, run.preset, args.out)
+            metrics = train(args.family, run.preset, args.out, data=args.data, data_options=data_options)
     except DataError as exc:            # bad data: named before anything trains
         return error(str(exc))
     except RunStateError as exc:        # --resume without a run to resume, or with another config
@@ -476,8 +484,10 @@ def _demo(args: argparse.Namespace) -> int:
 FAMILY_HELP = {
     "mlp": "digits classifier, or your own table (--data)",
     "resnet": "digits classifier, or your own image folder (--data)",
-    "decoder": "Llama-style language model (tiny-moe: mixture of experts)", "mamba": "Mamba-1 language model",
-    "rnn_lm": "character-level RNN/GRU/LSTM language model", "rnn": "RNN/GRU/LSTM CO2 forecaster",
+    "decoder": "Llama-style language model (tiny-moe: mixture of experts), or on your text (--data)",
+    "mamba": "Mamba-1 language model, or on your text (--data)",
+    "rnn_lm": "character-level RNN/GRU/LSTM language model, or on your text (--data)",
+    "rnn": "RNN/GRU/LSTM CO2 forecaster, or your own series (--data)",
     "gan": "digits sampler", "vae": "digits sampler", "diffusion": "digits sampler (UNet, DDPM/DDIM)",
 }
 
@@ -510,18 +520,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "and write a checkpoint folder (config.json, model.safetensors, meta.json), the input of "
                     "`zooserve export`; prints the held-out metrics. Tiny presets train in seconds (mlp) to a "
                     f"few minutes on a CPU. Families: {families}.\n"
-                    "Your own data (mlp, resnet): --data names a table (.csv, .parquet, .jsonl: numeric feature "
-                    "columns and a label column) for mlp, or an image folder (one subfolder per class) for "
-                    "resnet; it is split 70/15/15 by a seeded permutation and its sha256, rows and class names go "
-                    "to the lineage. The model takes raw values: table rows as they are (standardised inside "
-                    "the model with the training split's mean and std), images as 0-255 pixels at --image-size. "
-                    "Bad data stops before training with one line naming the file, row or column (exit 2). "
+                    "Your own data: --data names a table (.csv, .parquet, .jsonl: numeric feature "
+                    "columns and a label column) for mlp, an image folder (one subfolder per class) for "
+                    "resnet, a csv series for rnn (--value-column, --time-column), text (.txt, a folder of .txt, "
+                    ".jsonl with \"text\") for decoder, mamba and rnn_lm (--tokenizer); its split, sha256, rows and "
+                    "class names go to the lineage. The model takes raw values: table rows as they are (standardised "
+                    "inside the model with the training split's mean and std), images as 0-255 pixels at "
+                    "--image-size. Bad data stops before training with one line naming the file, row or column "
+                    "(exit 2). --set/--config/--print-config tune the run and --resume continues a killed one "
+                    "(mlp, resnet, rnn; the run is kept in OUT/run). "
                     "--publish exports (parity checked, as `zooserve export`) and publishes a new version. "
                     "Examples:\n"
                     "  zooserve train mlp --preset tiny --out runs/mlp\n"
                     "  zooserve train mlp --data flowers.csv --label-column species --out runs/flowers "
                     "--publish flowers\n"
-                    "  zooserve train resnet --data photos/ --image-size 32 --out runs/photos --publish photos")
+                    "  zooserve train resnet --data photos/ --image-size 32 --out runs/photos --publish photos\n"
+                    "  zooserve train rnn --data sales.csv --time-column date --out runs/sales --set epochs=30\n"
+                    "  zooserve train decoder --data my_texts/ --out runs/mytext")
     p.add_argument("family", choices=sorted(FAMILIES), help="model family (see above)")
     p.add_argument("--preset", default=None, help="named size from the family's PRESETS (default tiny, or the "
                    "--config file's)")
@@ -544,7 +559,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", metavar="N", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--data", metavar="PATH", default=None,
                    help="train on your own data instead of the bundled set (default: the bundled set): a table "
-                        "file (.csv, .parquet, .jsonl) for mlp, an image folder (one subfolder per class) for resnet")
+                        "file (.csv, .parquet, .jsonl) for mlp, an image folder (one subfolder per class) for resnet, "
+                        "a csv series (one row per step) for rnn, text (.txt, a folder of .txt, .jsonl with a "
+                        "\"text\" field) for decoder, mamba and rnn_lm")
     p.add_argument("--label-column", metavar="NAME", default=None,
                    help="mlp --data: the table's label column, strings or whole numbers (default: label); "
                         "every other column is a numeric feature")
@@ -553,6 +570,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "at most 64)")  # training.user_data.MAX_DEFAULT_IMAGE_SIZE
     p.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="resnet --data: 1 (grey) or 3 (RGB) channels (default: 1 if every image is greyscale, else 3)")
+    p.add_argument("--value-column", metavar="NAME", default=None,
+                   help="rnn --data: the csv column to forecast (default: the only numeric column)")
+    p.add_argument("--time-column", metavar="NAME", default=None,
+                   help="rnn --data: a column of numbers or dates to sort the rows by, each distinct "
+                        "(default: none, the file's order)")
+    p.add_argument("--tokenizer", metavar="FILE", default=None,
+                   help="decoder/mamba --data: a local byte-level BPE tokenizer.json to use instead of training one "
+                        "on the text (default: trained on the training split)")
     p.add_argument("--publish", metavar="NAME", default=None,
                    help="after training, export (parity checked) and publish the checkpoint as a new version of "
                         "NAME (default: not published)")

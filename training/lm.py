@@ -1,4 +1,6 @@
-"""Training recipe for the token families (language models) on the bundled text corpus.
+"""Training recipe for the token families (language models) on the bundled text corpus, or on
+the user's own text (`data=`: a .txt file, a folder of .txt files or a .jsonl with a `text` field;
+training/user_text.py reads, validates, splits train/validation/test and tokenizes it).
 
 The data path: `text.load_corpus()` -> `text.split_corpus()` (whole plays held out) -> a
 byte-level BPE trained on the train split only -> token ids. Training samples random windows
@@ -59,6 +61,10 @@ class TokenData:
     tokenizer: Tokenizer
     train_ids: torch.Tensor   # (N_train,) int64
     val_ids: torch.Tensor     # (N_val,) int64
+    # the user's own text only (training/user_text.py); the bundled corpus has no test side
+    test_ids: torch.Tensor | None = None            # (N_test,) int64
+    details: dict[str, Any] | None = None           # lineage.dataset_details
+    tokenizer_lineage: dict[str, Any] | None = None  # lineage.training_config.tokenizer
 
 
 @functools.lru_cache(maxsize=2)
@@ -165,50 +171,77 @@ def _build_config(module: Any, preset: str, **overrides: Any) -> Any:
 
 def train_token_family(family: str, preset: str, out_dir: str | Path, steps: int | None = None,
                        progress: bool = True, seed: int = 0, vocab_size: int = 2048,
-                       block_size: int = 128, **train_overrides: Any) -> dict[str, float]:
-    """Train `training.models.<family>` at `preset` on the text corpus; writes the checkpoint
-    (weights, config, meta with lineage) and `tokenizer.json` into `out_dir`; returns metrics."""
+                       block_size: int = 128, data: str | Path | None = None,
+                       tokenizer_file: str | Path | None = None, **train_overrides: Any) -> dict[str, float]:
+    """Train `training.models.<family>` at `preset` on the text corpus, or on the user's own text
+    `data` (a .txt file, a folder of .txt files, a .jsonl with a string `text` field per line:
+    training/user_text.py); writes the checkpoint (weights, config, meta with lineage) and
+    `tokenizer.json` into `out_dir`; returns metrics (with `data`, also test_loss/test_perplexity and
+    the unigram's on the test split).
+
+    `tokenizer_file`: with `data`, a local tokenizer.json (or a folder holding one) used instead of
+    training a BPE; decoder and mamba only, its vocabulary at most `vocab_size`. Bad data or a bad
+    tokenizer file raises user_data.DataError (one line) before anything trains."""
     from training.train import code_revision
 
+    if tokenizer_file is not None:
+        from training.user_text import check_tokenizer_option
+
+        check_tokenizer_option(family, data, tokenizer_file)
     module = importlib.import_module(f"training.models.{family}")
     default_steps = DEFAULT_STEPS.get(f"{family}/{preset}", DEFAULT_STEPS.get(preset, FALLBACK_STEPS))
     cfg = LMTrainConfig(steps=steps or default_steps, block_size=block_size,
                         vocab_size=vocab_size, seed=seed, **train_overrides)
     started = time.perf_counter()
-    data = prepare_token_data(seed=seed, vocab_size=vocab_size)
-    config = _build_config(module, preset, vocab_size=data.tokenizer.vocab_size, block_size=block_size)
+    if data is None:
+        tokens = prepare_token_data(seed=seed, vocab_size=vocab_size)
+    else:
+        from training import user_text
+
+        tokens = user_text.prepare(family, data, seed=seed, vocab_size=vocab_size, block_size=block_size,
+                                   tokenizer_file=tokenizer_file)
+    config = _build_config(module, preset, vocab_size=tokens.tokenizer.vocab_size, block_size=block_size)
     torch.manual_seed(seed)
     model = module.Model(config)
     data_seconds = time.perf_counter() - started
-    result = train_lm(model, module.loss, data.train_ids, data.val_ids, cfg, progress, desc=f"{family}/{preset}")
-    unigram = unigram_baseline(data.train_ids, data.val_ids, data.tokenizer.vocab_size)
+    result = train_lm(model, module.loss, tokens.train_ids, tokens.val_ids, cfg, progress, desc=f"{family}/{preset}")
+    unigram = unigram_baseline(tokens.train_ids, tokens.val_ids, tokens.tokenizer.vocab_size)
     metrics = {
         **result,
         "val_perplexity": math.exp(result["val_loss"]),
         "unigram_val_loss": unigram,
         "unigram_val_perplexity": math.exp(unigram),
         "tokens_seen": float(cfg.steps * cfg.batch_size * cfg.block_size),
-        "train_tokens": float(data.train_ids.numel()),
-        "val_tokens": float(data.val_ids.numel()),
-        "chars_per_token": len(data.split.train) / max(1, data.train_ids.numel()),
+        "train_tokens": float(tokens.train_ids.numel()),
+        "val_tokens": float(tokens.val_ids.numel()),
+        "chars_per_token": len(tokens.split.train) / max(1, tokens.train_ids.numel()),
         "data_seconds": data_seconds,
         "train_seconds": time.perf_counter() - started - data_seconds,
     }
+    if tokens.test_ids is not None:     # the user's text: scored once on its test split too
+        test_loss = evaluate_lm(model, module.loss, tokens.test_ids, cfg.block_size, cfg.batch_size)
+        unigram_test = unigram_baseline(tokens.train_ids, tokens.test_ids, tokens.tokenizer.vocab_size)
+        metrics.update({"test_loss": test_loss, "test_perplexity": math.exp(test_loss),
+                        "unigram_test_loss": unigram_test, "unigram_test_perplexity": math.exp(unigram_test),
+                        "test_tokens": float(tokens.test_ids.numel())})
+    tokenizer_lineage = tokens.tokenizer_lineage or {
+        "type": "byte-level BPE (HF tokenizers), trained on the train split", "vocab_size": tokens.tokenizer.vocab_size}
     meta = {
         "family": family,
         "lineage": {
             "training_config": {"preset": preset, "model": dataclasses.asdict(config),
                                 "train": dataclasses.asdict(cfg),
-                                "tokenizer": {"type": "byte-level BPE (HF tokenizers), trained on the train split",
-                                              "vocab_size": data.tokenizer.vocab_size}},
-            "dataset": data.split.name, "dataset_split": data.split.split, "dataset_sha256": data.split.sha256,
+                                "tokenizer": tokenizer_lineage},
+            "dataset": tokens.split.name, "dataset_split": tokens.split.split, "dataset_sha256": tokens.split.sha256,
             "seed": seed, "metrics": metrics, "code_revision": code_revision(),
             "created_at": datetime.now(timezone.utc).isoformat(),
         },
     }
+    if tokens.details is not None:
+        meta["lineage"]["dataset_details"] = tokens.details
     model.eval()
     checkpoint.save(out_dir, model, config, meta)
-    data.tokenizer.save(out_dir)
+    tokens.tokenizer.save(out_dir)
     return metrics
 
 

@@ -14,6 +14,10 @@ on the training targets' weeks only.
 
 Shapes: series (N, max_len, 1) float32 raw ppm, right-padded with 0; lengths (N,) int64;
 targets (N, K) float32 raw ppm.
+
+A user's own series (train_forecaster(..., data=csv): training/user_series.py reads it, in time
+order) is cut and split the same way, its steps called rows; lineage then names the file, its
+sha256 and the columns used (dataset_details).
 """
 
 from __future__ import annotations
@@ -74,9 +78,11 @@ def windows(values: np.ndarray, ends: np.ndarray, lengths: np.ndarray, horizon: 
 
 
 def make_split(values: np.ndarray, horizon: int, seed: int = 0, min_len: int = MIN_LEN, max_len: int = MAX_LEN,
-               val_fraction: float = 0.15, test_fraction: float = 0.15) -> SeriesSplit:
+               val_fraction: float = 0.15, test_fraction: float = 0.15, unit: str = "week") -> SeriesSplit:
     """Every week with `min_len` weeks of past and `horizon` weeks of future is one example;
-    which split it is in depends on where its targets lie (module docstring)."""
+    which split it is in depends on where its targets lie (module docstring). `unit` names a step
+    in the split's description ("row" for a user's series). A constant training part (std 0) is
+    centred, not scaled (std 1)."""
     n = len(values)
     test_start = int(n * (1 - test_fraction))          # first week that is a test target
     val_start = int(n * (1 - test_fraction - val_fraction))
@@ -90,13 +96,13 @@ def make_split(values: np.ndarray, horizon: int, seed: int = 0, min_len: int = M
     made = {k: windows(values, ends[m], lengths[m], horizon, max_len) for k, m in parts.items()}
     train_values = values[:val_start]
     train_changes = made["train"][2] - last_value(made["train"][0], made["train"][1])[:, None]   # (N, K)
-    scaling = {"mean": float(train_values.mean()), "std": float(train_values.std()),
-               "step_std": float(train_changes.std())}
+    scaling = {"mean": float(train_values.mean()), "std": float(train_values.std()) or 1.0,
+               "step_std": float(train_changes.std()) or 1.0}
     counts = ", ".join(f"{k} {len(v[1])}" for k, v in made.items())
     return SeriesSplit(
         train=made["train"], val=made["val"], test=made["test"], scaling=scaling,
         ends={k: ends[m] for k, m in parts.items()}, name=CO2,
-        split=(f"chronological by target week: val targets from week {val_start}, test from week {test_start} "
+        split=(f"chronological by target {unit}: val targets from {unit} {val_start}, test from {unit} {test_start} "
                f"of {n}; history lengths {min_len}..{max_len} drawn with seed {seed}; horizon {horizon}; "
                f"examples: {counts}"),
         sha256=hashlib.sha256(values.tobytes()).hexdigest(),
@@ -129,9 +135,16 @@ def predict(model: torch.nn.Module, examples: Examples, batch_size: int = 256) -
 
 
 def train_forecaster(family: str, preset: str, out_dir: str | Path, train_cfg: loop.TrainConfig | None = None,
-                     progress: bool = True, **overrides) -> dict[str, float]:
-    """Train `family` (rnn) at `preset` on co2; writes the checkpoint and returns its metrics, with
-    the test errors of the model and of the last-value baseline (`config` fields may be overridden)."""
+                     progress: bool = True, data: str | Path | None = None, value_column: str | None = None,
+                     time_column: str | None = None, run_dir: str | Path | None = None, resume: bool = False,
+                     **overrides) -> dict[str, float]:
+    """Train `family` (rnn) at `preset` on co2, or on the user's own series `data` (a csv, one row per
+    step: training/user_series.py; `value_column` is the column to forecast, default the only
+    numeric one; `time_column` an optional column to sort the rows by, numbers or dates). Writes
+    the checkpoint and returns its metrics, with the test errors of the model and of the last-value
+    baseline (`config` fields may be overridden: horizon among them). Bad data raises
+    user_data.DataError before anything trains. `run_dir`/`resume`: the run folder of loop.train
+    (run-state checkpoints, metrics.jsonl) and whether to continue the run it holds."""
     from training.families import family_module, make_config
     from training.train import code_revision
 
@@ -139,12 +152,36 @@ def train_forecaster(family: str, preset: str, out_dir: str | Path, train_cfg: l
     fam = family_module(family)
     unscaled = make_config(family, preset, **overrides)
     horizon = unscaled.horizon
-    split = make_split(load_co2(), horizon, seed=train_cfg.seed)
+    details = None
+    if data is None:
+        if value_column is not None or time_column is not None:
+            from training.user_data import DataError
+
+            raise DataError("--value-column and --time-column describe a series given with --data")
+        split = make_split(load_co2(), horizon, seed=train_cfg.seed)
+    else:
+        from training import user_series
+
+        user = user_series.read_series(data, horizon, MIN_LEN, value_column, time_column)
+        split = make_split(user.values, horizon, seed=train_cfg.seed, val_fraction=user_series.VAL_FRACTION,
+                           test_fraction=user_series.TEST_FRACTION, unit="row")
+        split = dataclasses.replace(split, name=user.name, sha256=user.sha256)
+        n = user.rows
+        test_start = int(n * (1 - user_series.TEST_FRACTION))
+        val_start = int(n * (1 - user_series.TEST_FRACTION - user_series.VAL_FRACTION))
+        details = {**user.details,
+                   "rows": {"total": n, "train": val_start, "val": test_start - val_start, "test": n - test_start},
+                   "examples": {k: int(len(getattr(split, k)[1])) for k in ("train", "val", "test")},
+                   "horizon": horizon, "history": [MIN_LEN, MAX_LEN]}
     config = dataclasses.replace(unscaled, **split.scaling)
     torch.manual_seed(train_cfg.seed)
     model = fam.Model(config)
     started = time.perf_counter()
-    result = loop.train(model, fam.loss, split.train, split.val, train_cfg, progress=progress)
+    run_config = {"family": family, "preset": preset, "model": dataclasses.asdict(config),
+                  "data": None if data is None else str(Path(data).resolve()),
+                  "value_column": value_column, "time_column": time_column}
+    result = loop.train(model, fam.loss, split.train, split.val, train_cfg, progress=progress,
+                        run_dir=run_dir, resume=resume, run_config=run_config if run_dir is not None else None)
     model_err = errors(predict(model, split.test), split.test[2])
     naive_err = errors(naive_forecast(split.test[0], split.test[1], horizon), split.test[2])
     metrics = {
@@ -154,16 +191,21 @@ def train_forecaster(family: str, preset: str, out_dir: str | Path, train_cfg: l
         "epochs_run": float(result["epochs_run"]),
         "train_seconds": time.perf_counter() - started,
     }
+    data_config = {"min_len": MIN_LEN, "max_len": MAX_LEN, "horizon": horizon}
+    if data is not None:
+        data_config.update(source=details["source"], value_column=details["value_column"],
+                           time_column=details["time_column"])
     meta = {
         "family": family,
         "lineage": {
             "training_config": {"preset": preset, "model": dataclasses.asdict(config),
-                                "train": dataclasses.asdict(train_cfg),
-                                "data": {"min_len": MIN_LEN, "max_len": MAX_LEN, "horizon": horizon}},
+                                "train": dataclasses.asdict(train_cfg), "data": data_config},
             "dataset": split.name, "dataset_split": split.split, "dataset_sha256": split.sha256,
             "seed": train_cfg.seed, "metrics": metrics, "code_revision": code_revision(),
             "created_at": datetime.now(timezone.utc).isoformat(),
         },
     }
+    if details is not None:
+        meta["lineage"]["dataset_details"] = details
     checkpoint.save(out_dir, model, config, meta)
     return metrics

@@ -20,6 +20,8 @@ DATASETS = {"mlp": "digits", "resnet": "digits", "decoder": "text", "mamba": "te
 # the families trained by train_classifier (the shared loop, loop.train), which take user data,
 # config overrides and resumable runs
 CLASSIFIERS = ("mlp", "resnet")
+# the families whose recipe runs the shared loop: --set/--config and --resume reach them
+LOOP_FAMILIES = (*CLASSIFIERS, "rnn")
 # the generative families train on digits scaled to [-1, 1] (training.generative.digits_unit)
 DATASETS.update({"gan": "digits", "vae": "digits", "diffusion": "digits"})
 
@@ -92,14 +94,32 @@ def train_classifier(family: str, preset: str, out_dir: str | Path, train_cfg: l
 def train(family: str, preset: str, out_dir: str | Path, progress: bool = True, data: str | Path | None = None,
           data_options: dict | None = None, train_cfg: loop.TrainConfig | None = None, model_config=None,
           run_dir: str | Path | None = None, resume: bool = False) -> dict:
-    """Train `family` at `preset` into `out_dir`: on its bundled dataset, or for mlp/resnet on the
-    user's own `data` (see train_classifier; ValueError for other families). `train_cfg`,
+    """Train `family` at `preset` into `out_dir`: on its bundled dataset, or for mlp/resnet/rnn on
+    the user's own `data` (see train_classifier and series.train_forecaster, whose `data_options`
+    are value_column and time_column; ValueError for other families). `train_cfg`,
     `model_config`, `run_dir` and `resume`: the classifiers' loop settings, model config and run
     folder (see train_classifier); the other families' recipes do not take them yet."""
+    if family == "rnn":
+        from training.series import train_forecaster
+
+        options = data_options or {}
+        overrides = {} if model_config is None else {k: v for k, v in dataclasses.asdict(model_config).items()
+                                                     if k not in ("mean", "std", "step_std")}   # fit on the data
+        return train_forecaster(family, preset, out_dir, train_cfg, progress=progress, data=data,
+                                value_column=options.get("value_column"), time_column=options.get("time_column"),
+                                run_dir=run_dir, resume=resume, **overrides)
+    if data is not None and DATASETS.get(family) == "text":
+        from training.lm import train_token_family
+
+        tokenizer = (data_options or {}).get("tokenizer")
+        if family == "rnn_lm":          # character level: the byte tokenizer without merges (vocab 260)
+            return train_token_family(family, preset, out_dir, progress=progress, data=data,
+                                      tokenizer_file=tokenizer, vocab_size=family_module(family).Config.vocab_size)
+        return train_token_family(family, preset, out_dir, progress=progress, data=data, tokenizer_file=tokenizer)
     if data is not None or train_cfg is not None or model_config is not None or run_dir is not None:
         if family not in CLASSIFIERS:
-            raise ValueError(f"--data, --set, --config and --resume are for the classifier families "
-                             f"{' and '.join(CLASSIFIERS)} so far, not {family}")
+            raise ValueError(f"--data, --set, --config and --resume are for {', '.join(LOOP_FAMILIES)} so far, "
+                             f"not {family}")
         return train_classifier(family, preset, out_dir, train_cfg, progress=progress, data=data,
                                 data_options=data_options, model_config=model_config, run_dir=run_dir,
                                 resume=resume)

@@ -42,9 +42,14 @@ def test_print_config_resolves_preset_file_and_set_and_feeds_back(tmp_path, caps
 @pytest.mark.parametrize("argv,message", [
     (["train", "mlp", "--set", "hiden=3", "--out", "x"], "did you mean 'hidden'"),
     (["train", "mlp", "--set", "epochs=many", "--out", "x"], "train.epochs expects int"),
-    (["train", "decoder", "--set", "lr=1", "--out", "x"], "for mlp and resnet so far, not decoder"),
+    (["train", "decoder", "--set", "lr=1", "--out", "x"], "for mlp, resnet, rnn so far, not decoder"),
     (["train", "mlp", "--set", "n_classes=3", "--data", "table.csv", "--out", "x"], "comes from --data"),
     (["train", "mlp", "--set", "epochs=2"], "required: --out"),
+    (["train", "mlp", "--data", "table.csv", "--value-column", "a", "--out", "x"], "--value-column is for rnn"),
+    (["train", "rnn", "--time-column", "t", "--out", "x"], "--time-column describes --data"),
+    (["train", "decoder", "--data", "missing.txt", "--out", "x"], "missing.txt"),
+    (["train", "rnn_lm", "--data", "table.csv", "--tokenizer", "tok.json", "--out", "x"], "--tokenizer is for decoder"),
+    (["train", "gan", "--data", "table.csv", "--out", "x"], "--data is for"),
 ])
 def test_configuration_mistakes_are_one_line_and_exit_2(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -94,3 +99,23 @@ def test_a_run_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_ru
     assert done.returncode == 0, done.stderr
     assert (killed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
     assert (killed / "run" / "metrics.jsonl").read_bytes() == (whole / "run" / "metrics.jsonl").read_bytes()
+
+
+def test_rnn_trains_on_a_csv_series_with_set_and_its_run_folder(tmp_path, capsys):
+    import math
+    import random
+
+    rng = random.Random(0)
+    rows = [(i, math.sin(i / 10) + rng.gauss(0, 0.05)) for i in range(300)]
+    rng.shuffle(rows)                                        # --time-column puts them back in order
+    table = tmp_path / "series.csv"
+    table.write_text("t,v\n" + "".join(f"{t},{v}\n" for t, v in rows))
+    out = tmp_path / "run"
+    code, printed, err = run_cli(["train", "rnn", "--data", str(table), "--time-column", "t", "--set", "epochs=4",
+                                  "--out", str(out)], capsys)
+    assert code == 0, err
+    metrics = dict(kv.split("=") for kv in printed.strip().split(": ", 1)[1].split(", "))
+    assert float(metrics["test_mae"]) < float(metrics["naive_test_mae"])
+    lineage = json.loads((out / "meta.json").read_text())["lineage"]
+    assert lineage["dataset_details"]["time_column"] == "t" and lineage["training_config"]["train"]["epochs"] == 4
+    assert (out / "run" / "metrics.jsonl").exists()
