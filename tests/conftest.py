@@ -164,3 +164,14 @@ def demo_server(demo_registry) -> Iterator[ServerProcess]:
 def start_server():
     """`with start_server(registry, extra_args) as server:` runs a real server for the block."""
     return running_server
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one intra-op thread for the test (deterministic reductions; 2 shared cores), then as before."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

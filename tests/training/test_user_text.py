@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from training import checkpoint, user_text
 from training.lm import train_token_family
@@ -32,12 +31,8 @@ ENDINGS = ["today.", "at night.", "again and again.", "without a word."]
 BRIEF = dict(steps=60, block_size=32, batch_size=8, warmup_steps=5, eval_interval=1000, lr=4e-3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread: results independent of the machine's cores (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sentences(n: int, seed: int) -> str:
