@@ -22,11 +22,24 @@ FORMATS = ("onnx", "torchscript")
 # the families `zooserve train --data` trains on the user's own data: a table or an image folder
 # (training/user_data.py), a series (user_series.py), text (user_text.py); and the option that
 # describes each kind of data
-DATA_FAMILIES = ("mlp", "resnet", "rnn", "decoder", "mamba", "rnn_lm")
-DATA_OPTIONS = {"label_column": ("mlp",), "image_size": ("resnet",), "channels": ("resnet",),
-                "value_column": ("rnn",), "time_column": ("rnn",), "tokenizer": ("decoder", "mamba")}
-# the families whose recipe runs the shared loop (training/loop.py): --set/--config and --resume
-LOOP_FAMILIES = ("mlp", "resnet", "rnn")
+DATA_FAMILIES = (
+    "mlp", "resnet",                # a table, an image folder (training/user_data.py)
+    "rnn",                          # a csv series (training/user_series.py)
+    "decoder", "mamba", "rnn_lm",   # text (training/user_text.py)
+)
+DATA_OPTIONS = {
+    "label_column": ("mlp",),
+    "image_size": ("resnet",),
+    "channels": ("resnet",),
+    "value_column": ("rnn",),
+    "time_column": ("rnn",),
+    "tokenizer": ("decoder", "mamba"),
+}
+# the families whose recipe takes --set/--config and --resume (a run folder, training/run_state.py)
+LOOP_FAMILIES = (
+    "mlp", "resnet",                # training/train.py train_classifier (the shared loop, training/loop.py)
+    "rnn",                          # training/series.py train_forecaster (the shared loop)
+)
 # inside --out: the run folder (run-state checkpoints and metrics.jsonl, training/run_state.py)
 RUN_FOLDER = "run"
 
