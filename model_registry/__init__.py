@@ -7,6 +7,7 @@ from .errors import Conflict, IntegrityError, InvalidName, NotFound, RegistryErr
 from .lease import Lease
 from .manifest import (
     Batching,
+    InstanceGroup,
     Generation,
     Lineage,
     Manifest,
@@ -24,6 +25,7 @@ __all__ = [
     "MANIFEST",
     "MODEL_CONFIG",
     "Batching",
+    "InstanceGroup",
     "Conflict",
     "Generation",
     "IntegrityError",

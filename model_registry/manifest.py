@@ -218,6 +218,17 @@ class Batching(_Strict):
     max_queue_wait_ms: float = Field(1000.0, gt=0)
 
 
+class InstanceGroup(_Strict):
+    """How a classify model's batches execute (Triton's instance_group): `count` execution
+    instances run batches side by side, each on its own thread over the version's one runtime
+    (ONNX Runtime and TorchScript take concurrent runs), with `intra_op_threads` threads inside each
+    run. None: chosen for the machine (serve/instances.py). Changing it reloads the version."""
+
+    count: int | None = Field(None, ge=1, le=64)
+    # ONNX Runtime versions only: torch keeps one thread pool per process (the server's --threads)
+    intra_op_threads: int | None = Field(None, ge=1, le=64)
+
+
 class VersionPolicy(_Strict):
     """Which versions a server loads (Triton's version_policy); aliased versions always load."""
 
@@ -233,6 +244,7 @@ class ModelConfig(_Strict):
     family: str
     kind: Kind
     batching: Batching = Field(default_factory=Batching)
+    instance_group: InstanceGroup = Field(default_factory=InstanceGroup)
     routing: Routing = Field(default_factory=Routing)
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
     # the progressive rollout in force or last run (None: never started)

@@ -3,8 +3,11 @@
 Requests queue on the event loop; one collector task cuts a batch when `max_batch_size` rows
 are waiting or the oldest request has waited `max_queue_delay_ms` (a window that opens only under
 load: a lone request after a batch of one runs at once), concatenates the inputs,
-runs the batch on the engine's own thread (ONNX Runtime and torch release the GIL) and
-scatters the output rows back. Requests that arrive while a batch executes grow the next one.
+runs the batch on one of the engine's execution instances (Triton's instance_group count: threads
+that run batches side by side on one runtime; ONNX Runtime and torch release the GIL and take
+concurrent runs) and scatters the output rows back. While every instance is busy, arriving requests
+grow the next batch; when one is free, the next batch is cut (by count or delay) and starts on it
+while the others still compute.
 
 Refusals never touch the model: a full queue raises `QueueFull` (HTTP 429 with Retry-After),
 a request whose deadline passed before its batch started raises `DeadlineExceeded` (504), and
@@ -74,7 +77,8 @@ class Reservation:
 
 
 class DynamicBatcher:
-    """Collects requests into batches and runs them one at a time on a dedicated thread."""
+    """Collects requests into batches and runs up to `instances` of them at a time, each on its own
+    thread (one by default: batches run one after the other)."""
 
     def reconfigure(self, max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
                     max_queue_wait_ms: float | None = None) -> None:
@@ -86,8 +90,12 @@ class DynamicBatcher:
 
     def __init__(self, run_batch: RunBatch, max_batch_size: int, max_queue_delay_ms: float,
                  max_queue_size: int, on_batch: Callable[[BatchRecord], None] | None = None,
-                 name: str = "batcher", inline_below_ms: float = 0.2, max_queue_wait_ms: float | None = None):
+                 name: str = "batcher", inline_below_ms: float = 0.2, max_queue_wait_ms: float | None = None,
+                 instances: int = 1):
+        if instances < 1:
+            raise ValueError(f"instances must be 1 or more, not {instances}")
         self.run_batch = run_batch
+        self.instances = instances
         self.reconfigure(max_batch_size, max_queue_delay_ms, max_queue_size, max_queue_wait_ms)
         self.on_batch = on_batch
         self._queue: deque[_Pending] = deque()
@@ -98,10 +106,13 @@ class DynamicBatcher:
         # batches that run faster than this (running mean) execute on the event loop itself:
         # the hop to the thread and back costs more CPU than such a model (bench/classify.py)
         self.inline_below_s = inline_below_ms / 1000.0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=name)
         self._task: asyncio.Task | None = None
         self._closing = False
         self._in_flight = 0                # requests taken off the queue and not yet answered
+        self._executing: set[asyncio.Task] = set()   # batches running on instances (instances > 1)
+        # the collector sleeps on this while every instance is busy; a finishing batch wakes it
+        self._instance_freed: asyncio.Future | None = None
         self._rows_queued = 0              # sum of rows in the queue
         self._last_batch_requests = 0      # requests in the previous batch (1 = no load to batch)
         self._mean_batch_s = 0.001         # running mean of batch compute time (Retry-After, inline choice)
@@ -129,9 +140,10 @@ class DynamicBatcher:
         reserved = self._reserved if reserved is None else reserved
         if not self._queue and not reserved:
             return 0.0
-        drain_rows_per_s = self._mean_batch_rows / max(self._mean_cycle_s, self._mean_batch_s)
+        # with n instances a batch starts every mean_batch_s / n at best
+        drain_rows_per_s = self._mean_batch_rows / max(self._mean_cycle_s, self._mean_batch_s / self.instances)
         return ((self._rows_queued + reserved) / drain_rows_per_s
-                + (self._mean_batch_s if self._in_flight else 0.0))
+                + (self._mean_batch_s / self.instances if self._in_flight else 0.0))
 
     def admit(self, deadline: float | None = None) -> "Reservation":
         """Refuse a request before it is read or queued (Closed, or QueueFull with the time the
@@ -223,13 +235,37 @@ class DynamicBatcher:
         while True:
             if not self._queue:
                 if self._closing:
+                    if self._executing:
+                        await asyncio.gather(*self._executing)
                     return
                 await self._sleep(None, wake_on_any=True)
                 continue
+            if len(self._executing) >= self.instances:
+                await self._wait_for_instance()
+                continue
             await self._wait_for_batch()
             batch = self._take_batch()
-            if batch:
+            if not batch:
+                continue
+            if self.instances == 1:
                 await self._execute(batch)
+            else:
+                task = asyncio.get_running_loop().create_task(self._execute(batch))
+                self._executing.add(task)
+                task.add_done_callback(self._instance_done)
+
+    async def _wait_for_instance(self) -> None:
+        """Every instance is busy: sleep until a batch finishes (requests keep queueing meanwhile)."""
+        self._instance_freed = asyncio.get_running_loop().create_future()
+        try:
+            await self._instance_freed
+        finally:
+            self._instance_freed = None
+
+    def _instance_done(self, task: asyncio.Task) -> None:
+        self._executing.discard(task)
+        if self._instance_freed is not None and not self._instance_freed.done():
+            self._instance_freed.set_result(None)
 
     async def _wait_for_batch(self) -> None:
         """Wait until a full batch is queued or the oldest request has waited the delay."""
@@ -264,8 +300,9 @@ class DynamicBatcher:
         started = time.perf_counter()
         if self._last_start is not None:
             self._mean_cycle_s = 0.8 * self._mean_cycle_s + 0.2 * (started - self._last_start)
+        self._last_start = started     # forgotten again if the queue runs empty by the batch's end
         self._last_batch_requests = len(batch)
-        self._in_flight = len(batch)
+        self._in_flight += len(batch)
         names = batch[0].inputs.keys()
         if len(batch) == 1:
             joined = batch[0].inputs
@@ -279,7 +316,8 @@ class DynamicBatcher:
                 outputs = await loop.run_in_executor(self._executor, self.run_batch, joined)
         except Exception as exc:  # noqa: BLE001 - the batch's requests get the error, the batcher lives on
             await self._execute_one_by_one(batch, exc)
-            self._in_flight, self._last_start = 0, None
+            self._in_flight -= len(batch)
+            self._last_start = None
             return
         compute_s = time.perf_counter() - started
         self._mean_batch_s = 0.8 * self._mean_batch_s + 0.2 * compute_s
@@ -289,8 +327,9 @@ class DynamicBatcher:
             if not p.future.done():
                 p.future.set_result({n: o[offset:offset + p.rows] for n, o in outputs.items()})
             offset += p.rows
-        self._in_flight = 0
-        self._last_start = started if self._queue else None
+        self._in_flight -= len(batch)
+        if not self._queue:
+            self._last_start = None
         if self.on_batch is not None:
             self.on_batch(BatchRecord(offset, compute_s, [started - p.enqueued for p in batch]))
 

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 # ServeSettings fields that flags of `serve` and `batch` set: setting -> flag (its dest the flag's name)
 FLAGS = {"host": "--host", "port": "--port", "device": "--device", "intra_op_threads": "--threads",
+         "execution_instances": "--instances",
          "admin_token": "--admin-token", "log_level": "--log-level", "log_format": "--log-format",
          "access_log": "--access-log", "allow_empty": "--allow-empty"}
 
@@ -146,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "whose runtime cannot run on the GPU)")
     p.add_argument("--threads", metavar="N", type=int, default=None,
                    help="intra-op threads per model (default 1: on small shared CPUs more is slower)")
+    p.add_argument("--instances", metavar="N", type=int, default=None,
+                   help="execution instances per classify model, batches that run side by side (Triton's "
+                        "instance_group count), where its model.json does not set instance_group.count "
+                        "(default: usable cores / --threads)")
     p.add_argument("--admin-token", metavar="TOKEN", default=None,
                    help="bearer token, 8 characters or more, that turns on the admin routes: repository "
                         "load/unload, routing and rollouts (default: none, those routes answer 404); "

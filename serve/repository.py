@@ -187,18 +187,24 @@ class ModelRepository:
     async def _open_wanted(self, cfg: ModelConfig, wanted: list[int], old: dict[int, LoadedVersion],
                            last: ModelConfig | None) -> tuple[dict[int, LoadedVersion], list[LoadedVersion]]:
         """The wanted versions: those READY already kept (with new batching), the others opened.
-        Returns (the new table, the versions opened now and refused)."""
+        A changed instance_group opens a READY classify version again (its runtime's threads and its
+        instances are fixed when it opens); the old engine keeps serving if that fails, and drains
+        once the new one serves. Returns (the new table, the versions opened now and refused)."""
         new: dict[int, LoadedVersion] = {}
         refused: list[LoadedVersion] = []
+        regroup = last is not None and last.instance_group != cfg.instance_group
         for version in wanted:
-            if version in old and old[version].state == State.READY:
-                new[version] = old[version]
+            kept = old.get(version) if version in old and old[version].state == State.READY else None
+            if kept is not None and not (regroup and kept.engine.manifest.kind == "classify"):
+                new[version] = kept
                 if last is not None and last.batching != cfg.batching:
-                    new[version].engine.reconfigure(cfg.batching)
+                    kept.engine.reconfigure(cfg.batching)
                 continue
             new[version] = await self._open_and_start(cfg, version)
             if new[version].state != State.READY:
                 refused.append(new[version])
+                if kept is not None:        # reopening for the new instance_group failed: the old one serves
+                    new[version] = kept
         return new, refused
 
     async def _open_and_start(self, cfg: ModelConfig, version: int) -> LoadedVersion:

@@ -23,6 +23,9 @@ class ServeSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU")
     # one intra-op thread per session: on small shared CPUs more threads are slower, not faster
     intra_op_threads: int = Field(1, ge=1)
+    execution_instances: int | None = Field(None, ge=1, le=64, description="batches a classify model runs side by "
+                                            "side (Triton's instance_group count) where its model.json does not "
+                                            "say; default: one per usable core over intra-op threads")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     request_timeout_s: float = Field(30.0, gt=0, description="default deadline of a queued request (504 after)")
     max_refusal_hold_s: float = Field(1.0, ge=0, description="a 429 for overload to a connection that comes back "

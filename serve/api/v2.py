@@ -219,6 +219,7 @@ async def version_ready(request: Request, model: str, version: str) -> Response:
 def _config(repo, lv: LoadedVersion, settings) -> dict:
     """Triton's ModelConfig as protobuf-JSON (snake_case, integer dims without the batch dim)."""
     manifest, cfg = lv.engine.manifest, repo.configs[lv.name]
+    instances = getattr(lv.engine, "instances", None)     # classify engines run several
 
     def tensor(s) -> dict:
         return {"name": s.name, "data_type": f"TYPE_{'STRING' if s.datatype == 'BYTES' else s.datatype}",
@@ -239,9 +240,13 @@ def _config(repo, lv: LoadedVersion, settings) -> dict:
         "model_transaction_policy": {"decoupled": False},
         # where the runtime really runs (a CUDA provider that failed to load falls back to the CPU)
         "instance_group": [{"name": f"{lv.name}_0", "kind": "KIND_GPU" if lv.device == "cuda" else "KIND_CPU",
-                            "count": 1, **({"gpus": [0]} if lv.device == "cuda" else {})}],
+                            "count": instances.count if instances else 1,
+                            **({"gpus": [0]} if lv.device == "cuda" else {})}],
         "parameters": {"routing": {"string_value": orjson.dumps(cfg.routing.model_dump()).decode()},
                        "revision": {"int64_param": cfg.revision},
+                       # classify models: the threads inside each instance's run, and where the count came from
+                       **({"intra_op_threads": {"int64_param": instances.intra_op_threads},
+                           "instance_count_chosen_by": {"string_value": instances.chosen}} if instances else {}),
                        **({"prefill": {"string_value": lv.prefill}} if lv.prefill else {}),
                        # why model.json as it is on disk is not (wholly) in force
                        **({"routing_error": {"string_value": repo.config_errors[lv.name]}}

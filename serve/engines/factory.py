@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from model_registry import Manifest, ModelConfig
@@ -19,12 +19,14 @@ from serve.engines.state_slots import StateSlots
 from serve.engines.stateless import StatelessEngine
 from serve.engines.tokens import TokenEngine
 from serve.golden import check_golden
+from serve.instances import choose, usable_cores
 from serve.metrics import Metrics, TokenMetrics
 from serve.runtimes import Runtime, open_runtime, with_split_prefill
 from serve.sequence_store import SequenceStore
 from serve.settings import ServeSettings
 
 log = logging.getLogger("zooserve.tokens")
+runtime_log = logging.getLogger("zooserve.runtime")
 
 
 @dataclass
@@ -54,17 +56,26 @@ def build_engine(version: int, manifest: Manifest, vdir: Path, ctx: BuildContext
     return builder(version, manifest, vdir, ctx)
 
 
-def _runtime(manifest: Manifest, vdir: Path, settings: ServeSettings) -> Runtime:
+def _runtime(manifest: Manifest, vdir: Path, settings: ServeSettings, threads: int | None = None) -> Runtime:
     return open_runtime(vdir, manifest.format, manifest.artifacts[manifest.format],
                         *artifact_names(manifest),   # the signature's (+ lengths and state)
-                        settings.intra_op_threads, settings.device)
+                        threads or settings.intra_op_threads, settings.device)
 
 
 def _stateless(version: int, manifest: Manifest, vdir: Path, ctx: BuildContext) -> Built:
-    runtime = _runtime(manifest, vdir, ctx.settings)
+    instances = choose(ctx.cfg.instance_group, ctx.settings.execution_instances, ctx.settings.intra_op_threads,
+                       usable_cores())
+    if manifest.format != "onnx" and instances.intra_op_threads != ctx.settings.intra_op_threads:
+        # torch has one intra-op pool per process: the server's --threads holds for every TorchScript model
+        runtime_log.warning("%s/%s: instance_group.intra_op_threads %d is for ONNX Runtime; this %s version runs with the "
+                    "server's %d", ctx.cfg.name, version, instances.intra_op_threads, manifest.format,
+                    ctx.settings.intra_op_threads)
+        instances = replace(instances, intra_op_threads=ctx.settings.intra_op_threads)
+    runtime = _runtime(manifest, vdir, ctx.settings, instances.intra_op_threads)
     error = check_golden(manifest, runtime, vdir)
     name = ctx.cfg.name
-    engine = StatelessEngine(name, version, manifest, runtime, ctx.cfg.batching, ctx.metrics.for_model(name, version))
+    engine = StatelessEngine(name, version, manifest, runtime, ctx.cfg.batching, ctx.metrics.for_model(name, version),
+                             instances)
     return Built(engine, error, runtime.device)
 
 

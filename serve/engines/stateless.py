@@ -10,6 +10,7 @@ import numpy as np
 
 from model_registry import Batching, Manifest
 from serve.batching import BatchRecord, DynamicBatcher, Reservation
+from serve.instances import Instances
 from serve.metrics import EngineStats, ModelMetrics
 from serve.runtimes import Runtime
 from serve.v2_codec import InferRequest, decode_infer_request, encode_infer_response
@@ -54,13 +55,15 @@ class StatelessEngine:
     cancellable = False
 
     def __init__(self, name: str, version: int, manifest: Manifest, runtime: Runtime,
-                 batching: Batching, metrics: ModelMetrics):
+                 batching: Batching, metrics: ModelMetrics, instances: Instances | None = None):
         self.name, self.version, self.manifest = name, version, manifest
         self.runtime, self.metrics = runtime, metrics
+        # execution instances: batches run side by side on the one runtime (serve/instances.py)
+        self.instances = instances or Instances(1, 1, "one")
         self.batcher = DynamicBatcher(runtime.run, batching.max_batch_size, batching.max_queue_delay_ms,
                                       batching.max_queue_size, on_batch=self._record,
                                       max_queue_wait_ms=batching.max_queue_wait_ms,
-                                      name=f"{name}-{version}")
+                                      name=f"{name}-{version}", instances=self.instances.count)
         metrics.queue_depth.set_function(lambda: self.batcher.queue_depth)   # read at scrape
 
     def _record(self, batch: BatchRecord) -> None:

@@ -69,7 +69,10 @@ def test_model_ready_config_and_stats(demo_server):
     assert config["max_batch_size"] == 32 and config["input"][0] == {"name": "image", "data_type": "TYPE_FP32",
                                                                      "dims": [1, 8, 8]}
     assert httpx.get(f"{url}/v2/models/resnet-digits/versions/1/config").json() == config
-    assert config["instance_group"] == [{"name": "resnet-digits_0", "kind": "KIND_CPU", "count": 1}]   # no GPU here
+    from serve.instances import usable_cores
+
+    # no GPU here; one execution instance per usable core (tests/serve/test_instances.py)
+    assert config["instance_group"] == [{"name": "resnet-digits_0", "kind": "KIND_CPU", "count": usable_cores()}]
     httpx.post(f"{url}/v2/models/resnet-digits/infer", json=digit_request((1, 2)))
     stats = httpx.get(f"{url}/v2/models/resnet-digits/stats").json()["model_stats"][0]
     assert stats["name"] == "resnet-digits" and stats["inference_count"] >= 2
