@@ -58,10 +58,16 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         stop_rollouts = asyncio.Event()
         rollouts = asyncio.create_task(_embedded_rollouts(settings, metrics, stop_rollouts)) \
             if settings.rollout_controller else None
+        grpc_server = None
         try:
+            if settings.grpc_port:          # imported only when on: grpc and tritonclient load ~0.2 s
+                from serve.api import grpc_v2
+                grpc_server = await grpc_v2.start(app.state, settings)
             yield
         finally:
             app.state.draining = True
+            if grpc_server is not None:     # calls in flight finish (as HTTP's did) before the engines close
+                await grpc_v2.stop(grpc_server, settings.drain_timeout_s)
             if not loading.done():
                 loading.cancel()
             if rollouts is not None:

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 
 # ServeSettings fields that flags of `serve` and `batch` set: setting -> flag (its dest the flag's name)
-FLAGS = {"host": "--host", "port": "--port", "device": "--device", "intra_op_threads": "--threads",
+FLAGS = {"host": "--host", "port": "--port", "grpc_port": "--grpc-port", "device": "--device",
+         "intra_op_threads": "--threads",
          "execution_instances": "--instances",
          "admin_token": "--admin-token", "log_level": "--log-level", "log_format": "--log-format",
          "access_log": "--access-log", "allow_empty": "--allow-empty"}
@@ -51,8 +52,10 @@ def _serve(args: argparse.Namespace) -> int:
     # before it started; with the default one that kills the process (exit -15) after a clean
     # drain. A no-op handler there makes a drained shutdown exit 0, as supervisors expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.Server(config).run()
-    return 0
+    server = uvicorn.Server(config)
+    server.run()
+    # a start-up that failed (a gRPC port already taken) has been logged; say so in the exit status
+    return 0 if server.started else 3
 
 
 def open_registry(root: Path, allow_empty: bool) -> str | None:
@@ -142,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", metavar="ADDR", default=None,
                    help="bind address (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
+    p.add_argument("--grpc-port", metavar="PORT", type=int, default=None,
+                   help="also serve KServe v2 over gRPC (Triton's GRPCInferenceService; the stock "
+                        "tritonclient.grpc works) on this port (default 0: no gRPC)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="where models run (default auto: CUDA when present, else CPU; cuda refuses a version "
                         "whose runtime cannot run on the GPU)")
@@ -150,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", metavar="N", type=int, default=None,
                    help="execution instances per classify model, batches that run side by side (Triton's "
                         "instance_group count), where its model.json does not set instance_group.count "
-                        "(default: usable cores / --threads)")
+                        "(default: none, one per usable core over --threads)")
     p.add_argument("--admin-token", metavar="TOKEN", default=None,
                    help="bearer token, 8 characters or more, that turns on the admin routes: repository "
                         "load/unload, routing and rollouts (default: none, those routes answer 404); "

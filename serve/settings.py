@@ -20,6 +20,8 @@ class ServeSettings(BaseSettings):
                               "empty, and models published into it later load through the registry watch")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(0, ge=0, le=65535, description="KServe v2 over gRPC (Triton's GRPCInferenceService) "
+                           "on this port, beside HTTP, same host; 0 = no gRPC")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU")
     # one intra-op thread per session: on small shared CPUs more threads are slower, not faster
     intra_op_threads: int = Field(1, ge=1)

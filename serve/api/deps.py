@@ -147,12 +147,17 @@ async def require_admin_token(request: Request) -> None:
     """The one rule of every admin route (repository load/unload, routing and rollouts). No token
     configured: the routes do not exist (404). No or malformed credentials: 401. A wrong token:
     403. The comparison takes the same time wherever the tokens differ."""
-    token = settings_of(request).admin_token
+    check_admin_token(settings_of(request).admin_token, request.headers.get("authorization"))
+
+
+def check_admin_token(token: str | None, authorization: str | None) -> None:
+    """`require_admin_token` for any transport: the server's token and the caller's Authorization
+    value (an HTTP header, gRPC metadata)."""
     if token is None:
         raise ServeError(404, "the admin API (repository load/unload, routing and rollouts) is off on this "
                               "server: start it with --admin-token <token> or ZOOSERVE_ADMIN_TOKEN=<token> "
                               "to turn it on")
-    given = bearer_credentials(request.headers.get("authorization"))
+    given = bearer_credentials(authorization)
     if given is None:
         raise ServeError(401, "the admin API needs the header 'Authorization: Bearer <admin token>'",
                          {"WWW-Authenticate": "Bearer"})

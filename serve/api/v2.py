@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Request
@@ -27,6 +27,7 @@ from serve.v2_codec import unknown_keys
 
 
 router = APIRouter()
+T = TypeVar("T")
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics", "parameters",
               "schedule_policy", "sequence", "sequence(string_id)"]
@@ -144,18 +145,22 @@ async def live() -> Response:
 @router.get("/v2/health/ready", summary="Readiness: start-up load done, not draining, and (strict, the "
                                         "default) every served model has a READY version")
 async def ready(request: Request) -> Response:
-    repo = repository_of(request)
-    if getattr(request.app.state, "draining", False):
+    check_ready(repository_of(request), settings_of(request), getattr(request.app.state, "draining", False))
+    return _json({"ready": True})
+
+
+def check_ready(repo, settings, draining: bool) -> None:
+    """The server's readiness (HTTP and gRPC): a 503 saying why it is not ready, else nothing."""
+    if draining:
         raise unavailable("server is shutting down")
     if not repo.loaded:
         raise unavailable("models are still loading")
-    if settings_of(request).readiness == "strict":
+    if settings.readiness == "strict":
         unready = repo.unready_models()       # the loaded tables only: cheap enough to poll under load
         if unready:
             raise unavailable(f"not ready: {'; '.join(unready.values())}. Fix or republish the version in the "
                               "registry (the server loads it within a poll), unload the model, or set "
                               "ZOOSERVE_READINESS=lenient to be ready while some models do not serve")
-    return _json({"ready": True})
 
 
 @router.get("/v2", summary="Server metadata")
@@ -165,7 +170,7 @@ async def server_metadata() -> Response:
 
 # ---- per-model metadata, readiness, config, stats -------------------------------------------
 
-def _metadata(repo, lv: LoadedVersion, versioned: bool) -> dict:
+def metadata_of(repo, lv: LoadedVersion, versioned: bool) -> dict:
     manifest = lv.engine.manifest
     ready = [str(v) for v, x in sorted(repo.tables[lv.name].items()) if x.state == State.READY]
     sig = manifest.signature
@@ -183,7 +188,7 @@ def _metadata(repo, lv: LoadedVersion, versioned: bool) -> dict:
 async def all_stats(request: Request) -> Response:
     repo = repository_of(request)
     # declared before /v2/models/{model} so that "stats" is not taken for a model name
-    rows = [_stats(lv) for t in repo.tables.values() for lv in t.values() if lv.engine is not None]
+    rows = [stats_of(lv) for t in repo.tables.values() for lv in t.values() if lv.engine is not None]
     return _json({"model_stats": rows})
 
 
@@ -191,14 +196,14 @@ async def all_stats(request: Request) -> Response:
 async def model_metadata(request: Request, model: str) -> Response:
     repo = repository_of(request)
     lv = repo.resolve(model, None)
-    return _json(_metadata(repo, lv, False), headers={"x-model-version": str(lv.version)})
+    return _json(metadata_of(repo, lv, False), headers={"x-model-version": str(lv.version)})
 
 
 @router.get("/v2/models/{model}/versions/{version}", summary="Model metadata (a version number or alias)")
 async def version_metadata(request: Request, model: str, version: str) -> Response:
     repo = repository_of(request)
     lv = repo.resolve(model, version)
-    return _json(_metadata(repo, lv, True), headers={"x-model-version": str(lv.version)})
+    return _json(metadata_of(repo, lv, True), headers={"x-model-version": str(lv.version)})
 
 
 async def _model_ready(request: Request, model: str, version: str | None) -> Response:
@@ -216,7 +221,7 @@ async def version_ready(request: Request, model: str, version: str) -> Response:
     return await _model_ready(request, model, version)
 
 
-def _config(repo, lv: LoadedVersion, settings) -> dict:
+def config_of(repo, lv: LoadedVersion, settings) -> dict:
     """Triton's ModelConfig as protobuf-JSON (snake_case, integer dims without the batch dim)."""
     manifest, cfg = lv.engine.manifest, repo.configs[lv.name]
     instances = getattr(lv.engine, "instances", None)     # classify engines run several
@@ -275,16 +280,16 @@ def _sequence_batching(manifest, settings) -> dict:
 @router.get("/v2/models/{model}/config", summary="Model configuration (Triton extension)")
 async def model_config(request: Request, model: str) -> Response:
     repo = repository_of(request)
-    return _json(_config(repo, repo.resolve(model, None), settings_of(request)))
+    return _json(config_of(repo, repo.resolve(model, None), settings_of(request)))
 
 
 @router.get("/v2/models/{model}/versions/{version}/config", summary="Version configuration (Triton extension)")
 async def version_config(request: Request, model: str, version: str) -> Response:
     repo = repository_of(request)
-    return _json(_config(repo, repo.resolve(model, version), settings_of(request)))
+    return _json(config_of(repo, repo.resolve(model, version), settings_of(request)))
 
 
-def _stats(lv: LoadedVersion) -> dict:
+def stats_of(lv: LoadedVersion) -> dict:
     s = lv.engine.stats()
 
     def d(count: int, ns: int) -> dict:
@@ -303,12 +308,12 @@ def _stats(lv: LoadedVersion) -> dict:
 
 @router.get("/v2/models/{model}/stats", summary="Statistics of a model's default version")
 async def model_stats(request: Request, model: str) -> Response:
-    return _json({"model_stats": [_stats(repository_of(request).resolve(model, None))]})
+    return _json({"model_stats": [stats_of(repository_of(request).resolve(model, None))]})
 
 
 @router.get("/v2/models/{model}/versions/{version}/stats", summary="Statistics of one version")
 async def version_stats(request: Request, model: str, version: str) -> Response:
-    return _json({"model_stats": [_stats(repository_of(request).resolve(model, version))]})
+    return _json({"model_stats": [stats_of(repository_of(request).resolve(model, version))]})
 
 
 # ---- inference (the hot path) ---------------------------------------------------------------
@@ -394,6 +399,31 @@ async def _infer(repo, settings, shadows: ShadowTraffic, model: str, version: st
     (`cancellable`: the denoise engine), before its answer. `body_of(limit)` reads the request
     body; `receive` is the ASGI channel that says when the client has gone; `header(name)` reads a
     request header (the sticky routing key)."""
+    return await infer_with(repo, settings, shadows, model, version, started, body_of, receive, encoding,
+                            header_length, header, _http_answer)
+
+
+def _http_answer(model: str, lv: LoadedVersion, alias: str | None, call, outputs: dict) -> tuple[bytes, list]:
+    """The HTTP 200 answer of a finished call: its body and headers (x-model-version, x-model-alias)."""
+    version_text = str(lv.version)
+    payload, extra = call.response(model, version_text, outputs)
+    headers = [(b"content-type", extra.pop("Content-Type").encode()), (b"x-model-version", version_text.encode())]
+    if alias is not None:
+        headers.append((b"x-model-alias", alias.encode()))
+    headers.extend((k.lower().encode(), v.encode()) for k, v in extra.items())
+    return payload, headers
+
+
+async def infer_with(repo, settings, shadows: ShadowTraffic, model: str, version: str | None, started: float,
+                     body_of, receive, encoding: str | None, header_length: str | None,
+                     header: Callable[[str], str | None], answer: Callable[..., T]) -> T | None:
+    """One v2 inference, whatever the transport: routing, admission, decoding (`engine.bind`),
+    sequence pinning, the run, shadow copies and the request's metrics, then
+    `answer(model, lv, alias, call, outputs)` makes the transport's answer (HTTP: `_http_answer`;
+    gRPC: serve/api/grpc_v2.py). `body_of(limit)` gives the body, or (body, header length) where
+    the transport builds a binary body itself (gRPC: serve/api/grpc_codec.py). `receive` None: the
+    transport cancels the caller's task itself when its client goes (grpc.aio does), so a
+    cancellable engine's work is simply awaited."""
     lv, alias = repo.route(model, version, header)
     with RequestOutcome(model, started, "inference", lambda: (lv.engine.metrics, lv.version)) as outcome:
         # shed before reading: a refusal under overload must cost less than the work it avoids;
@@ -403,6 +433,8 @@ async def _infer(repo, settings, shadows: ShadowTraffic, model: str, version: st
             if body is None:
                 outcome.status = 499
                 return None
+            if type(body) is tuple:    # a transport that builds the body itself (gRPC) gives its header length
+                body, header_length = body
             body = _decompress(body, encoding, settings.max_body_bytes)
             call = lv.engine.bind(body, header_length, settings, repo.configs[model].batching)
             if call.parameters:
@@ -412,7 +444,8 @@ async def _infer(repo, settings, shadows: ShadowTraffic, model: str, version: st
                 lv, alias = repo.pinned(model, pin[0], version, pin[1]), None
                 call = call.bound_to(lv.engine)
             work = call.run(started + _timeout_s(call.parameters, settings.request_timeout_s))
-        if lv.engine.cancellable:   # watching costs two tasks: only where requests run long
+        # watching costs two tasks: only where requests run long
+        if lv.engine.cancellable and receive is not None:
             outputs = await unless_disconnected(work, receive)
             if outputs is None:
                 outcome.status = 499
@@ -421,14 +454,9 @@ async def _infer(repo, settings, shadows: ShadowTraffic, model: str, version: st
             outputs = await work
         if call.shadowable:
             _shadow_copy(repo, shadows, settings, model, alias, lv, call, outputs)
-        version_text = str(lv.version)
-        payload, extra = call.response(model, version_text, outputs)
+        result = answer(model, lv, alias, call, outputs)
         outcome.status = 200
-        headers = [(b"content-type", extra.pop("Content-Type").encode()), (b"x-model-version", version_text.encode())]
-        if alias is not None:
-            headers.append((b"x-model-alias", alias.encode()))
-        headers.extend((k.lower().encode(), v.encode()) for k, v in extra.items())
-        return payload, headers
+        return result
 
 
 def _shadow_copy(repo, shadows: ShadowTraffic, settings, model: str, alias: str | None, lv: LoadedVersion,
@@ -563,6 +591,11 @@ async def _load_body(request: Request) -> None:
     params = parsed.get("parameters", {}) if isinstance(parsed, dict) else None
     if not isinstance(params, dict):
         raise ServeError(400, "body must be a JSON object with an optional 'parameters' object")
+    check_load_parameters(params)
+
+
+def check_load_parameters(params) -> None:
+    """Load/unload take Triton's parameters except a config override and files (HTTP and gRPC)."""
     unsupported = [k for k in params if k == "config" or k.startswith("file:")]
     if unsupported:
         raise ServeError(400, f"parameters {unsupported} are not supported: publish to the registry and load")
