@@ -2,10 +2,14 @@
 `meta.json` (family, metrics, lineage). Never a pickled module.
 
 `load` also reads a registry version folder, where the family comes from `manifest.json`.
+
+The weights are always written from CPU tensors, whatever device the model trained on: a
+checkpoint from a GPU exports and serves on a CPU-only machine (`load` maps to its `device`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -28,6 +32,8 @@ def save(directory: str | os.PathLike, model: torch.nn.Module, config: Any, meta
         raise ValueError("meta must name the family")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+    if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
+        model = copy.deepcopy(model).cpu()   # a copy: the caller's model stays on its device
     save_model(model, str(out / WEIGHTS))   # handles tied (shared) tensors
     (out / CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n")
     (out / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")

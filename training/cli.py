@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -26,11 +27,14 @@ DATA_FAMILIES = (
     "mlp", "resnet",                # a table, an image folder (training/user_data.py)
     "rnn",                          # a csv series (training/user_series.py)
     "decoder", "mamba", "rnn_lm",   # text (training/user_text.py)
+    "gan", "vae", "diffusion",      # an image folder (training/user_data.py, scaled by training/generative.py)
 )
 DATA_OPTIONS = {
     "label_column": ("mlp",),
-    "image_size": ("resnet",),
-    "channels": ("resnet",),
+    "image_size": ("resnet",
+                   "gan", "vae", "diffusion"),
+    "channels": ("resnet",
+                 "gan", "vae", "diffusion"),
     "value_column": ("rnn",),
     "time_column": ("rnn",),
     "tokenizer": ("decoder", "mamba"),
@@ -39,6 +43,14 @@ DATA_OPTIONS = {
 LOOP_FAMILIES = (
     "mlp", "resnet",                # training/train.py train_classifier (the shared loop, training/loop.py)
     "rnn",                          # training/series.py train_forecaster (the shared loop)
+    "decoder", "mamba", "rnn_lm",   # training/lm.py train_token_family (its own loop, train_lm)
+    "gan", "vae", "diffusion",      # training/generative.py train_generative (gan: its own loop; vae, diffusion: the shared loop)
+)
+# the families whose recipe takes --device cuda, --precision bf16|fp16 and --tensorboard (training/devices.py);
+# the others train on the CPU in fp32 (--device cpu and auto are accepted for every family)
+DEVICE_FAMILIES = (
+    "mlp", "resnet",                # training/train.py train_classifier (the shared loop, training/loop.py)
+    "rnn",                          # training/series.py train_forecaster (the shared loop; CPU only so far)
 )
 # inside --out: the run folder (run-state checkpoints and metrics.jsonl, training/run_state.py)
 RUN_FOLDER = "run"
@@ -70,6 +82,31 @@ def _train(args: argparse.Namespace) -> int:
     if args.preset is not None and args.preset not in known:   # before torch is imported: one line at once
         return error(f"argument --preset: invalid choice {args.preset!r} for {args.family} "
                      f"(choose from {', '.join(known)})")
+    # these need no torch (resolving the config below loads it): refused at once
+    if args.alias is not None:
+        if args.publish is None:
+            return error("--alias points a registry alias at the version --publish NAME publishes; give --publish too")
+        from model_registry import InvalidName
+        from model_registry.names import validate_alias
+
+        try:
+            validate_alias(args.alias)
+        except InvalidName as exc:
+            return error(f"--alias: {exc}")
+    asked = [flag for flag, on in (("--device cuda", args.device == "cuda"),
+                                   (f"--precision {args.precision}", args.precision != "fp32"),
+                                   ("--tensorboard", args.tensorboard)) if on]
+    if asked and args.family not in DEVICE_FAMILIES:
+        return error(f"--device cuda, --precision bf16|fp16 and --tensorboard are for {', '.join(DEVICE_FAMILIES)} "
+                     f"so far, not {args.family} (asked: {', '.join(asked)}; its recipe trains on the CPU in fp32)")
+    from training.devices import DeviceError, validate
+
+    try:
+        validate(args.device, args.precision)    # bf16/fp16 with --device cpu
+    except DeviceError as exc:
+        return error(str(exc))
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        return error("--tensorboard needs the tensorboard package, which is not installed (pip install tensorboard)")
     from training.run_config import DATA_DECIDES, ConfigError, resolve
 
     try:
@@ -97,7 +134,7 @@ def _train(args: argparse.Namespace) -> int:
     for key in data_options:
         flag = "--" + key.replace("_", "-")
         if args.family not in DATA_OPTIONS[key]:
-            return error(f"{flag} is for {' and '.join(DATA_OPTIONS[key])} --data, not {args.family}")
+            return error(f"{flag} is for {', '.join(DATA_OPTIONS[key])} --data, not {args.family}")
         if args.data is None:
             return error(f"{flag} describes --data, which is not given")
     if args.registry is not None and args.publish is None:
@@ -118,6 +155,22 @@ def _train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     from training.run_state import RunStateError
 
+    placement = {}
+    if args.family in DEVICE_FAMILIES:
+        from training import devices
+
+        try:    # before the old run folder goes: a machine that cannot train so changes nothing
+            device = devices.resolve(args.device)
+            devices.check(device, args.precision)
+            if args.family == "rnn":
+                from training.series import check_device
+
+                check_device(device)
+        except DeviceError as exc:
+            return error(str(exc))
+        placement = {"device": device, "precision": args.precision, "tensorboard": args.tensorboard}
+        if args.device != "cpu":      # auto or cuda: say what it became
+            print(f"training on {devices.describe(device)} in {args.precision}", flush=True)
     run_dir = Path(args.out) / RUN_FOLDER
     if args.family in LOOP_FAMILIES and not args.resume and run_dir.exists():
         shutil.rmtree(run_dir)          # a new run into --out: its files are overwritten, the old run's too
@@ -125,7 +178,7 @@ def _train(args: argparse.Namespace) -> int:
         if args.family in LOOP_FAMILIES:
             metrics = train(args.family, run.preset, args.out, data=args.data, data_options=data_options,
                             train_cfg=run.train_config(), model_config=run.model_config(), run_dir=run_dir,
-                            resume=args.resume)
+                            resume=args.resume, **placement)
         else:
             metrics = train(args.family, run.preset, args.out, data=args.data, data_options=data_options)
     except DataError as exc:            # bad data: named before anything trains
@@ -141,7 +194,7 @@ def _train(args: argparse.Namespace) -> int:
 
         root = resolve_root(args.registry)
         try:
-            version, manifest = publish_checkpoint(root, args.publish, args.out)
+            version, manifest = publish_checkpoint(root, args.publish, args.out, alias=args.alias)
         except (ParityError, RegistryError) as exc:    # nothing published; the checkpoint stays in --out
             print(f"zooserve train: error: not published: {_one_line(exc)} (checkpoint kept in {args.out})",
                   file=sys.stderr)
@@ -151,6 +204,8 @@ def _train(args: argparse.Namespace) -> int:
         signature = ", ".join(f"{t.name} {t.datatype} {t.shape}" for t in manifest.signature.inputs)
         print(f"published {args.publish} version {version} to {root} (input {signature}; "
               f"{len(manifest.labels)} classes)")
+        if args.alias is not None:
+            print(f"alias {args.alias} of {args.publish} -> version {version}")
     return 0
 
 
@@ -501,7 +556,9 @@ FAMILY_HELP = {
     "mamba": "Mamba-1 language model, or on your text (--data)",
     "rnn_lm": "character-level RNN/GRU/LSTM language model, or on your text (--data)",
     "rnn": "RNN/GRU/LSTM CO2 forecaster, or your own series (--data)",
-    "gan": "digits sampler", "vae": "digits sampler", "diffusion": "digits sampler (UNet, DDPM/DDIM)",
+    "gan": "class-conditional digits sampler, or on your image folder (--data)",
+    "vae": "digits sampler (unconditional), or on your image folder (--data)",
+    "diffusion": "class-conditional digits sampler (UNet, DDPM/DDIM), or on your image folder (--data)",
 }
 
 
@@ -535,32 +592,36 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     f"few minutes on a CPU. Families: {families}.\n"
                     "Your own data: --data names a table (.csv, .parquet, .jsonl: numeric feature "
                     "columns and a label column) for mlp, an image folder (one subfolder per class) for "
-                    "resnet, a csv series for rnn (--value-column, --time-column), text (.txt, a folder of .txt, "
+                    "resnet and the samplers gan, vae and diffusion (gan and diffusion are conditioned on its "
+                    "classes; one class folder is enough for them), a csv series for rnn (--value-column, --time-column), text (.txt, a folder of .txt, "
                     ".jsonl with \"text\") for decoder, mamba and rnn_lm (--tokenizer); its split, sha256, rows and "
                     "class names go to the lineage. The model takes raw values: table rows as they are (standardised "
                     "inside the model with the training split's mean and std), images as 0-255 pixels at "
                     "--image-size. Bad data stops before training with one line naming the file, row or column "
                     "(exit 2). --set/--config/--print-config tune the run and --resume continues a killed one "
-                    "(mlp, resnet, rnn; the run is kept in OUT/run). "
+                    "(mlp, resnet, rnn, decoder, mamba, rnn_lm, gan, vae, diffusion; the run is kept in OUT/run). "
                     "--publish exports (parity checked, as `zooserve export`) and publishes a new version. "
                     "Examples:\n"
                     "  zooserve train mlp --preset tiny --out runs/mlp\n"
                     "  zooserve train mlp --data flowers.csv --label-column species --out runs/flowers "
                     "--publish flowers\n"
                     "  zooserve train resnet --data photos/ --image-size 32 --out runs/photos --publish photos\n"
+                    "  zooserve train diffusion --data photos/ --image-size 16 --out runs/gen --set epochs=200 "
+                    "--publish photos-diffusion\n"
                     "  zooserve train rnn --data sales.csv --time-column date --out runs/sales --set epochs=30\n"
-                    "  zooserve train decoder --data my_texts/ --out runs/mytext")
+                    "  zooserve train decoder --data my_texts/ --out runs/mytext\n"
+                    "  zooserve train decoder --out runs/dec --set n_layer=2 --set steps=400 --set patience=3")
     p.add_argument("family", choices=sorted(FAMILIES), help="model family (see above)")
     p.add_argument("--preset", default=None, help="named size from the family's PRESETS (default tiny, or the "
                    "--config file's)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="checkpoint folder to write (required; created if missing; its files are overwritten). "
-                        "mlp and resnet also keep their run there: DIR/run/metrics.jsonl (a line per step and per "
-                        "validation) and run-state checkpoints for --resume")
+                        "mlp, resnet, decoder, mamba, rnn_lm, gan, vae and diffusion also keep their run there: DIR/run/metrics.jsonl "
+                        "(a line per step and per validation) and run-state checkpoints for --resume")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override one field of the model config or the training config (repeatable; "
                         "`model.`/`train.` prefix where a name is ambiguous), e.g. --set hidden=256 --set lr=1e-3 "
-                        "(mlp, resnet; default: none)")
+                        "(mlp, resnet, decoder, mamba, rnn_lm, gan, vae, diffusion; default: none)")
     p.add_argument("--config", metavar="FILE", default=None,
                    help="a .yaml or .json file with `model:` and `train:` mappings (the --print-config format; "
                         "--set wins over it; default: none)")
@@ -568,21 +629,36 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="print the final configuration (preset, --config, --set resolved) and exit")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (killed, even by SIGKILL): same "
-                        "weights as an uninterrupted run; refused if the config or data changed (mlp, resnet)")
+                        "weights as an uninterrupted run; refused if the config or data changed (mlp, resnet, "
+                        "decoder, mamba, rnn_lm, gan, vae, diffusion)")
     p.add_argument("--threads", metavar="N", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="where mlp, resnet and rnn train: cpu; cuda (refused where torch sees no CUDA device; rnn: "
+                        "cpu only so far); auto (cuda when torch sees one, else cpu). The checkpoint is saved from "
+                        "CPU tensors either way and exports and serves on a CPU. Other families train on the CPU "
+                        "(default cpu)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="fp32, or bf16/fp16 autocast on CUDA (fp16 with a gradient scaler); weights, optimiser and "
+                        "checkpoint stay fp32; refused on the CPU, which trains in fp32 (mlp, resnet; default fp32)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files, the scalars of DIR/run/metrics.jsonl, into "
+                        "DIR/run/tensorboard (needs the tensorboard package; mlp, resnet, rnn; default off)")
     p.add_argument("--data", metavar="PATH", default=None,
                    help="train on your own data instead of the bundled set (default: the bundled set): a table "
                         "file (.csv, .parquet, .jsonl) for mlp, an image folder (one subfolder per class) for resnet, "
+                        "gan, vae and diffusion, "
                         "a csv series (one row per step) for rnn, text (.txt, a folder of .txt, .jsonl with a "
                         "\"text\" field) for decoder, mamba and rnn_lm")
     p.add_argument("--label-column", metavar="NAME", default=None,
                    help="mlp --data: the table's label column, strings or whole numbers (default: label); "
                         "every other column is a numeric feature")
     p.add_argument("--image-size", metavar="N", type=_positive, default=None,
-                   help="resnet --data: images are resized to N x N (default: the first image's larger side, "
-                        "at most 64)")  # training.user_data.MAX_DEFAULT_IMAGE_SIZE
+                   help="resnet, gan, vae, diffusion --data: images are resized to N x N (default: the first "
+                        "image's larger side, at most 64; for gan, vae, diffusion a multiple of 4, rounded down, "
+                        "at most 32)")  # training.user_data.MAX_DEFAULT_IMAGE_SIZE, MAX_GENERATIVE_IMAGE_SIZE
     p.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                   help="resnet --data: 1 (grey) or 3 (RGB) channels (default: 1 if every image is greyscale, else 3)")
+                   help="resnet, gan, vae, diffusion --data: 1 (grey) or 3 (RGB) channels (default: 1 if every "
+                        "image is greyscale, else 3)")
     p.add_argument("--value-column", metavar="NAME", default=None,
                    help="rnn --data: the csv column to forecast (default: the only numeric column)")
     p.add_argument("--time-column", metavar="NAME", default=None,
@@ -594,6 +670,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--publish", metavar="NAME", default=None,
                    help="after training, export (parity checked) and publish the checkpoint as a new version of "
                         "NAME (default: not published)")
+    p.add_argument("--alias", metavar="ALIAS", default=None,
+                   help="with --publish: point the registry alias ALIAS (e.g. stable) at the new version "
+                        "(default: no alias set)")
     p.add_argument("--registry", metavar="DIR", default=None, help=f"{REGISTRY_HELP}; where --publish publishes")
     p.set_defaults(func=_train)
 

@@ -3,9 +3,9 @@
 A sampler is not one function of its inputs: the server draws the noise, walks the diffusion
 loop and maps labels, so what is exported is each network the loop calls, one artifact per part:
 
-    gan        generator  (z (B, Z), label (B,)) -> image (B, 1, H, W)
+    gan        generator  (z (B, Z), label (B,)) -> image (B, C, H, W)   (C image channels: 1, or 3 for RGB)
     vae        decoder    z (B, Z) -> image;   encoder  image -> latent_mean (B, Z), latent_log_var (B, Z)
-    diffusion  denoiser   (x_t (B, 1, H, W), t (B,), label (B,)) -> eps (B, 1, H, W)
+    diffusion  denoiser   (x_t (B, C, H, W), t (B,), label (B,)) -> eps (B, C, H, W)
 
 The part names are the contract the server's engines read (serve/engines/sample.py, denoise.py).
 Each part is exported to ONNX and TorchScript and checked against eager at batch 2, 1 and 7
@@ -13,7 +13,7 @@ Each part is exported to ONNX and TorchScript and checked against eager at batch
 `part.<part>.input.<name>` / `part.<part>.output.<name>`.
 
 The manifest's `signature` is the public one (KServe v2): `label` INT64 [n] (-1 = unconditional)
-and `seed` INT64 [1] in, `image` FP32 [n, 1, H, W] out (the GAN adds the `label` it used, the VAE
+and `seed` INT64 [1] in, `image` FP32 [n, C, H, W] out (the GAN adds the `label` it used, the VAE
 takes an optional `image` to encode and returns `latent_mean`/`latent_log_var`). Its parity is
 end to end: seeded requests through each format's parts against `training.generative.sample`
 (the eager reference), with the noise drawn exactly as `sample` draws it. The public golden pair
@@ -62,7 +62,7 @@ def parts(family: str, model: nn.Module, config) -> dict[str, tuple[nn.Module, l
 
     def images(batch: int) -> tuple[torch.Tensor]:
         g = torch.Generator().manual_seed(batch)
-        return (torch.rand(batch, 1, config.image_size, config.image_size, generator=g) * 2 - 1,)
+        return (torch.rand(batch, config.image_channels, config.image_size, config.image_size, generator=g) * 2 - 1,)
 
     if family == "gan":
         return {"generator": (model.generator, ["image"], example)}
@@ -76,7 +76,8 @@ def parts(family: str, model: nn.Module, config) -> dict[str, tuple[nn.Module, l
 
 def signature(family: str, config) -> dict:
     """The public v2 signature of a sampler."""
-    image = {"name": "image", "datatype": "FP32", "shape": [-1, 1, config.image_size, config.image_size]}
+    image = {"name": "image", "datatype": "FP32",
+             "shape": [-1, config.image_channels, config.image_size, config.image_size]}
     label = {"name": "label", "datatype": "INT64", "shape": [-1]}
     inputs = [label, {"name": "seed", "datatype": "INT64", "shape": [1]}]
     outputs = [image]
@@ -125,7 +126,7 @@ def _request_cases(family: str, config) -> list[tuple[torch.Tensor, int, dict]]:
     """(labels, seed, sampler settings) of the end-to-end parity check; the first is the golden request."""
     if family == "vae":
         return [(torch.full((3,), -1), GOLDEN_SEED, {}), (torch.full((7,), -1), 7, {})]
-    labels = torch.tensor([0, 7, -1])
+    labels = torch.tensor([0, min(7, config.n_classes - 1), -1])     # digits: 0, 7, unconditional
     if family == "gan":
         return [(labels, GOLDEN_SEED, {}), (torch.arange(-1, config.n_classes), 7, {})]
     # diffusion: the defaults (DDIM 50 steps, guidance), every label, eta > 0 (noise drawn every step), DDPM
@@ -145,7 +146,7 @@ def served_sample(family: str, config, run_main: Runner, labels: torch.Tensor, s
         sampler = family_module("diffusion").make_sampler(config, seed=seed, **sampler_kw)
         labels = torch.where(labels < 0, config.null_label, labels)
         return generate(denoiser, sampler, labels, guidance, config.null_label,
-                        shape=(1, config.image_size, config.image_size))
+                        shape=family_module("diffusion").sample_shape(config))
     z, used = generative.draw_latents(family, config, labels, seed)
     return torch.from_numpy(run_main(z, used)[0] if family == "gan" else run_main(z)[0])
 

@@ -8,6 +8,20 @@ of `block_size + 1` tokens (x = the first T, y = the last T); validation uses fi
 non-overlapping windows of the held-out ids, so every run scores the same tokens. A unigram
 model fit on the train ids is the floor to beat.
 
+Configuration: `train_token_family` takes the family's model Config and an LMTrainConfig resolved by
+training/run_config.py (`zooserve train ... --set/--config`); the model's vocab_size and block_size
+are derived (the trained tokenizer's size, the train window). Early stopping (`patience`, off by
+default) counts evaluations without a better validation loss and restores the best weights.
+
+Run folder (`run_dir`, `zooserve train --out DIR` keeps it in DIR/run): metrics.jsonl (train_loss
+and lr each step, val_loss each evaluation) and run-state checkpoints (training/run_state.py: model,
+AdamW, scheduler, the batch sampler's generator, torch's RNG, the early-stopping state), written
+every `checkpoint_every` steps, at each evaluation and at the end. The tokenizer the run trained is
+kept there too (tokenizer.json): a resumed run encodes the text with it rather than training it again,
+so it sees the same ids. `resume=True` continues from the last checkpoint and ends with the same
+weights as the uninterrupted run (one torch thread, same machine); a different configuration or
+data is refused (run_state.RunStateError).
+
 Dimensions: B batch, T window (block_size), V vocabulary.
 """
 
@@ -28,6 +42,9 @@ import torch
 from tqdm.auto import tqdm
 
 from training import checkpoint, loop, text
+from training.run_state import (MetricsLog, RunState, RunStateError, clean_temporaries, json_ready,
+                                tensor_fingerprint, write_atomically)
+from training.tokenizer import FILENAME as TOKENIZER_FILE
 from training.tokenizer import Tokenizer, train_tokenizer
 
 # default optimiser steps per preset: `tiny` trains in about three minutes on one CPU thread
@@ -51,6 +68,23 @@ class LMTrainConfig:
     final_eval_batches: int = 0  # batches for the final score; 0 = every held-out window
     vocab_size: int = 2048       # BPE vocabulary target (the tokenizer's actual size goes to the model)
     seed: int = 0
+    # early stopping: evaluations (every eval_interval steps, eval_batches batches) in a row without a
+    # validation loss 1e-4 below the best before training stops; the best weights are then restored.
+    # 0 = off: every step runs and the last weights are kept (the presets: the demo models train so)
+    patience: int = 0
+    # with a run folder: a run-state checkpoint every this many steps, besides those at each
+    # evaluation and at the end; 0 = only those (it may change between a run and its resumption)
+    checkpoint_every: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "block_size", "eval_interval", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be 1 or more, not {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_batches", "final_eval_batches", "patience", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be above 0, not {self.lr}")
 
 
 @dataclass
@@ -73,7 +107,11 @@ def prepare_token_data(seed: int = 0, vocab_size: int = 2048) -> TokenData:
     cached per process, so several runs in one process, e.g. a test session, pay it once.
     Nothing downstream mutates the result)."""
     split = text.split_corpus(text.load_corpus(), seed=seed)
-    tok = train_tokenizer(split.train, vocab_size=vocab_size)
+    return encode_token_data(split, train_tokenizer(split.train, vocab_size=vocab_size))
+
+
+def encode_token_data(split: text.TextSplit, tok: Tokenizer) -> TokenData:
+    """Both sides of `split` encoded with `tok` (a resumed run passes the tokenizer it trained)."""
     as_ids = lambda s: torch.tensor(tok.encode_long(s), dtype=torch.int64)  # noqa: E731
     return TokenData(split, tok, as_ids(split.train), as_ids(split.val))
 
@@ -131,33 +169,187 @@ def _optimizer(model: torch.nn.Module, cfg: LMTrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
+@dataclass
+class _Progress:
+    """train_lm's counters and early-stopping state (what a run-state checkpoint must carry)."""
+
+    step: int = 0
+    recent: list[float] = dataclasses.field(default_factory=list)   # the last 20 train losses
+    initial_val: float = math.nan
+    val_loss: float = math.nan          # the latest evaluation's
+    best_loss: float = math.inf         # early stopping only (patience > 0)
+    best_step: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_evals: int = 0
+
+    @property
+    def train_loss(self) -> float:
+        return sum(self.recent) / max(1, len(self.recent))
+
+
 def train_lm(model: torch.nn.Module, loss_fn: Callable, train_ids: torch.Tensor, val_ids: torch.Tensor,
-             cfg: LMTrainConfig, progress: bool = True, desc: str = "lm") -> dict[str, float]:
-    """Train in place for `cfg.steps` steps; returns initial/final validation and train losses."""
-    generator = torch.Generator().manual_seed(cfg.seed)
+             cfg: LMTrainConfig, progress: bool = True, desc: str = "lm", *,
+             run_dir: str | Path | None = None, resume: bool = False,
+             run_config: dict[str, Any] | None = None) -> dict[str, float]:
+    """Train in place for `cfg.steps` steps, or until early stopping (`cfg.patience`) restores the
+    best weights; returns initial/final validation and train losses and steps_run (with patience also
+    best_val_loss and best_step, the evaluation the weights come from).
+
+    `run_dir` (optional): the run folder (module docstring); `resume=True` continues its run and
+    refuses (RunStateError) when `run_config` (the caller's model config, tokenizer and dataset,
+    JSON-able), `cfg` or the ids differ from what it recorded. Without `run_dir` nothing is written."""
+    generator = torch.Generator().manual_seed(cfg.seed)   # the training windows' starts
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: loop.cosine_with_warmup(s, cfg.warmup_steps, cfg.steps))
     evaluate = lambda n: evaluate_lm(model, loss_fn, val_ids, cfg.block_size, cfg.batch_size, n)  # noqa: E731
-    initial_val = evaluate(cfg.eval_batches)
-    val_loss, recent = initial_val, []
-    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, unit="step")
+    p, run = _Progress(), None
+    if run_dir is not None:
+        config = {"run": run_config or {}, "train": dataclasses.asdict(cfg),
+                  "data": {"train": tensor_fingerprint((train_ids,)), "val": tensor_fingerprint((val_ids,))}}
+        run = _Run(run_dir, config, model, opt, sched, generator)
+        if resume:
+            state = run.resume(p)
+            if state.finished:      # killed after its last checkpoint: the final weights are loaded
+                run.close()
+                return state.result
+        else:
+            run.start()
+    elif resume:
+        raise ValueError("resume=True needs the run_dir of the run to resume")
+    try:
+        if p.step == 0:
+            p.initial_val = p.val_loss = evaluate(cfg.eval_batches)
+            if run is not None:
+                run.log(step=0, val_loss=p.val_loss)
+        bar = _fit(model, loss_fn, train_ids, cfg, opt, sched, generator, evaluate, p, run, progress, desc)
+        if p.best_state is not None:    # early stopping on: the best evaluation's weights
+            model.load_state_dict(p.best_state)
+        final_val = evaluate(cfg.final_eval_batches or None)
+        bar.set_postfix(train_loss=f"{p.train_loss:.3f}", val_loss=f"{final_val:.3f}")
+        bar.close()
+        result = {"initial_val_loss": p.initial_val, "val_loss": final_val, "train_loss": p.train_loss,
+                  "steps_run": p.step}
+        if cfg.patience:
+            result.update(best_val_loss=p.best_loss, best_step=p.best_step)
+        if run is not None:
+            run.log(step=p.step, final_val_loss=final_val, **({"early_stopped": p.step < cfg.steps,
+                                                               "best_val_loss": p.best_loss,
+                                                               "best_step": p.best_step} if cfg.patience else {}))
+            run.checkpoint(p, result=result)
+        return result
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _fit(model: torch.nn.Module, loss_fn: Callable, train_ids: torch.Tensor, cfg: LMTrainConfig,
+         opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
+         evaluate: Callable[[int | None], float], p: _Progress, run: _Run | None, progress: bool,
+         desc: str) -> tqdm:
+    """The steps from `p.step` to cfg.steps, or to early stopping; returns the progress bar, open."""
+    bar = tqdm(range(p.step, cfg.steps), desc=desc, disable=not progress, unit="step", initial=p.step,
+               total=cfg.steps)
     for step in bar:
         model.train()
+        lr = opt.param_groups[0]["lr"]
         loss = loss_fn(model, make_token_batches(train_ids, cfg.block_size, cfg.batch_size, generator))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
-        recent = (recent + [loss.item()])[-20:]
-        if (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.steps:
-            val_loss = evaluate(cfg.eval_batches)
-        bar.set_postfix(train_loss=f"{sum(recent) / len(recent):.3f}", val_loss=f"{val_loss:.3f}")
-    final_val = evaluate(cfg.final_eval_batches or None)
-    bar.set_postfix(train_loss=f"{sum(recent) / len(recent):.3f}", val_loss=f"{final_val:.3f}")
-    bar.close()
-    return {"initial_val_loss": initial_val, "val_loss": final_val,
-            "train_loss": sum(recent) / max(1, len(recent))}
+        p.step = step + 1
+        p.recent = (p.recent + [loss.item()])[-20:]
+        if run is not None:
+            run.log(step=p.step, train_loss=p.recent[-1], lr=lr)
+        # the last step is scored by the final evaluation instead, unless early stopping needs the
+        # final weights compared with the best on the same eval_batches windows
+        evaluating = (p.step % cfg.eval_interval == 0 and p.step < cfg.steps) or (cfg.patience and p.step == cfg.steps)
+        stop = False
+        if evaluating:
+            p.val_loss = evaluate(cfg.eval_batches)
+            if run is not None:
+                run.log(step=p.step, val_loss=p.val_loss)
+            if cfg.patience:
+                if p.val_loss < p.best_loss - 1e-4:
+                    p.best_loss, p.best_step, p.bad_evals = p.val_loss, p.step, 0
+                    p.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    p.bad_evals += 1
+                    stop = p.bad_evals >= cfg.patience
+        bar.set_postfix(train_loss=f"{p.train_loss:.3f}", val_loss=f"{p.val_loss:.3f}")
+        if stop:
+            break
+        if run is not None and p.step < cfg.steps and (
+                evaluating or (cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0)):
+            run.checkpoint(p)   # the last step's state is the final checkpoint
+    return bar
+
+
+class _Run:
+    """A run folder bound to the live objects of one train_lm call (as loop._Run for the shared
+    loop): starts or resumes the run, logs metrics, writes run-state checkpoints."""
+
+    def __init__(self, run_dir: str | Path, config: dict[str, Any], model: torch.nn.Module,
+                 opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator):
+        self.run_dir, self.config = Path(run_dir), json_ready(config)
+        self.model, self.opt, self.sched, self.generator = model, opt, sched, generator
+        self.param_names = [name for name, _ in model.named_parameters()]
+        self.metrics: MetricsLog | None = None
+        self.seq = 0
+
+    def start(self) -> None:
+        if RunState.exists(self.run_dir):
+            raise RunStateError(f"{self.run_dir} already holds a run (run_state.json): resume it, "
+                                "or start the run in a new folder")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        clean_temporaries(self.run_dir)
+        self.metrics = MetricsLog(self.run_dir)
+
+    def resume(self, p: _Progress) -> RunState:
+        """Load the last checkpoint into the model, optimiser, scheduler, RNGs and `p`."""
+        state = RunState.load(self.run_dir)
+        state.check_config(self.config, self.run_dir)
+        state.check_parameters(self.model)
+        clean_temporaries(self.run_dir)
+        self.metrics, self.seq = MetricsLog(self.run_dir, keep_bytes=state.metrics_offset), state.seq
+        self.model.load_state_dict(state.model)
+        if state.finished:
+            self.model.eval()
+            return state
+        if state.extra is None:
+            raise RunStateError(f"{self.run_dir}: its run_state.json is not a token-family run's (no 'extra')")
+        self.opt.load_state_dict(state.optimizer)
+        self.sched.load_state_dict(state.scheduler)
+        self.generator.set_state(state.shuffle_state)
+        torch.set_rng_state(state.torch_rng_state)
+        p.step, p.best_loss, p.best_state, p.bad_evals = state.step, state.best_loss, state.best_weights, state.bad_epochs
+        extra = state.extra
+        p.recent, p.initial_val, p.val_loss, p.best_step = (list(extra["recent"]), extra["initial_val"],
+                                                            extra["val_loss"], extra["best_step"])
+        return state
+
+    def log(self, **record: Any) -> None:
+        self.metrics.write(**record)
+
+    def checkpoint(self, p: _Progress, result: dict[str, Any] | None = None) -> None:
+        """Save the run after `p.step` steps; `result` marks it finished. The sampler's generator is
+        saved as it stands (the next batch's draw), as is torch's RNG."""
+        state = RunState(
+            config=self.config, model=self.model.state_dict(), optimizer=self.opt.state_dict(),
+            scheduler=self.sched.state_dict(), param_names=self.param_names,
+            epoch=0, batches_done=p.step, step=p.step, shuffle_state=self.generator.get_state(),
+            torch_rng_state=torch.get_rng_state(), best_loss=p.best_loss, best_weights=p.best_state,
+            bad_epochs=p.bad_evals, last_loss=p.recent[-1] if p.recent else math.nan,
+            metrics_offset=self.metrics.commit(), finished=result is not None, result=result, seq=self.seq,
+            extra={"recent": p.recent, "initial_val": p.initial_val, "val_loss": p.val_loss,
+                   "best_step": p.best_step})
+        state.save(self.run_dir)
+        self.seq = state.seq
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def _build_config(module: Any, preset: str, **overrides: Any) -> Any:
@@ -170,14 +362,27 @@ def _build_config(module: Any, preset: str, **overrides: Any) -> Any:
 
 
 def train_token_family(family: str, preset: str, out_dir: str | Path, steps: int | None = None,
-                       progress: bool = True, seed: int = 0, vocab_size: int = 2048,
-                       block_size: int = 128, data: str | Path | None = None,
-                       tokenizer_file: str | Path | None = None, **train_overrides: Any) -> dict[str, float]:
+                       progress: bool = True, seed: int | None = None, vocab_size: int | None = None,
+                       block_size: int | None = None, data: str | Path | None = None,
+                       tokenizer_file: str | Path | None = None, *, train_cfg: LMTrainConfig | None = None,
+                       model_config: Any = None, run_dir: str | Path | None = None, resume: bool = False,
+                       **train_overrides: Any) -> dict[str, float]:
     """Train `training.models.<family>` at `preset` on the text corpus, or on the user's own text
     `data` (a .txt file, a folder of .txt files, a .jsonl with a string `text` field per line:
     training/user_text.py); writes the checkpoint (weights, config, meta with lineage) and
     `tokenizer.json` into `out_dir`; returns metrics (with `data`, also test_loss/test_perplexity and
     the unigram's on the test split).
+
+    The train config: `train_cfg` (an LMTrainConfig, as training/run_config.py resolves it), or its
+    fields as keywords: `steps` (default: DEFAULT_STEPS for the family/preset), `seed` (0; it also
+    seeds the corpus split and the model's initialisation), `vocab_size` (2048), `block_size` (128)
+    and **train_overrides; not both. `model_config`: the family's Config (default: the preset's);
+    its vocab_size and block_size are derived (the trained tokenizer's size, the train block_size), so
+    they must equal the train config's vocab_size (the BPE target) and block_size.
+
+    `run_dir`: the run folder (metrics.jsonl, run-state checkpoints, the tokenizer: module docstring);
+    `resume=True` continues the run it holds, with its tokenizer, and ends with the same weights as an
+    uninterrupted run; run_state.RunStateError when there is none, or its configuration or data differ.
 
     `tokenizer_file`: with `data`, a local tokenizer.json (or a folder holding one) used instead of
     training a BPE; decoder and mamba only, its vocabulary at most `vocab_size`. Bad data or a bad
@@ -189,29 +394,76 @@ def train_token_family(family: str, preset: str, out_dir: str | Path, steps: int
 
         check_tokenizer_option(family, data, tokenizer_file)
     module = importlib.import_module(f"training.models.{family}")
-    default_steps = DEFAULT_STEPS.get(f"{family}/{preset}", DEFAULT_STEPS.get(preset, FALLBACK_STEPS))
-    cfg = LMTrainConfig(steps=steps or default_steps, block_size=block_size,
-                        vocab_size=vocab_size, seed=seed, **train_overrides)
+    if train_cfg is None:
+        default_steps = DEFAULT_STEPS.get(f"{family}/{preset}", DEFAULT_STEPS.get(preset, FALLBACK_STEPS))
+        cfg = LMTrainConfig(steps=steps or default_steps, block_size=128 if block_size is None else block_size,
+                            vocab_size=2048 if vocab_size is None else vocab_size, seed=seed or 0, **train_overrides)
+    else:
+        given = [name for name, value in (("steps", steps), ("seed", seed), ("vocab_size", vocab_size),
+                                          ("block_size", block_size)) if value is not None] + sorted(train_overrides)
+        if given:
+            raise TypeError(f"train_token_family: {', '.join(given)} given besides train_cfg; set them in train_cfg")
+        if not isinstance(train_cfg, LMTrainConfig):
+            raise TypeError(f"train_token_family: train_cfg must be an lm.LMTrainConfig, not {type(train_cfg).__name__}")
+        cfg = train_cfg
+    if model_config is not None:
+        if not isinstance(model_config, module.Config):
+            raise TypeError(f"train_token_family: model_config must be a {family} Config, "
+                            f"not {type(model_config).__name__}")
+        for name in ("block_size", "vocab_size"):     # derived: a different value would be silently replaced
+            if getattr(model_config, name) != getattr(cfg, name):
+                raise ValueError(f"model_config.{name} is {getattr(model_config, name)} but the train config's is "
+                                 f"{getattr(cfg, name)}: the {family} recipe derives it from train.{name}; set that")
+    run_dir = None if run_dir is None else Path(run_dir)
+    stored_tokenizer = None
+    if run_dir is None and resume:
+        raise ValueError("resume=True needs the run_dir of the run to resume")
+    if run_dir is not None:     # checked before the data is prepared (seconds) and anything is written
+        if resume and not RunState.exists(run_dir):
+            raise RunStateError(f"{run_dir} has no run_state.json: no run-state checkpoint to resume from")
+        if not resume and RunState.exists(run_dir):
+            raise RunStateError(f"{run_dir} already holds a run (run_state.json): resume it, "
+                                "or start the run in a new folder")
+        if resume and tokenizer_file is None:   # the BPE this run trained, not a new one
+            if not (run_dir / TOKENIZER_FILE).exists():
+                raise RunStateError(f"{run_dir / TOKENIZER_FILE} is missing: the run's tokenizer, needed to resume it")
+            stored_tokenizer = Tokenizer.from_file(run_dir / TOKENIZER_FILE)
+    seed = cfg.seed
     started = time.perf_counter()
     if data is None:
-        tokens = prepare_token_data(seed=seed, vocab_size=vocab_size)
+        if stored_tokenizer is None:
+            tokens = prepare_token_data(seed=seed, vocab_size=cfg.vocab_size)
+        else:
+            tokens = encode_token_data(text.split_corpus(text.load_corpus(), seed=seed), stored_tokenizer)
     else:
         from training import user_text
 
-        tokens = user_text.prepare(family, data, seed=seed, vocab_size=vocab_size, block_size=block_size,
-                                   tokenizer_file=tokenizer_file)
-    config = _build_config(module, preset, vocab_size=tokens.tokenizer.vocab_size, block_size=block_size)
+        tokens = user_text.prepare(family, data, seed=seed, vocab_size=cfg.vocab_size, block_size=cfg.block_size,
+                                   tokenizer_file=tokenizer_file, trained_tokenizer=stored_tokenizer)
+    if model_config is None:
+        config = _build_config(module, preset, vocab_size=tokens.tokenizer.vocab_size, block_size=cfg.block_size)
+    else:
+        config = dataclasses.replace(model_config, vocab_size=tokens.tokenizer.vocab_size)
     torch.manual_seed(seed)
     model = module.Model(config)
     data_seconds = time.perf_counter() - started
-    result = train_lm(model, module.loss, tokens.train_ids, tokens.val_ids, cfg, progress, desc=f"{family}/{preset}")
+    tokenizer_lineage = tokens.tokenizer_lineage or {
+        "type": "byte-level BPE (HF tokenizers), trained on the train split", "vocab_size": tokens.tokenizer.vocab_size}
+    run_config = None
+    if run_dir is not None:
+        run_config = {"family": family, "preset": preset, "model": dataclasses.asdict(config),
+                      "tokenizer": tokenizer_lineage, "dataset_sha256": tokens.split.sha256}
+        if not resume:
+            write_atomically(run_dir / TOKENIZER_FILE, lambda tmp: tokens.tokenizer.inner.save(str(tmp)))
+    result = train_lm(model, module.loss, tokens.train_ids, tokens.val_ids, cfg, progress, desc=f"{family}/{preset}",
+                      run_dir=run_dir, resume=resume, run_config=run_config)
     unigram = unigram_baseline(tokens.train_ids, tokens.val_ids, tokens.tokenizer.vocab_size)
     metrics = {
         **result,
         "val_perplexity": math.exp(result["val_loss"]),
         "unigram_val_loss": unigram,
         "unigram_val_perplexity": math.exp(unigram),
-        "tokens_seen": float(cfg.steps * cfg.batch_size * cfg.block_size),
+        "tokens_seen": float(result["steps_run"] * cfg.batch_size * cfg.block_size),
         "train_tokens": float(tokens.train_ids.numel()),
         "val_tokens": float(tokens.val_ids.numel()),
         "chars_per_token": len(tokens.split.train) / max(1, tokens.train_ids.numel()),
@@ -224,8 +476,6 @@ def train_token_family(family: str, preset: str, out_dir: str | Path, steps: int
         metrics.update({"test_loss": test_loss, "test_perplexity": math.exp(test_loss),
                         "unigram_test_loss": unigram_test, "unigram_test_perplexity": math.exp(unigram_test),
                         "test_tokens": float(tokens.test_ids.numel())})
-    tokenizer_lineage = tokens.tokenizer_lineage or {
-        "type": "byte-level BPE (HF tokenizers), trained on the train split", "vocab_size": tokens.tokenizer.vocab_size}
     meta = {
         "family": family,
         "lineage": {

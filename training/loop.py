@@ -3,6 +3,11 @@ early stopping on validation loss (the best weights are restored), a tqdm progre
 optionally a run folder that lets a killed run resume exactly (training/run_state.py).
 
 One model, one loss (`family.loss(model, batch)`); the GAN keeps its own loop.
+
+Device and precision (training/devices.py): the model and each batch go to `device`, the loss
+(training and evaluation) runs under autocast for bf16/fp16 on CUDA, fp16 through a GradScaler.
+The model goes back to the device it came from (the CPU) before `train` returns, so the metrics
+computed afterwards, the checkpoint and the export all see the float32 CPU model that is served.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from training.run_state import MetricsLog, RunState, RunStateError, clean_temporaries, json_ready, tensor_fingerprint
+from training import devices
+from training.run_state import (TENSORBOARD, MetricsLog, RunState, RunStateError, clean_temporaries, json_ready,
+                                tensor_fingerprint)
 
 Batch = tuple[torch.Tensor, ...]
 
@@ -52,15 +59,30 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _on(batch: Batch, device: torch.device) -> Batch:
+    """`batch` on `device` (the data stays on the CPU; a batch at a time goes over)."""
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loss_fn: Callable, data: Batch, batch_size: int = 256) -> float:
-    """Mean loss over `data` in eval mode."""
+def evaluate(model: torch.nn.Module, loss_fn: Callable, data: Batch, batch_size: int = 256, *,
+             precision: str = "fp32") -> float:
+    """Mean loss over `data` in eval mode, on the model's device (under autocast for bf16/fp16)."""
     model.eval()
+    device = _device_of(model)
     total, n = 0.0, 0
     for batch in _batches(data, batch_size, None):
-        total += float(loss_fn(model, batch)) * batch[0].shape[0]
+        batch = _on(batch, device)
+        with devices.autocast(device, precision):
+            loss = loss_fn(model, batch)
+        total += float(loss) * batch[0].shape[0]
         n += batch[0].shape[0]
     return total / n
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 @dataclass
@@ -76,7 +98,8 @@ class _Progress:
 
 def train(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data: Batch,
           cfg: TrainConfig, progress: bool = True, *, run_dir: str | os.PathLike | None = None,
-          resume: bool = False, run_config: dict[str, Any] | None = None) -> dict[str, float]:
+          resume: bool = False, run_config: dict[str, Any] | None = None,
+          device: str | torch.device = "cpu", precision: str = "fp32", tensorboard: bool = False) -> dict[str, float]:
     """Train in place; returns best_val_loss, epochs_run, steps.
 
     `run_dir` (optional) makes the run survive being killed (training/run_state.py): a run-state
@@ -85,31 +108,43 @@ def train(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data
     the run of `run_dir` from its last checkpoint and ends with the same weights as an
     uninterrupted run; it refuses (run_state.RunStateError) when `run_config` (the caller's model
     and train configuration, JSON-able), `cfg` or the data differ from what the run recorded.
-    Without `run_dir` nothing is written."""
-    generator = torch.Generator().manual_seed(cfg.seed)
+    Without `run_dir` nothing is written.
+
+    `device` (cpu, cuda, cuda:N, auto) and `precision` (fp32; bf16, fp16 on CUDA): where and how
+    the steps run (training/devices.py; DeviceError when this machine cannot). The model comes back
+    on the device it was on. The precision is part of the run's configuration (a resumed run must
+    use the same); the device is not: a run saved on a GPU resumes on the CPU. `tensorboard`
+    (needs `run_dir`): TensorBoard event files in `run_dir`/tensorboard with metrics.jsonl's scalars."""
+    device = devices.resolve(device)
+    devices.check(device, precision)
+    if tensorboard and run_dir is None:
+        raise ValueError("tensorboard=True writes into the run folder: give run_dir too")
+    home = _device_of(model)
+    generator = torch.Generator().manual_seed(cfg.seed)   # on the CPU: the data order is the same on any device
     steps_per_epoch = math.ceil(train_data[0].shape[0] / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
+    model.to(device)   # before the optimiser exists: its state is made beside the parameters
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, cfg.warmup_steps, total_steps))
+    scaler = devices.grad_scaler(device, precision)
     p, start_epoch, skip = _Progress(), 0, 0
     run = None
-    if run_dir is not None:
-        config = {"run": run_config or {}, "loop": dataclasses.asdict(cfg),
-                  "data": {"train": tensor_fingerprint(train_data), "val": tensor_fingerprint(val_data)}}
-        run = _Run(run_dir, config, model, opt, sched, generator)
-        if resume:
-            state = run.resume(p)
-            if state.finished:
-                run.close()
-                return state.result
-            start_epoch, skip = state.epoch, state.batches_done
-        else:
-            run.start()
-    elif resume:
-        raise ValueError("resume=True needs the run_dir of the run to resume")
     try:
+        if run_dir is not None:
+            config = {"run": run_config or {}, "loop": dataclasses.asdict(cfg), "precision": precision,
+                      "data": {"train": tensor_fingerprint(train_data), "val": tensor_fingerprint(val_data)}}
+            run = _Run(run_dir, config, model, opt, sched, generator, scaler, device, tensorboard)
+            if resume:
+                state = run.resume(p)
+                if state.finished:
+                    return state.result
+                start_epoch, skip = state.epoch, state.batches_done
+            else:
+                run.start()
+        elif resume:
+            raise ValueError("resume=True needs the run_dir of the run to resume")
         epoch = _fit(model, loss_fn, train_data, val_data, cfg, opt, sched, generator, p, run,
-                     start_epoch, skip, progress)
+                     start_epoch, skip, progress, device, precision, scaler)
         if p.best_state is not None:
             model.load_state_dict(p.best_state)
         model.eval()
@@ -118,13 +153,15 @@ def train(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data
             run.checkpoint(p, epoch + 1, 0, generator.get_state(), result=result)
         return result
     finally:
+        model.to(home)   # the caller's model back where it was (the CPU): metrics, checkpoint and export see it there
         if run is not None:
             run.close()
 
 
 def _fit(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data: Batch, cfg: TrainConfig,
          opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
-         p: _Progress, run: _Run | None, start_epoch: int, skip: int, progress: bool) -> int:
+         p: _Progress, run: _Run | None, start_epoch: int, skip: int, progress: bool, device: torch.device,
+         precision: str, scaler: torch.amp.GradScaler | None) -> int:
     """The epochs from `start_epoch` (its first `skip` batches already done); returns the last epoch run."""
     epoch = start_epoch
     bar = tqdm(range(start_epoch, cfg.epochs), desc=type(model).__name__, disable=not progress, unit="epoch",
@@ -135,12 +172,21 @@ def _fit(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data:
         for i, batch in enumerate(_batches(train_data, cfg.batch_size, generator)):
             if i < skip:   # done before the checkpoint this run resumed from
                 continue
+            batch = _on(batch, device)
             lr = opt.param_groups[0]["lr"]
-            loss = loss_fn(model, batch)
+            with devices.autocast(device, precision):
+                loss = loss_fn(model, batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+            else:   # fp16: scaled backward; clip the true gradients; a step with inf/NaN gradients is skipped
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
             sched.step()
             p.step += 1
             p.last_loss = loss.item()
@@ -149,7 +195,7 @@ def _fit(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data:
                 if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
                     run.checkpoint(p, epoch, i + 1, shuffle_state)
         skip = 0
-        val_loss = evaluate(model, loss_fn, val_data)
+        val_loss = evaluate(model, loss_fn, val_data, precision=precision)
         bar.set_postfix(train_loss=f"{p.last_loss:.3f}", val_loss=f"{val_loss:.3f}")
         if run is not None:
             run.log(step=p.step, epoch=epoch, val_loss=val_loss)
@@ -170,9 +216,12 @@ class _Run:
 
     def __init__(self, run_dir: str | os.PathLike, config: dict[str, Any], model: torch.nn.Module,
                  opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
-                 generator: torch.Generator):
+                 generator: torch.Generator, scaler: torch.amp.GradScaler | None = None,
+                 device: torch.device = torch.device("cpu"), tensorboard: bool = False):
         self.run_dir, self.config = Path(run_dir), json_ready(config)
         self.model, self.opt, self.sched, self.generator = model, opt, sched, generator
+        self.scaler, self.device = scaler, device
+        self.tensorboard_dir = self.run_dir / TENSORBOARD if tensorboard else None
         self.param_names = [name for name, _ in model.named_parameters()]
         self.metrics: MetricsLog | None = None
         self.seq = 0
@@ -183,23 +232,30 @@ class _Run:
                                 "or start the run in a new folder")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         clean_temporaries(self.run_dir)
-        self.metrics = MetricsLog(self.run_dir)
+        self.metrics = MetricsLog(self.run_dir, tensorboard_dir=self.tensorboard_dir)
 
     def resume(self, p: _Progress) -> RunState:
         """Load the last checkpoint into the model, optimiser, scheduler, RNGs and `p`."""
         state = RunState.load(self.run_dir)
+        # a run recorded before precision was configurable trained in fp32
+        state.config.setdefault("precision", "fp32")
         state.check_config(self.config, self.run_dir)
         state.check_parameters(self.model)
         clean_temporaries(self.run_dir)
-        self.metrics, self.seq = MetricsLog(self.run_dir, keep_bytes=state.metrics_offset), state.seq
-        self.model.load_state_dict(state.model)
+        self.metrics = MetricsLog(self.run_dir, keep_bytes=state.metrics_offset, tensorboard_dir=self.tensorboard_dir)
+        self.seq = state.seq
+        self.model.load_state_dict(state.model)   # the saved CPU tensors are copied onto the model's device
         if state.finished:
             self.model.eval()
             return state
-        self.opt.load_state_dict(state.optimizer)
+        self.opt.load_state_dict(state.optimizer)   # casts the moments onto each parameter's device
         self.sched.load_state_dict(state.scheduler)
+        if self.scaler is not None and state.scaler is not None:
+            self.scaler.load_state_dict(state.scaler)
         self.generator.set_state(state.shuffle_state)
         torch.set_rng_state(state.torch_rng_state)
+        if self.device.type == "cuda" and state.cuda_rng_state is not None:   # dropout on the GPU draws from it
+            torch.cuda.set_rng_state(state.cuda_rng_state, self.device)
         p.step, p.last_loss, p.bad_epochs = state.step, state.last_loss, state.bad_epochs
         p.best_loss, p.best_state = state.best_loss, state.best_weights
         return state
@@ -216,6 +272,8 @@ class _Run:
             scheduler=self.sched.state_dict(), param_names=self.param_names,
             epoch=epoch, batches_done=batches_done, step=p.step, shuffle_state=shuffle_state,
             torch_rng_state=torch.get_rng_state(), best_loss=p.best_loss, best_weights=p.best_state,
+            cuda_rng_state=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
             bad_epochs=p.bad_epochs, last_loss=p.last_loss, metrics_offset=self.metrics.commit(),
             finished=result is not None, result=result, seq=self.seq)
         state.save(self.run_dir)
@@ -228,7 +286,9 @@ class _Run:
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, data: Batch, batch_size: int = 256) -> float:
-    """Top-1 accuracy of a classifier on (images, labels)."""
+    """Top-1 accuracy of a classifier on (images, labels), on the model's device."""
     model.eval()
-    correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in _batches(data, batch_size, None))
+    device = _device_of(model)
+    correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in
+                  (_on(batch, device) for batch in _batches(data, batch_size, None)))
     return correct / data[0].shape[0]

@@ -56,10 +56,12 @@ How overrides reach those functions today:
   Config is make_config(family, preset), no model overrides.
 - train_forecaster(family, preset, out_dir, train_cfg=None, progress, **overrides): a whole TrainConfig;
   **overrides are model Config fields (make_config(family, preset, **overrides)).
-- train_token_family(family, preset, out_dir, steps=None, progress, seed=0, vocab_size=2048,
-  block_size=128, **train_overrides): steps/seed/vocab_size/block_size and **train_overrides are
-  LMTrainConfig fields (`seed` also seeds the corpus split and torch); the model Config is the preset
-  plus vocab_size/block_size only (lm._build_config), no other model overrides.
+- train_token_family(family, preset, out_dir, progress, data, tokenizer_file, train_cfg=None,
+  model_config=None, run_dir=None, resume=False): a whole LMTrainConfig (`seed` also seeds the corpus
+  split and torch) and the family's Config, whose vocab_size (replaced by the trained tokenizer's size,
+  at most the BPE target) and block_size must equal the train config's, as resolved here; a run folder
+  with resume (metrics.jsonl, run-state checkpoints, the run's tokenizer). Its older keywords (steps,
+  seed, vocab_size, block_size, **LMTrainConfig fields, the model the preset's) still work.
 - train_generative(family, preset, out_dir, progress, eval_cfg=EvalConfig(), train_cfg=None): a whole
   train config; the model Config is make_config(family, preset), no model overrides.
 

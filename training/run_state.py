@@ -8,8 +8,12 @@ A run folder holds:
   recorded configuration, how many bytes of metrics.jsonl the state covers, and the name and
   sha256 of its tensors file.
 - `run_state.<seq>.safetensors`: the tensors: model weights, AdamW moments and step counts,
-  the best weights so far, and the RNG states (uint8 tensors).
+  the best weights so far, and the RNG states (uint8 tensors; the CUDA generator's too when the
+  run is on a GPU). Always CPU tensors, whatever device the run is on: a run saved on a GPU
+  resumes on a CPU-only machine.
 - `metrics.jsonl`: one JSON object a line, flushed as written (MetricsLog).
+- `tensorboard/` (optional): the same scalars as TensorBoard event files (MetricsLog's
+  `tensorboard_dir`); rewritten from metrics.jsonl when a run resumes, so they never disagree.
 
 Nothing here is pickled and nothing is unpickled: tensors go through safetensors, the rest
 through JSON (Python's json, so a non-finite float is written as Infinity / NaN).
@@ -28,13 +32,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 STATE = "run_state.json"
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"   # the run folder's TensorBoard event files, when asked for
 FORMAT = "zooserve.run_state/1"
 # configuration keys that may change between a run and its resumption (they do not change results)
 MAY_DIFFER = frozenset({"checkpoint_every"})
@@ -155,6 +160,12 @@ class RunState:
     finished: bool = False
     result: dict[str, Any] | None = None    # the finished run's return value
     seq: int = 0                            # saves so far; names the tensors file
+    # a recipe's own JSON-able counters beyond the fields above (training/lm.py: the recent train
+    # losses behind its reported train_loss, the last validation loss, the best evaluation's step;
+    # training/models/gan.py: its smoothed losses)
+    extra: dict[str, Any] | None = None
+    cuda_rng_state: torch.Tensor | None = None   # uint8; the CUDA generator of a run on a GPU (dropout)
+    scaler: dict[str, Any] | None = None    # GradScaler.state_dict() of an fp16 run
 
     @staticmethod
     def exists(run_dir: str | os.PathLike) -> bool:
@@ -178,7 +189,7 @@ class RunState:
                                "has_best_weights": self.best_weights is not None},
             "last_loss": self.last_loss, "metrics_offset": self.metrics_offset,
             "optimizer": optimizer_json, "param_names": self.param_names, "scheduler": self.scheduler,
-            "finished": self.finished, "result": self.result,
+            "finished": self.finished, "result": self.result, "extra": self.extra, "scaler": self.scaler,
         }
         tmp_json = d / f".{STATE}.tmp"
         tmp_json.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
@@ -213,6 +224,9 @@ class RunState:
             best_weights=_with_prefix(tensors, "best.") if stopping["has_best_weights"] else None,
             last_loss=record["last_loss"], metrics_offset=record["metrics_offset"],
             finished=record["finished"], result=record["result"], seq=record["seq"],
+            extra=record.get("extra"),   # absent from states written before the field existed
+            # both absent from states saved before device and precision were configurable
+            cuda_rng_state=tensors.get("rng.cuda"), scaler=record.get("scaler"),
         )
 
     def check_config(self, current: dict[str, Any], run_dir: str | os.PathLike = "the run folder") -> None:
@@ -237,6 +251,8 @@ class RunState:
             tensors.update(_state_tensors("best.", self.best_weights))
         tensors["rng.shuffle"] = self.shuffle_state.detach().cpu().contiguous()
         tensors["rng.torch"] = self.torch_rng_state.detach().cpu().contiguous()
+        if self.cuda_rng_state is not None:
+            tensors["rng.cuda"] = self.cuda_rng_state.detach().cpu().contiguous()
         state_json: dict[str, dict[str, Any]] = {}
         for index, per_param in self.optimizer["state"].items():
             state_json[str(index)] = {}
@@ -262,29 +278,101 @@ class MetricsLog:
 
     `commit()` fsyncs the log and returns the byte offset a run-state checkpoint records; a
     resumed run opens the log with that offset and everything after it (lines written after the
-    checkpoint, by the run that was killed) is cut off, so no step appears twice."""
+    checkpoint, by the run that was killed) is cut off, so no step appears twice.
 
-    def __init__(self, run_dir: str | os.PathLike, keep_bytes: int = 0):
+    `tensorboard_dir` (optional; the run folder's TENSORBOARD): every numeric field of every
+    record also goes to TensorBoard event files there (TensorBoardLog), so one `write` feeds both."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep_bytes: int = 0, *,
+                 tensorboard_dir: str | os.PathLike | None = None):
         path = Path(run_dir) / METRICS
         path.parent.mkdir(parents=True, exist_ok=True)
         size = path.stat().st_size if path.exists() else 0
         if size < keep_bytes:
             raise RunStateError(f"{path} has {size} bytes but its run-state checkpoint covers {keep_bytes}")
         self._file = open(path, "r+b" if path.exists() else "w+b")
+        kept = self._file.read(keep_bytes) if tensorboard_dir is not None else b""
         self._file.truncate(keep_bytes)
         self._file.seek(keep_bytes)
+        self._tensorboard = None
+        if tensorboard_dir is not None:
+            try:
+                records = [json.loads(line) for line in kept.decode().splitlines() if line.strip()]
+                self._tensorboard = TensorBoardLog(tensorboard_dir, records)
+            except BaseException:
+                self._file.close()
+                raise
 
     def write(self, **record: Any) -> None:
         self._file.write((json.dumps(record) + "\n").encode())
         self._file.flush()
+        if self._tensorboard is not None:
+            self._tensorboard.write(record)
 
     def commit(self) -> int:
         self._file.flush()
         os.fsync(self._file.fileno())
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
         return self._file.tell()
 
     def close(self) -> None:
         self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+class TensorBoardLog:
+    """metrics.jsonl's scalars as TensorBoard event files in `directory` (torch.utils.tensorboard,
+    which needs the `tensorboard` package): each numeric field of a record (bools and strings are
+    not scalars) becomes the scalar of that name at the record's `step` (its index in the log
+    when it has no integer `step`).
+
+    Opening replaces the event files already there with `records` (the metrics.jsonl lines a run
+    keeps): a resumed run cut the lines its killed predecessor wrote after its checkpoint, and
+    TensorBoard would otherwise show those steps twice."""
+
+    FLUSH_SECS = 5   # events reach the files at least this often, for someone watching the run live
+
+    def __init__(self, directory: str | os.PathLike, records: list[dict[str, Any]] = ()):
+        from torch.utils.tensorboard import SummaryWriter
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        for old in d.glob("events.out.tfevents.*"):
+            old.unlink()
+        self._writer = SummaryWriter(log_dir=str(d), flush_secs=self.FLUSH_SECS)
+        self._index = 0
+        for record in records:
+            self.write(record)
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = record.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            step = self._index
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(key, value, global_step=step)
+        self._index += 1
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Create or replace `path` atomically: `write(tmp)` writes the whole file under a temporary
+    name in the same folder (`.<name>.tmp`, which clean_temporaries removes), then it is fsynced and
+    renamed into place, so a reader sees the previous file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    write(tmp)
+    _replace_atomically(tmp, path)
+    _fsync_dir(path.parent)
+    return path
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

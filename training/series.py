@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training import checkpoint, loop
+from training import checkpoint, devices, loop
 
 CO2 = "statsmodels.datasets.co2 (weekly Mauna Loa CO2 in ppm, 1958-2001, gaps linearly interpolated)"
 # history lengths the forecaster trains on (weeks); serving accepts any length up to the server's limit
@@ -134,9 +134,20 @@ def predict(model: torch.nn.Module, examples: Examples, batch_size: int = 256) -
                       for i in range(0, len(lengths), batch_size)])
 
 
+def check_device(device: torch.device) -> None:
+    """DeviceError unless `device` is the CPU. The recipe is wired for a GPU (loop.train), but
+    training/models/rnn.py still makes its zero state (init_state) and its loss's masks and level
+    shifts (torch.arange, torch.rand) on the CPU: a CUDA run would stop at its first step with a
+    device mismatch. Lift this once they are made on the batch's device."""
+    if device.type != "cpu":
+        raise devices.DeviceError(f"--device {device.type}: the rnn family trains on the CPU so far (its model "
+                                  "builds its state and masks there); use --device cpu")
+
+
 def train_forecaster(family: str, preset: str, out_dir: str | Path, train_cfg: loop.TrainConfig | None = None,
                      progress: bool = True, data: str | Path | None = None, value_column: str | None = None,
                      time_column: str | None = None, run_dir: str | Path | None = None, resume: bool = False,
+                     device: str | torch.device = "cpu", precision: str = "fp32", tensorboard: bool = False,
                      **overrides) -> dict[str, float]:
     """Train `family` (rnn) at `preset` on co2, or on the user's own series `data` (a csv, one row per
     step: training/user_series.py; `value_column` is the column to forecast, default the only
@@ -144,10 +155,15 @@ def train_forecaster(family: str, preset: str, out_dir: str | Path, train_cfg: l
     the checkpoint and returns its metrics, with the test errors of the model and of the last-value
     baseline (`config` fields may be overridden: horizon among them). Bad data raises
     user_data.DataError before anything trains. `run_dir`/`resume`: the run folder of loop.train
-    (run-state checkpoints, metrics.jsonl) and whether to continue the run it holds."""
+    (run-state checkpoints, metrics.jsonl) and whether to continue the run it holds. `device`,
+    `precision`, `tensorboard`: as loop.train takes them (the CPU only so far: check_device); lineage records
+    the device and precision."""
     from training.families import family_module, make_config
     from training.train import code_revision
 
+    device = devices.resolve(device)
+    devices.check(device, precision)
+    check_device(device)
     train_cfg = train_cfg or loop.TrainConfig(**TRAIN)
     fam = family_module(family)
     unscaled = make_config(family, preset, **overrides)
@@ -181,7 +197,8 @@ def train_forecaster(family: str, preset: str, out_dir: str | Path, train_cfg: l
                   "data": None if data is None else str(Path(data).resolve()),
                   "value_column": value_column, "time_column": time_column}
     result = loop.train(model, fam.loss, split.train, split.val, train_cfg, progress=progress,
-                        run_dir=run_dir, resume=resume, run_config=run_config if run_dir is not None else None)
+                        run_dir=run_dir, resume=resume, run_config=run_config if run_dir is not None else None,
+                        device=device, precision=precision, tensorboard=tensorboard)
     model_err = errors(predict(model, split.test), split.test[2])
     naive_err = errors(naive_forecast(split.test[0], split.test[1], horizon), split.test[2])
     metrics = {
@@ -199,7 +216,8 @@ def train_forecaster(family: str, preset: str, out_dir: str | Path, train_cfg: l
         "family": family,
         "lineage": {
             "training_config": {"preset": preset, "model": dataclasses.asdict(config),
-                                "train": dataclasses.asdict(train_cfg), "data": data_config},
+                                "train": dataclasses.asdict(train_cfg), "data": data_config,
+                                "device": devices.describe(device), "precision": precision},
             "dataset": split.name, "dataset_split": split.split, "dataset_sha256": split.sha256,
             "seed": train_cfg.seed, "metrics": metrics, "code_revision": code_revision(),
             "created_at": datetime.now(timezone.utc).isoformat(),

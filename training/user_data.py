@@ -1,9 +1,14 @@
-"""A user's own data for the classifier families (issue 15): read, validate, split.
+"""A user's own data for the classifier and generative families (issue 15): read, validate, split.
 
 - a table (`.csv`, `.parquet`, `.jsonl`/`.json` lines) for `mlp`: every column but the label is a
   numeric feature; the label column (default `label`) holds strings or whole numbers;
 - an image folder for `resnet`: one subfolder per class, its images of any size and mode, resized
-  to one square size and converted to 1 or 3 channels; pixels stay 0..255 (the model scales them).
+  to one square size and converted to 1 or 3 channels; pixels stay 0..255 (the model scales them);
+- the same image folder for the samplers `gan`, `vae`, `diffusion`: one class folder is enough
+  (then they are conditioned on that one class), the default size is the first image's larger side
+  rounded down to a multiple of 4 and at most MAX_GENERATIVE_IMAGE_SIZE, and a given --image-size
+  must be a multiple of 4 (their networks halve the image twice); pixels stay 0..255 here and
+  training.generative scales them to [-1, 1].
 
 Both are read with Hugging Face `datasets` (`load_dataset("csv"|"parquet"|"json", data_files=...)`,
 `load_dataset("imagefolder", data_dir=...)`), offline (HF_DATASETS_OFFLINE=1) and with a temporary
@@ -39,6 +44,9 @@ TABLE_FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json"
 DEFAULT_LABEL_COLUMN = "label"
 # the default --image-size is the first image's larger side, at most this (CPU training)
 MAX_DEFAULT_IMAGE_SIZE = 64
+# the samplers' default --image-size: at most this (each trains for minutes on a CPU at 8x8 already)
+MAX_GENERATIVE_IMAGE_SIZE = 32
+GENERATIVE_FAMILIES = ("gan", "vae", "diffusion")
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F"}
 
 
@@ -68,6 +76,12 @@ class UserData:
                     "feature_std": tuple(self.feature_std), "n_classes": len(self.class_names)}
         return {"in_channels": self.channels, "image_size": self.image_size, "n_classes": len(self.class_names),
                 "input_scale": 255.0}
+
+    def sampler_overrides(self, family: str) -> dict[str, Any]:
+        """Fields of a sampler's Config (gan, vae, diffusion) that an image folder sets (the VAE is
+        unconditional: no class count)."""
+        fields = {"image_size": self.image_size, "image_channels": self.channels}
+        return fields if family == "vae" else {**fields, "n_classes": len(self.class_names)}
 
 
 def files_sha256(root: Path, files: list[Path]) -> str:
@@ -250,22 +264,28 @@ def _show(value: Any) -> str:
 # --- image folders (resnet) -----------------------------------------------------------------------
 
 def read_image_folder(folder: str | os.PathLike, image_size: int | None = None, channels: int | None = None,
-                      seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15) -> UserData:
+                      seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
+                      family: str = "resnet") -> UserData:
     """One subfolder per class; images resized to `image_size` square (default: the first image's
-    larger side, at most MAX_DEFAULT_IMAGE_SIZE) and converted to `channels` (default 1 when every
-    image is greyscale, else 3). X is (N, C, S, S) float32 with values 0..255."""
+    larger side, at most MAX_DEFAULT_IMAGE_SIZE; for the samplers see the module doc) and converted
+    to `channels` (default 1 when every image is greyscale, else 3). X is (N, C, S, S) float32 with
+    values 0..255. `family`: resnet, or a sampler (GENERATIVE_FAMILIES: one class is enough)."""
     from PIL import Image
 
+    sampler = family in GENERATIVE_FAMILIES
     root = Path(folder)
     where = str(root)
     if not root.exists():
         raise DataError(f"{where}: no such folder")
     if not root.is_dir():
-        raise DataError(f"{where}: not a folder: resnet takes an image folder, one subfolder per class")
+        raise DataError(f"{where}: not a folder: {family} takes an image folder, one subfolder per class")
     if channels not in (None, 1, 3):
         raise DataError(f"--channels must be 1 or 3, not {channels}")
     if image_size is not None and image_size < 4:
         raise DataError(f"--image-size must be 4 or more, not {image_size}")
+    if sampler and image_size is not None and image_size % 4:
+        raise DataError(f"--image-size must be a multiple of 4 for {family} (its networks halve the image "
+                        f"twice), not {image_size}")
     root = root.resolve()
     entries = [e for e in sorted(root.iterdir()) if not e.name.startswith(".")]
     classes = [e.name for e in entries if e.is_dir()]
@@ -283,7 +303,7 @@ def read_image_folder(folder: str | os.PathLike, image_size: int | None = None, 
     for c in classes:
         if not by_class[c]:
             raise DataError(f"{root / c}: class folder with no images")
-    if len(classes) < 2:
+    if len(classes) < 2 and not sampler:
         raise DataError(f"{where}: a single class folder ({classes[0]!r}): a classifier needs at least 2")
     files = [p for c in classes for p in sorted(by_class[c])]
     _check_splittable(where, len(files), val_fraction, test_fraction, "images")
@@ -296,7 +316,10 @@ def read_image_folder(folder: str | os.PathLike, image_size: int | None = None, 
                 first_size = first_size or img.size
         except Exception as exc:  # noqa: BLE001 - PIL raises several kinds
             raise DataError(f"{p}: unreadable image ({_first_line(exc)})") from exc
-    size = image_size or min(max(first_size), MAX_DEFAULT_IMAGE_SIZE)
+    if sampler:     # a multiple of 4, at least 4
+        size = image_size or max(4, min(max(first_size), MAX_GENERATIVE_IMAGE_SIZE) // 4 * 4)
+    else:
+        size = image_size or min(max(first_size), MAX_DEFAULT_IMAGE_SIZE)
     channels = channels or (1 if modes <= GREY_MODES else 3)
     x = np.empty((len(files), channels, size, size), dtype=np.float32)
     for i, p in enumerate(files):
@@ -335,7 +358,8 @@ def _image_paths(root: Path, where: str) -> list[Path]:
 
 def read(family: str, source: str | os.PathLike, seed: int = 0, label_column: str | None = None,
          image_size: int | None = None, channels: int | None = None) -> UserData:
-    """The user data for `family`: a table for mlp, an image folder for resnet."""
+    """The user data for `family`: a table for mlp, an image folder for resnet and the samplers
+    (gan, vae, diffusion)."""
     if family == "mlp":
         if image_size is not None or channels is not None:
             raise DataError("--image-size and --channels are for resnet with an image folder, not mlp")
@@ -347,4 +371,11 @@ def read(family: str, source: str | os.PathLike, seed: int = 0, label_column: st
             raise DataError(f"{source}: a file: resnet takes an image folder, one subfolder per class "
                             "(tables are for mlp)")
         return read_image_folder(source, image_size, channels, seed=seed)
-    raise DataError(f"--data is for the classifier families mlp (a table) and resnet (an image folder), not {family}")
+    if family in GENERATIVE_FAMILIES:
+        if label_column is not None:
+            raise DataError(f"--label-column is for mlp with a table; {family}'s classes are its subfolders")
+        if Path(source).is_file():
+            raise DataError(f"{source}: a file: {family} takes an image folder, one subfolder per class")
+        return read_image_folder(source, image_size, channels, seed=seed, family=family)
+    raise DataError(f"--data is for the classifier families mlp (a table) and resnet (an image folder) and the "
+                    f"samplers {', '.join(GENERATIVE_FAMILIES)} (an image folder), not {family}")

@@ -353,9 +353,15 @@ def check_tokenizer_option(family: str, data: str | os.PathLike | None, tokenize
 
 def prepare(family: str, data: str | os.PathLike, seed: int = 0, vocab_size: int = 2048, block_size: int = 128,
             tokenizer_file: str | os.PathLike | None = None, val_fraction: float = VAL_FRACTION,
-            test_fraction: float = TEST_FRACTION):
+            test_fraction: float = TEST_FRACTION, trained_tokenizer: Tokenizer | None = None):
     """Read, split and tokenize the user's text for `family`: lm.TokenData with test ids, the
-    lineage's dataset_details and the tokenizer's lineage entry. DataError before anything trains."""
+    lineage's dataset_details and the tokenizer's lineage entry. DataError before anything trains.
+
+    `trained_tokenizer`: the BPE that an earlier run trained on this text's train split (a resumed
+    run keeps it in its run folder, training/lm.py), used instead of training it again; the lineage
+    is that of training it. Not with `tokenizer_file`."""
+    if trained_tokenizer is not None and tokenizer_file is not None:
+        raise ValueError("prepare: give tokenizer_file or trained_tokenizer, not both")
     from training.lm import TokenData
 
     if tokenizer_file is not None:
@@ -365,8 +371,9 @@ def prepare(family: str, data: str | os.PathLike, seed: int = 0, vocab_size: int
     if tokenizer_file is not None:      # checked before the split: a bad file is named first
         tokenizer = load_tokenizer_file(tokenizer_file, vocab_size)
     parts = split_documents(user.documents, seed, val_fraction, test_fraction)
-    if tokenizer is None:
-        tokenizer = train_tokenizer(parts.train, vocab_size=vocab_size)
+    if tokenizer_file is None:
+        tokenizer = (trained_tokenizer if trained_tokenizer is not None
+                     else train_tokenizer(parts.train, vocab_size=vocab_size))
         merges = tokenizer.vocab_size - len(SPECIAL_TOKENS) - 256
         tokenizer_lineage = {"type": "byte-level BPE (HF tokenizers), trained on the train split" if merges > 0
                              else "byte-level (HF tokenizers): 256 bytes + 4 specials, no merges",

@@ -26,7 +26,7 @@ from training.run_state import RunState, RunStateError
 ROOT = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH = 20
 BASE = dict(epochs=3, checkpoint_every=7)
-# lr so large that the best validation loss comes at epoch 1: early stopping after epoch 4 of 6
+# lr so large that the best validation loss comes in the first epochs: early stopping before epoch 6
 EARLY_STOP = dict(epochs=6, checkpoint_every=7, lr=0.3, patience=3)
 
 
@@ -109,19 +109,21 @@ def test_the_run_folder_changes_nothing_and_holds_no_pickle(digits, tmp_path, tm
     ("mlp", 41, 40, BASE),           # one step after an epoch-end checkpoint
     ("mlp", 35, 35, BASE),           # right at a step checkpoint
     ("resnet", 47, 42, BASE),        # batch norm running statistics travel too
-    ("mlp", 70, 70, EARLY_STOP),     # best weights (epoch 1) and bad epochs (1), then early stopping
+    ("mlp", 70, 70, EARLY_STOP),     # killed with best weights and bad epochs held, then early stopping
 ], ids=["mid-epoch", "after-epoch-end", "at-checkpoint", "resnet", "early-stopping"])
 def test_interrupted_run_resumes_exactly(digits, tmp_path, tmp_path_factory, family, crash_after, checkpoint_step,
                                          cfg):
     result, weights, metrics = reference(digits, tmp_path_factory, family, **cfg)
     if cfg is EARLY_STOP:
-        assert result["epochs_run"] == 5 < cfg["epochs"]
+        assert result["epochs_run"] < cfg["epochs"]          # it stopped early
     with pytest.raises(Crash):
         run(digits, tmp_path, family, crash_after=crash_after, **cfg)
     state = RunState.load(tmp_path)
     assert not state.finished and state.step == checkpoint_step
     if cfg is EARLY_STOP:
-        assert state.bad_epochs == 1 and state.best_weights is not None
+        # killed with the early-stopping state in flight: epochs without a better loss counted, the
+        # best weights held (which epoch is best moves with the numeric libraries: lr 0.3 is chaotic)
+        assert 1 <= state.bad_epochs < cfg["patience"] and state.best_weights is not None
     resumed, resumed_weights = run(digits, tmp_path, family, resume=True, **cfg)
     assert resumed == result
     assert_same_weights(resumed_weights, weights)

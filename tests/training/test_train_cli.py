@@ -42,14 +42,14 @@ def test_print_config_resolves_preset_file_and_set_and_feeds_back(tmp_path, caps
 @pytest.mark.parametrize("argv,message", [
     (["train", "mlp", "--set", "hiden=3", "--out", "x"], "did you mean 'hidden'"),
     (["train", "mlp", "--set", "epochs=many", "--out", "x"], "train.epochs expects int"),
-    (["train", "decoder", "--set", "lr=1", "--out", "x"], "for mlp, resnet, rnn so far, not decoder"),
+    (["train", "decoder", "--set", "lr=0", "--out", "x"], "lr must be above 0"),
     (["train", "mlp", "--set", "n_classes=3", "--data", "table.csv", "--out", "x"], "comes from --data"),
     (["train", "mlp", "--set", "epochs=2"], "required: --out"),
     (["train", "mlp", "--data", "table.csv", "--value-column", "a", "--out", "x"], "--value-column is for rnn"),
     (["train", "rnn", "--time-column", "t", "--out", "x"], "--time-column describes --data"),
     (["train", "decoder", "--data", "missing.txt", "--out", "x"], "missing.txt"),
     (["train", "rnn_lm", "--data", "table.csv", "--tokenizer", "tok.json", "--out", "x"], "--tokenizer is for decoder"),
-    (["train", "gan", "--data", "table.csv", "--out", "x"], "--data is for"),
+    (["train", "gan", "--data", "table.csv", "--out", "x"], "gan takes an image folder"),
 ])
 def test_configuration_mistakes_are_one_line_and_exit_2(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

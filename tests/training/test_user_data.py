@@ -255,10 +255,10 @@ BAD_DATA = {
         "stray.png: an image outside a class subfolder"),
     "a folder for mlp": ("mlp", lambda t: _folder(t / "d", {"cat": 5, "dog": 5}), [], "is a folder"),
     "a table for resnet": ("resnet", lambda t: _bad_csv(t, "a,label\n"), [], "resnet takes an image folder"),
-    "--data for another family": ("gan", lambda t: _bad_csv(t, "a,label\n"), [], "--data is for mlp, resnet"),
+    "a table for an image family": ("gan", lambda t: _bad_csv(t, "a,label\n"), [], "gan takes an image folder"),
     "a table for a text family": ("decoder", lambda t: _bad_csv(t, "a,label\n"), [], "unknown text format '.csv'"),
     "--image-size for mlp": ("mlp", lambda t: _bad_csv(t, "a,label\n"), ["--image-size", "8"],
-                             "--image-size is for resnet --data, not mlp"),
+                             "--image-size is for resnet, gan, vae, diffusion --data, not mlp"),
 }
 
 

@@ -7,10 +7,11 @@ loss = ||e - eps_theta(x_t, t, y)||^2 (mean over pixels); with probability `p_un
 is replaced by the null label `n_classes` (= 10), so one network is both the conditional and the
 unconditional model. Sampling lives in training/schedulers (ddpm.py, ddim.py, pipeline.py).
 
-Dimensions: B batch, C channels, H x W the image (8x8 -> 4x4 -> 2x2 and back), E embedding size,
-T the trained horizon. Images live in [-1, 1] (the data path scales digits' 0..16:
-training.generative.to_unit). `Model.forward` is the served denoiser:
-(x_t (B, 1, 8, 8), t (B,) int64, label (B,) int64 in 0..10) -> eps (B, 1, 8, 8).
+Dimensions: B batch, C channels, K image channels (1 grey, 3 RGB), H x W the image (digits:
+8x8 -> 4x4 -> 2x2 and back; any S x S with S a multiple of 2^(len(channel_mult) - 1)), E embedding
+size, T the trained horizon. Images live in [-1, 1] (the data path scales digits' 0..16:
+training.generative.to_unit, and an image folder's 0..255: training.user_data). `Model.forward` is
+the served denoiser: (x_t (B, K, S, S), t (B,) int64, label (B,) int64 in 0..n_classes) -> eps (B, K, S, S).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.models.gan import check_image
 from training.schedulers.schedule import NoiseSchedule
 
 KIND = "denoise"
@@ -49,9 +51,14 @@ class Config:
     guidance: float = 1.5                   # classifier-free guidance scale g
     clip_sample: bool = True                # clip the predicted x_0 to [-1, 1] while sampling
     clipped_eps: bool = True                # DDIM: re-derive eps from the clipped x_0 (see schedulers/ddim.py)
+    image_channels: int = 1                 # K: 1 grey, 3 RGB
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)   # config.json stores a list
+        # each stage but the middle halves the image: S must divide into 2^(stages - 1)
+        check_image(self.image_size, self.image_channels, 2 ** (len(self.channel_mult) - 1))
+        if self.n_classes < 1:
+            raise ValueError(f"n_classes must be 1 or more, not {self.n_classes}")
 
     @property
     def null_label(self) -> int:
@@ -118,7 +125,7 @@ class UNet(nn.Module):
         self.register_buffer("freqs", timestep_frequencies(C), persistent=False)   # not in checkpoints
         self.time_mlp = nn.Sequential(nn.Linear(C, E), nn.SiLU(), nn.Linear(E, E))
         self.label_emb = nn.Embedding(config.n_classes + 1, E)       # + 1: the null label
-        self.conv_in = nn.Conv2d(1, C, 3, 1, 1)
+        self.conv_in = nn.Conv2d(config.image_channels, C, 3, 1, 1)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         c_prev = C
@@ -135,30 +142,30 @@ class UNet(nn.Module):
             self.up.append(ResBlock(c_prev + w, w, E, G))             # concatenated skip
             c_prev = w
         self.norm_out = GroupNorm(G, c_prev)
-        self.conv_out = nn.Conv2d(c_prev, 1, 3, 1, 1)
+        self.conv_out = nn.Conv2d(c_prev, config.image_channels, 3, 1, 1)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.freqs)) + self.label_emb(label)   # (B, E)
-        h = self.conv_in(x_t)                                         # (B, C, 8, 8)
+        h = self.conv_in(x_t)                                         # (B, C, S, S)
         skips = []
         for block, down in zip(self.down, self.downsample):
             h = block(h, emb)
             skips.append(h)
             h = down(h)                                               # (B, w, H / 2, W / 2)
-        h = self.mid(h, emb)                                          # (B, C_mid, 2, 2)
+        h = self.mid(h, emb)                                          # (B, C_mid, S/4, S/4) for 3 stages
         for block in self.up:
             h = F.interpolate(h, scale_factor=2.0, mode="nearest")   # (B, c, 2H, 2W)
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.conv_out(F.silu(self.norm_out(h)))                # (B, 1, 8, 8)
+        return self.conv_out(F.silu(self.norm_out(h)))                # (B, K, S, S)
 
 
 Model = UNet
 
 
 def example_inputs(config: Config, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x_t ~ N(0, I), t in 0..T-1, labels in 0..10 (10 = no label)."""
+    """x_t ~ N(0, I), t in 0..T-1, labels in 0..n_classes (n_classes = no label)."""
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(batch, 1, config.image_size, config.image_size, generator=g),
+    return (torch.randn(batch, config.image_channels, config.image_size, config.image_size, generator=g),
             torch.randint(0, config.num_train_timesteps, (batch,), generator=g),
             torch.randint(0, config.n_classes + 1, (batch,), generator=g))
 
@@ -201,4 +208,9 @@ def generation_defaults(config: Config) -> dict:
             "num_train_timesteps": config.num_train_timesteps, "beta_schedule": config.beta_schedule,
             "beta_start": config.beta_start, "beta_end": config.beta_end,
             "n_classes": config.n_classes, "null_label": config.null_label,
-            "sample_shape": [1, config.image_size, config.image_size], "output_range": [-1.0, 1.0]}
+            "sample_shape": list(sample_shape(config)), "output_range": [-1.0, 1.0]}
+
+
+def sample_shape(config: Config) -> tuple[int, int, int]:
+    """One image: (K, S, S)."""
+    return (config.image_channels, config.image_size, config.image_size)

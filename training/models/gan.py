@@ -15,21 +15,31 @@ agreed 93-100 %. G therefore also gets the mode-seeking term of Mao et al. 2019
 (arXiv:1903.05628, eq. 3): lambda / (mean|G(z1, y) - G(z2, y)| / mean|z1 - z2|), which rewards
 different images for different z of the same label (spread back to ~1.0 of the real data's).
 
-Dimensions: B batch, Z latent size, E label embedding size, C channels, H x W = 8 x 8.
-Images live in [-1, 1] (the data path scales digits' 0..16: training.generative.to_unit);
-`Model.forward` is the generator, the served function: (z (B, Z), label (B,)) -> image (B, 1, 8, 8).
-The GAN keeps its own two-optimiser loop (`train` below), not training/loop.py.
+Dimensions: B batch, Z latent size, E label embedding size, C channels, K image channels (1 grey,
+3 RGB), S x S the image (8 x 8 for digits; any multiple of 4: the networks work at S/4, S/2, S),
+s = S / 4. Images live in [-1, 1] (the data path scales digits' 0..16: training.generative.to_unit,
+and an image folder's 0..255: training.user_data); `Model.forward` is the generator, the served
+function: (z (B, Z), label (B,)) -> image (B, K, S, S).
+The GAN keeps its own two-optimiser loop (`train` below), not training/loop.py; with a run folder it
+logs metrics.jsonl and writes run-state checkpoints (training/run_state.py) so that a killed run
+resumes exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from training.run_state import MetricsLog, RunState, RunStateError, clean_temporaries, json_ready, tensor_fingerprint
 
 KIND = "sample"
 OUTPUT_NAMES = ("image",)
@@ -37,12 +47,28 @@ OUTPUT_NAMES = ("image",)
 
 @dataclass
 class Config:
-    image_size: int = 8
+    image_size: int = 8         # S, a multiple of 4
     latent_dim: int = 32        # Z
     n_classes: int = 10
     label_dim: int = 32         # E, the generator's label embedding
-    g_channels: int = 64        # C of the generator's 2x2 stage (C / 2 at 4x4, C / 4 at 8x8)
-    d_channels: int = 64        # C of the discriminator's 2x2 stage (C / 2 at 4x4, C / 4 at 8x8)
+    g_channels: int = 64        # C of the generator's s x s stage (C / 2 at 2s, C / 4 at S = 4s)
+    d_channels: int = 64        # C of the discriminator's s x s stage (C / 2 at 2s, C / 4 at S)
+    image_channels: int = 1     # K: 1 grey, 3 RGB
+
+    def __post_init__(self):
+        check_image(self.image_size, self.image_channels, 4)
+        if self.n_classes < 1:
+            raise ValueError(f"n_classes must be 1 or more, not {self.n_classes}")
+
+
+def check_image(image_size: int, image_channels: int, multiple: int) -> None:
+    """ValueError unless the image is S x S with S a positive multiple of `multiple` (the networks
+    halve it that many times and double it back) and K 1 or 3 channels."""
+    if image_size < multiple or image_size % multiple:
+        raise ValueError(f"image_size must be a multiple of {multiple} (the networks halve it and double "
+                         f"it back), not {image_size}")
+    if image_channels not in (1, 3):
+        raise ValueError(f"image_channels must be 1 (grey) or 3 (RGB), not {image_channels}")
 
 
 PRESETS = {
@@ -59,27 +85,30 @@ class GANTrainConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     mode_seeking: float = 1.0   # lambda of the mode-seeking term (0 = plain DCGAN)
     seed: int = 0
+    # with a run folder (train's run_dir): a run-state checkpoint every this many steps, and one at
+    # the end; 0: only the one at the end
+    checkpoint_every: int = 100
 
 
 class Generator(nn.Module):
-    """(z, y) -> image: project to 2x2, two transposed-conv upsamplings, tanh."""
+    """(z, y) -> image: project to s x s (s = S / 4), two transposed-conv upsamplings, tanh."""
 
     def __init__(self, c: Config):
         super().__init__()
-        C = c.g_channels
+        C, s = c.g_channels, c.image_size // 4
         self.embed = nn.Embedding(c.n_classes, c.label_dim)
-        self.project = nn.Sequential(nn.Linear(c.latent_dim + c.label_dim, C * 4, bias=False),
-                                     nn.BatchNorm1d(C * 4), nn.ReLU())
+        self.project = nn.Sequential(nn.Linear(c.latent_dim + c.label_dim, C * s * s, bias=False),
+                                     nn.BatchNorm1d(C * s * s), nn.ReLU())
         self.body = nn.Sequential(
-            nn.ConvTranspose2d(C, C // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(C // 2), nn.ReLU(),       # 4x4
-            nn.ConvTranspose2d(C // 2, C // 4, 4, 2, 1, bias=False), nn.BatchNorm2d(C // 4), nn.ReLU(),  # 8x8
-            nn.Conv2d(C // 4, 1, 3, 1, 1), nn.Tanh(),
+            nn.ConvTranspose2d(C, C // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(C // 2), nn.ReLU(),       # 2s
+            nn.ConvTranspose2d(C // 2, C // 4, 4, 2, 1, bias=False), nn.BatchNorm2d(C // 4), nn.ReLU(),  # S
+            nn.Conv2d(C // 4, c.image_channels, 3, 1, 1), nn.Tanh(),
         )
-        self.channels = C
+        self.channels, self.start = C, s
 
     def forward(self, z: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        h = self.project(torch.cat([z, self.embed(label)], dim=1))   # (B, 4C)
-        return self.body(h.view(-1, self.channels, 2, 2))            # (B, C, 2, 2) -> (B, 1, 8, 8)
+        h = self.project(torch.cat([z, self.embed(label)], dim=1))      # (B, C s s)
+        return self.body(h.view(-1, self.channels, self.start, self.start))   # (B, C, s, s) -> (B, K, S, S)
 
 
 class Discriminator(nn.Module):
@@ -87,17 +116,17 @@ class Discriminator(nn.Module):
 
     def __init__(self, c: Config):
         super().__init__()
-        C = c.d_channels
+        C, s = c.d_channels, c.image_size // 4
         self.body = nn.Sequential(
-            nn.Conv2d(1, C // 4, 3, 1, 1), nn.LeakyReLU(0.2),                                    # 8x8
-            nn.Conv2d(C // 4, C // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(C // 2), nn.LeakyReLU(0.2),  # 4x4
-            nn.Conv2d(C // 2, C, 4, 2, 1, bias=False), nn.BatchNorm2d(C), nn.LeakyReLU(0.2),     # 2x2
+            nn.Conv2d(c.image_channels, C // 4, 3, 1, 1), nn.LeakyReLU(0.2),                     # S
+            nn.Conv2d(C // 4, C // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(C // 2), nn.LeakyReLU(0.2),  # 2s
+            nn.Conv2d(C // 2, C, 4, 2, 1, bias=False), nn.BatchNorm2d(C), nn.LeakyReLU(0.2),     # s
         )
-        self.psi = nn.Linear(C * 4, 1)
-        self.embed = nn.Embedding(c.n_classes, C * 4)
+        self.psi = nn.Linear(C * s * s, 1)
+        self.embed = nn.Embedding(c.n_classes, C * s * s)
 
     def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        h = self.body(x).flatten(1)                                   # (B, 4C)
+        h = self.body(x).flatten(1)                                   # (B, C s s)
         return self.psi(h).squeeze(1) + (self.embed(label) * h).sum(1)   # (B,) logits
 
 
@@ -111,14 +140,14 @@ class GAN(nn.Module):
         self.discriminator = Discriminator(config)
 
     def forward(self, z: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        return self.generator(z, label)   # (B, 1, 8, 8) in [-1, 1]
+        return self.generator(z, label)   # (B, K, S, S) in [-1, 1]
 
 
 Model = GAN
 
 
 def example_inputs(config: Config, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """z ~ N(0, I) and labels 0..9."""
+    """z ~ N(0, I) and labels 0..n_classes-1."""
     g = torch.Generator().manual_seed(0)
     return (torch.randn(batch, config.latent_dim, generator=g),
             torch.randint(0, config.n_classes, (batch,), generator=g))
@@ -153,21 +182,60 @@ def loss(model: GAN, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
 
 
 def train(model: GAN, images: torch.Tensor, labels: torch.Tensor, cfg: GANTrainConfig,
-          progress: bool = True) -> dict[str, float]:
+          progress: bool = True, *, run_dir: str | os.PathLike | None = None, resume: bool = False,
+          run_config: dict[str, Any] | None = None) -> dict[str, float]:
     """The DCGAN loop: per step, (1) update D on a real and a fake batch, (2) update G.
     loss_g in the result includes the mode-seeking term.
-    images: (N, 1, 8, 8) in [-1, 1]; labels: (N,). Returns the last losses (EMA-smoothed)."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    images: (N, K, S, S) in [-1, 1]; labels: (N,). Returns the last losses (EMA-smoothed).
+
+    `run_dir` (optional), as loop.train's: metrics.jsonl (loss_d, loss_g each step), a run-state
+    checkpoint every `cfg.checkpoint_every` steps and at the end; `resume=True` continues from the
+    last one and ends with the same weights as an uninterrupted run (both optimisers, the data and
+    noise generator, BatchNorm statistics and the smoothed losses travel); refused
+    (run_state.RunStateError) when `run_config`, `cfg` or the data differ from what was recorded."""
+    gen = torch.Generator().manual_seed(cfg.seed)     # data order and every z: one stream
     torch.manual_seed(cfg.seed)
     opt_g = torch.optim.Adam(model.generator.parameters(), lr=cfg.lr_g, betas=cfg.betas)
     opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=cfg.lr_d, betas=cfg.betas)
-    n, Z = images.shape[0], model.config.latent_dim
     smooth = {"loss_d": math.nan, "loss_g": math.nan}
+    start, run = 0, None
+    if run_dir is not None:
+        config = {"run": run_config or {}, "gan": dataclasses.asdict(cfg),
+                  "data": {"train": tensor_fingerprint((images, labels))}}
+        run = _Run(run_dir, config, model, opt_g, opt_d, gen)
+        if not resume:
+            run.start()
+        else:
+            state = run.resume()
+            if state.finished:
+                run.close()
+                return state.result
+            start, smooth = state.step, dict(state.extra["smooth"])
+    elif resume:
+        raise ValueError("resume=True needs the run_dir of the run to resume")
+    try:
+        _steps(model, images, labels, cfg, opt_g, opt_d, gen, smooth, start, run, progress)
+        model.eval()
+        result = {**smooth, "steps": float(cfg.steps)}
+        if run is not None:
+            run.checkpoint(cfg.steps, smooth, result)
+        return result
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _steps(model: GAN, images: torch.Tensor, labels: torch.Tensor, cfg: GANTrainConfig,
+           opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, gen: torch.Generator,
+           smooth: dict[str, float], start: int, run: _Run | None, progress: bool) -> None:
+    """Steps `start`..cfg.steps-1 in place (`smooth` updated: the EMA of each loss)."""
+    n, Z = images.shape[0], model.config.latent_dim
     model.train()
-    bar = tqdm(range(cfg.steps), desc="GAN", disable=not progress, unit="step", mininterval=1.0)
+    bar = tqdm(range(start, cfg.steps), desc="GAN", disable=not progress, unit="step", mininterval=1.0,
+               initial=start, total=cfg.steps)
     for step in bar:
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-        real, label = images[idx], labels[idx]                                 # (B, 1, 8, 8), (B,)
+        real, label = images[idx], labels[idx]                                 # (B, K, S, S), (B,)
         z = torch.randn(cfg.batch_size, Z, generator=gen)
         fake = model.generator(z, label)
         # (1) Update D: maximise log D(x, y) + log(1 - D(G(z, y), y))
@@ -183,15 +251,104 @@ def train(model: GAN, images: torch.Tensor, labels: torch.Tensor, cfg: GANTrainC
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
-        for k, v in (("loss_d", loss_d.item()), ("loss_g", loss_g.item())):
+        raw = {"loss_d": loss_d.item(), "loss_g": loss_g.item()}
+        for k, v in raw.items():
             smooth[k] = v if math.isnan(smooth[k]) else 0.98 * smooth[k] + 0.02 * v
         if step % 50 == 0:
             bar.set_postfix(loss_d=f"{smooth['loss_d']:.3f}", loss_g=f"{smooth['loss_g']:.3f}")
-    model.eval()
-    return {**smooth, "steps": float(cfg.steps)}
+        if run is not None:
+            run.log(step=step + 1, **raw)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                run.checkpoint(step + 1, smooth)   # the last step's state is the final checkpoint
+
+
+class _Run:
+    """The GAN's run folder (training/run_state.py's files, as loop._Run writes them for one
+    optimiser). Both Adam states travel as one optimizer state dict: the generator's parameters
+    are indices 0..n_g-1 (param group 0), the discriminator's n_g.. (group 1), the order of
+    model.named_parameters(). The position is `step` (no epochs: batches are drawn with
+    replacement from `gen`, whose state at the checkpoint is `shuffle_state`); the smoothed losses
+    go in `extra`."""
+
+    def __init__(self, run_dir: str | os.PathLike, config: dict[str, Any], model: GAN,
+                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, gen: torch.Generator):
+        self.run_dir, self.config = Path(run_dir), json_ready(config)
+        self.model, self.opt_g, self.opt_d, self.gen = model, opt_g, opt_d, gen
+        self.param_names = [name for name, _ in model.named_parameters()]
+        self.n_g = len(list(model.generator.parameters()))
+        self.metrics: MetricsLog | None = None
+        self.seq = 0
+
+    def start(self) -> None:
+        if RunState.exists(self.run_dir):
+            raise RunStateError(f"{self.run_dir} already holds a run (run_state.json): resume it, "
+                                "or start the run in a new folder")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        clean_temporaries(self.run_dir)
+        self.metrics = MetricsLog(self.run_dir)
+
+    def resume(self) -> RunState:
+        """Load the last checkpoint into the model, both optimisers and both RNGs."""
+        state = RunState.load(self.run_dir)
+        state.check_config(self.config, self.run_dir)
+        state.check_parameters(self.model)
+        clean_temporaries(self.run_dir)
+        self.metrics, self.seq = MetricsLog(self.run_dir, keep_bytes=state.metrics_offset), state.seq
+        self.model.load_state_dict(state.model)
+        if state.finished:
+            self.model.eval()
+            return state
+        g_state, d_state = split_optimizers(state.optimizer, self.n_g)
+        self.opt_g.load_state_dict(g_state)
+        self.opt_d.load_state_dict(d_state)
+        self.gen.set_state(state.shuffle_state)
+        torch.set_rng_state(state.torch_rng_state)
+        return state
+
+    def log(self, **record: Any) -> None:
+        self.metrics.write(**record)
+
+    def checkpoint(self, step: int, smooth: dict[str, float], result: dict[str, Any] | None = None) -> None:
+        """Save the run after `step` steps; `result` marks it finished."""
+        state = RunState(
+            config=self.config, model=self.model.state_dict(),
+            optimizer=merge_optimizers(self.opt_g.state_dict(), self.opt_d.state_dict(), self.n_g),
+            scheduler={}, param_names=self.param_names, epoch=0, batches_done=step, step=step,
+            shuffle_state=self.gen.get_state(), torch_rng_state=torch.get_rng_state(),
+            best_loss=math.inf, best_weights=None, bad_epochs=0, last_loss=smooth["loss_g"],
+            metrics_offset=self.metrics.commit(), finished=result is not None, result=result, seq=self.seq,
+            extra={"smooth": dict(smooth)})
+        state.save(self.run_dir)
+        self.seq = state.seq
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def merge_optimizers(g: dict[str, Any], d: dict[str, Any], n_g: int) -> dict[str, Any]:
+    """Two optimizer state dicts as one: d's parameter indices shifted by n_g (group 0: g, group 1: d)."""
+    (g_group,), (d_group,) = g["param_groups"], d["param_groups"]
+    state = {**g["state"], **{i + n_g: v for i, v in d["state"].items()}}
+    return {"state": state, "param_groups": [g_group, {**d_group, "params": [i + n_g for i in d_group["params"]]}]}
+
+
+def split_optimizers(merged: dict[str, Any], n_g: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The inverse of merge_optimizers."""
+    g_group, d_group = merged["param_groups"]
+    g = {"state": {i: v for i, v in merged["state"].items() if i < n_g}, "param_groups": [g_group]}
+    d = {"state": {i - n_g: v for i, v in merged["state"].items() if i >= n_g},
+         "param_groups": [{**d_group, "params": [i - n_g for i in d_group["params"]]}]}
+    return g, d
 
 
 def generation_defaults(config: Config) -> dict:
     """What a server needs to draw samples (the manifest's `generation`)."""
     return {"latent_dim": config.latent_dim, "n_classes": config.n_classes, "latent_distribution": "normal",
-            "output_range": [-1.0, 1.0], "digits_scale": "pixel_0_16 = (image + 1) * 8"}
+            "output_range": [-1.0, 1.0], **digits_scale(config.image_size, config.image_channels)}
+
+
+def digits_scale(image_size: int, image_channels: int) -> dict:
+    """The manifest's `digits_scale` note for a digits-shaped sampler (8 x 8 grey); none for others
+    (an image folder's model maps [-1, 1] to 0..255: pixel = (image + 1) * 127.5)."""
+    return {"digits_scale": "pixel_0_16 = (image + 1) * 8"} if (image_size, image_channels) == (8, 1) else {}

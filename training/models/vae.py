@@ -8,9 +8,12 @@ z = mu + sigma * e, e ~ N(0, I). Per image,
               - 1/2 sum_j (mu_j^2 + sigma_j^2 - 1 - log sigma_j^2)     (closed form, appendix B)
 and loss = -ELBO, averaged over the batch (nats per image).
 
-Dimensions: B batch, Z latent size, C channels, P pixels (64); images in [-1, 1] (the data path
-scales digits' 0..16: training.generative.to_unit).
-`Model.forward` is the decoder, the served function: z (B, Z) -> image (B, 1, 8, 8) in [-1, 1].
+Dimensions: B batch, Z latent size, C channels, K image channels (1 grey, 3 RGB), S x S the image
+(8 x 8 for digits; any multiple of 4: the networks work at S, S/2, s = S/4), P = K S S pixels (64
+for digits); images in [-1, 1] (the data path scales digits' 0..16: training.generative.to_unit,
+and an image folder's 0..255: training.user_data). The VAE is unconditional, also on an image
+folder of several classes (its served decoder takes z only).
+`Model.forward` is the decoder, the served function: z (B, Z) -> image (B, K, S, S) in [-1, 1].
 `encode_mean` (image -> z_mean) and `reconstruct` (image -> decoded mean) are the other parts.
 """
 
@@ -22,16 +25,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from training.models.gan import check_image, digits_scale
+
 KIND = "sample"
 OUTPUT_NAMES = ("image",)
 
 
 @dataclass
 class Config:
-    image_size: int = 8
+    image_size: int = 8         # S, a multiple of 4
     latent_dim: int = 16        # Z
-    channels: int = 64          # C of the 2x2 stage (C / 2 at 4x4, C / 4 at 8x8)
+    channels: int = 64          # C of the s x s stage (C / 2 at 2s, C / 4 at S = 4s)
     recon_sigma: float = 0.2    # s, the decoder's fixed pixel std on the [-1, 1] scale
+    image_channels: int = 1     # K: 1 grey, 3 RGB
+
+    def __post_init__(self):
+        check_image(self.image_size, self.image_channels, 4)
 
 
 PRESETS = {
@@ -44,37 +53,37 @@ class Encoder(nn.Module):
 
     def __init__(self, c: Config):
         super().__init__()
-        C = c.channels
+        C, s = c.channels, c.image_size // 4
         self.body = nn.Sequential(
-            nn.Conv2d(1, C // 4, 3, 1, 1), nn.SiLU(),        # 8x8
-            nn.Conv2d(C // 4, C // 2, 3, 2, 1), nn.SiLU(),   # 4x4
-            nn.Conv2d(C // 2, C, 3, 2, 1), nn.SiLU(),        # 2x2
+            nn.Conv2d(c.image_channels, C // 4, 3, 1, 1), nn.SiLU(),   # S
+            nn.Conv2d(C // 4, C // 2, 3, 2, 1), nn.SiLU(),   # 2s
+            nn.Conv2d(C // 2, C, 3, 2, 1), nn.SiLU(),        # s
             nn.Flatten(),
         )
-        self.mean = nn.Linear(4 * C, c.latent_dim)
-        self.log_var = nn.Linear(4 * C, c.latent_dim)
+        self.mean = nn.Linear(C * s * s, c.latent_dim)
+        self.log_var = nn.Linear(C * s * s, c.latent_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.body(x)                                     # (B, 4C)
+        h = self.body(x)                                     # (B, C s s)
         return self.mean(h), self.log_var(h)                 # (B, Z) each
 
 
 class Decoder(nn.Module):
-    """z -> mean image: linear to 2x2, two transposed-conv upsamplings, tanh."""
+    """z -> mean image: linear to s x s (s = S / 4), two transposed-conv upsamplings, tanh."""
 
     def __init__(self, c: Config):
         super().__init__()
-        C = c.channels
-        self.channels = C
-        self.project = nn.Sequential(nn.Linear(c.latent_dim, 4 * C), nn.SiLU())
+        C, s = c.channels, c.image_size // 4
+        self.channels, self.start = C, s
+        self.project = nn.Sequential(nn.Linear(c.latent_dim, C * s * s), nn.SiLU())
         self.body = nn.Sequential(
-            nn.ConvTranspose2d(C, C // 2, 4, 2, 1), nn.SiLU(),        # 4x4
-            nn.ConvTranspose2d(C // 2, C // 4, 4, 2, 1), nn.SiLU(),   # 8x8
-            nn.Conv2d(C // 4, 1, 3, 1, 1), nn.Tanh(),
+            nn.ConvTranspose2d(C, C // 2, 4, 2, 1), nn.SiLU(),        # 2s
+            nn.ConvTranspose2d(C // 2, C // 4, 4, 2, 1), nn.SiLU(),   # S
+            nn.Conv2d(C // 4, c.image_channels, 3, 1, 1), nn.Tanh(),
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.body(self.project(z).view(-1, self.channels, 2, 2))   # (B, 1, 8, 8)
+        return self.body(self.project(z).view(-1, self.channels, self.start, self.start))   # (B, K, S, S)
 
 
 class VAE(nn.Module):
@@ -85,7 +94,7 @@ class VAE(nn.Module):
         self.decoder = Decoder(config)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """The served decoder: p(x|z)'s mean, (B, 1, 8, 8) in [-1, 1]."""
+        """The served decoder: p(x|z)'s mean, (B, K, S, S) in [-1, 1]."""
         return self.decoder(z)
 
     def encode_mean(self, image: torch.Tensor) -> torch.Tensor:
@@ -129,4 +138,4 @@ def loss(model: VAE, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
 def generation_defaults(config: Config) -> dict:
     """What a server needs to draw samples (the manifest's `generation`)."""
     return {"latent_dim": config.latent_dim, "latent_distribution": "normal", "output_range": [-1.0, 1.0],
-            "digits_scale": "pixel_0_16 = (image + 1) * 8"}
+            **digits_scale(config.image_size, config.image_channels)}
