@@ -1,5 +1,5 @@
-"""Every core busy: a ResNet-style CNN served with one execution instance against the default
-(one per usable core), JSON and binary tensors, against the all-cores in-process ceiling.
+"""Every core busy: a ResNet-style CNN served with one execution instance against one per usable
+core, JSON and binary tensors, against the all-cores in-process ceiling.
 
 One run:
   1. builds a ResNet-style CNN nobody here trained (torch, seeded random weights, 3x32x32 -> 10,
@@ -7,7 +7,7 @@ One run:
   2. measures the ceiling at batch 32 in process: ONNX Runtime with one thread, with one thread
      per core run side by side on one session, and with one session of as many intra-op threads as
      cores; the ceiling is the best of the last two (what the hardware does);
-  3. for each server setting (`--instances 1`, then the default), starts `zooserve serve` and drives
+  3. for each server setting (`--instances 1`, then `--instances CORES`), starts `zooserve serve` and drives
      it closed-loop (bench/classify.py's load generator) with v2 JSON bodies (~20 KB) and with the
      binary tensor extension, at each concurrency level;
   4. prints req/s, p50/p99, server CPU per request, mean batch and the share of the ceiling, and
@@ -175,7 +175,7 @@ def report(ceil: dict[str, float], cores: int, runs: dict[str, dict[str, list[Le
                       f"{r.throughput_rps / ceil['ceiling']:.2f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
                       f"{r.server_cpu_ms_per_req:.3f} | {(r.mean_batch or 0):.2f} | {r.non_200} |")
     print()
-    base, new = runs["instances 1"], runs["default instances"]
+    base, new = runs["instances 1"], runs["one per core"]
     missed = []
     for encoding, target in (("json", JSON_TARGET), ("binary", BINARY_TARGET)):
         for r, old in zip(new[encoding], base[encoding]):
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] ceiling {ceil['ceiling']:,.0f} img/s ({cores} usable cores)", flush=True)
         loop_factory, loop_name = event_loop_factory("auto")
         runs: dict[str, dict[str, list[LevelResult]]] = {}
-        for setting, extra in (("instances 1", ["--instances", "1"]), ("default instances", [])):
+        for setting, extra in (("instances 1", ["--instances", "1"]), ("one per core", ["--instances", str(cores)])):
             server = Server(registry, 1, work / f"server-{len(runs)}.log", extra)
             try:
                 server.wait_ready()

@@ -103,6 +103,7 @@ class DynamicBatcher:
         # (or closing) while it holds a batch window open
         self._waiter: asyncio.Future | None = None
         self._wake_on_any = True
+        self._waiting_for_full = False     # the collector waits for a full batch while others run
         # batches that run faster than this (running mean) execute on the event loop itself:
         # the hop to the thread and back costs more CPU than such a model (bench/classify.py)
         self.inline_below_s = inline_below_ms / 1000.0
@@ -264,6 +265,8 @@ class DynamicBatcher:
 
     def _instance_done(self, task: asyncio.Task) -> None:
         self._executing.discard(task)
+        if self._waiting_for_full:      # a finished batch ends the wait for a full one
+            self._wake()
         if self._instance_freed is not None and not self._instance_freed.done():
             self._instance_freed.set_result(None)
 
@@ -274,6 +277,17 @@ class DynamicBatcher:
         remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.perf_counter()
         if remaining > 0 and not self._closing and self._rows_queued < self.max_batch_size:
             await self._sleep(remaining, wake_on_any=False)
+        # A further instance takes only a full batch; a partial one waits for a running batch to
+        # finish. Where the event loop, not the model, bounds throughput (a cheap model, JSON
+        # tensors), a second instance cutting small batches only took the cores and the GIL from the
+        # loop (bench/overload.py's CNN: goodput under overload 1,392 -> 993 req/s); where the model
+        # bounds it, a full batch queues while one runs and the next instance takes it.
+        while self._executing and not self._closing and self._queue and self._rows_queued < self.max_batch_size:
+            self._waiting_for_full = True     # woken by a full batch queued (submit) or a batch done
+            try:
+                await self._sleep(None, wake_on_any=False)
+            finally:
+                self._waiting_for_full = False
 
     def _take_batch(self) -> list[_Pending]:
         """Pop requests in arrival order while they fit and have the batch's non-batch shapes and

@@ -5,7 +5,15 @@ Measured on a ResNet-style CNN (~50 M multiply-adds an image), ONNX Runtime, bat
 one session run by one thread made 939 images/s, the same session run by two threads at once 1,888,
 and one run with two intra-op threads 832 (session threads spin and split small convolutions
 badly). So parallelism comes from instances (concurrent runs of the one session, one thread each),
-not from intra-op threads; the default is one instance per usable core.
+not from intra-op threads.
+
+But the event loop that reads, decodes and answers the requests needs a core of its own under
+load. On 2 cores, bench/overload.py's cheap CNN (a few ms a batch of 32, JSON tensors: the loop is
+the bottleneck) lost a third of its goodput under overload with two instances (1,392 -> 993 req/s,
+p99 159 -> 298 ms), while bench/instances.py's heavier CNN (~50 M multiply-adds an image: the model
+is the bottleneck) gained 1.4-1.6x at 128 clients. So the default leaves one core to the loop:
+one instance per usable core but one (on 2 cores: one, as before); a model that is the bottleneck
+on a small machine asks for more in its model.json.
 
 The count does not shrink with the number of loaded models: an instance is a parked thread until
 its model is busy, and the operating system shares the cores among the models that are; dividing
@@ -49,11 +57,12 @@ class Instances:
 
 def choose(group: InstanceGroup, server_instances: int | None, server_threads: int, cores: int) -> Instances:
     """model.json's instance_group first, then the server's settings, then one instance per
-    `intra_op_threads` cores (at least one)."""
+    `intra_op_threads` cores of those the event loop leaves (cores - 1; at least one)."""
     threads = group.intra_op_threads or server_threads
     if group.count is not None:
         return Instances(group.count, threads, "model.json")
     if server_instances is not None:
         return Instances(server_instances, threads, "server setting")
-    count = max(1, cores // threads)
-    return Instances(count, threads, f"auto: {cores} usable cores / {threads} intra-op threads")
+    count = max(1, (cores - 1) // threads)
+    return Instances(count, threads, f"auto: ({cores} usable cores - 1 for the event loop) / {threads} "
+                                     f"intra-op thread{'s' if threads > 1 else ''}")

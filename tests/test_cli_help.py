@@ -26,7 +26,8 @@ from training.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["bench/batch.py", "bench/classify.py", "bench/tokens.py", "bench/gpu.py", "bench/first_start.py",
-           "bench/soak.py", "bench/overload.py", "loadtest/swap.py"]
+           "bench/soak.py", "bench/overload.py", "bench/instances.py", "bench/train_device.py",
+           "bench/classify_grpc.py", "loadtest/swap.py"]
 UNSET = (None, False, argparse.SUPPRESS, ...)
 
 

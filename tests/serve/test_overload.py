@@ -32,6 +32,7 @@ def slow_registry(registry_copy, tmp_path):
                  input_name="image", output_name="logits")
     cfg = reg.model_config("slow-digits")
     cfg.batching.max_batch_size, cfg.batching.max_queue_delay_ms, cfg.batching.max_queue_wait_ms = 1, 0, 200
+    cfg.instance_group.count = 1            # one batch at a time, whatever the machine's cores
     reg.write_model_config(cfg)
     return registry_copy
 
