@@ -49,7 +49,7 @@ serve: setup
 	[ -n "$$stopping" ] || kill $$trainer 2>/dev/null; wait $$trainer; exit $$status
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: setup
 	$(PY) bench/classify.py

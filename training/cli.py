@@ -46,14 +46,20 @@ LOOP_FAMILIES = (
     "decoder", "mamba", "rnn_lm",   # training/lm.py train_token_family (its own loop, train_lm)
     "gan", "vae", "diffusion",      # training/generative.py train_generative (gan: its own loop; vae, diffusion: the shared loop)
 )
-# the families whose recipe takes --device cuda, --precision bf16|fp16 and --tensorboard (training/devices.py);
-# the others train on the CPU in fp32 (--device cpu and auto are accepted for every family)
+# the families whose recipe takes --device cuda, --precision bf16|fp16 and --tensorboard (training/devices.py):
+# every family; one added outside it trains on the CPU in fp32 (--device cpu and auto are accepted for any)
 DEVICE_FAMILIES = (
     "mlp", "resnet",                # training/train.py train_classifier (the shared loop, training/loop.py)
-    "rnn",                          # training/series.py train_forecaster (the shared loop; CPU only so far)
+    "rnn",                          # training/series.py train_forecaster (the shared loop)
+    "decoder", "mamba", "rnn_lm",   # training/lm.py train_token_family (its own loop, train_lm)
+    "gan", "vae", "diffusion",      # training/generative.py train_generative (gan: its own loop; vae, diffusion: the shared loop)
 )
 # inside --out: the run folder (run-state checkpoints and metrics.jsonl, training/run_state.py)
 RUN_FOLDER = "run"
+# the `zooserve train` parser, once built: `--nproc` rebuilds the command line for its ranks from it
+_TRAIN_PARSER: dict[str, argparse.ArgumentParser] = {}
+# the launcher's own options: the ranks do not get them
+LAUNCH_OPTIONS = ("nproc", "nnodes", "node_rank", "rdzv_endpoint")
 
 # (registry name, family, preset) published by `zooserve demo`, in the order their training starts
 DEMO_MODELS = [
@@ -74,10 +80,23 @@ DEMO_FAMILIES = {name: (family, preset) for name, family, preset in DEMO_MODELS}
 
 
 def _train(args: argparse.Namespace) -> int:
+    from training import distributed    # no torch at import
+
+    if distributed.in_rank():           # one rank of --nproc: torchrun started this process
+        return distributed.run_rank(_train_command, args)
+    return _train_command(args)
+
+
+def _train_command(args: argparse.Namespace) -> int:
     def error(message: str) -> int:     # one line, as argparse would, exit 2
         print(f"zooserve train: error: {message}", file=sys.stderr)
         return 2
 
+    from training import distributed
+
+    launch_error = distributed.launch_flags_error(args)     # --nproc for a family that cannot: at once
+    if launch_error is not None:
+        return error(launch_error)
     known = preset_names(args.family)
     if args.preset is not None and args.preset not in known:   # before torch is imported: one line at once
         return error(f"argument --preset: invalid choice {args.preset!r} for {args.family} "
@@ -162,29 +181,40 @@ def _train(args: argparse.Namespace) -> int:
         try:    # before the old run folder goes: a machine that cannot train so changes nothing
             device = devices.resolve(args.device)
             devices.check(device, args.precision)
-            if args.family == "rnn":
-                from training.series import check_device
-
-                check_device(device)
         except DeviceError as exc:
             return error(str(exc))
         placement = {"device": device, "precision": args.precision, "tensorboard": args.tensorboard}
         if args.device != "cpu":      # auto or cuda: say what it became
             print(f"training on {devices.describe(device)} in {args.precision}", flush=True)
+    ddp = None
+    if distributed.in_rank():           # join the other ranks (gloo, or nccl on cuda:LOCAL_RANK)
+        try:
+            ddp = distributed.init(placement.get("device", torch.device("cpu")))
+        except distributed.DistributedError as exc:
+            return error(str(exc))
+    elif args.nproc > 1 or args.nnodes > 1:     # the launcher: this command again in every rank, under torchrun
+        return _launch_ranks(args, placement, error)
     run_dir = Path(args.out) / RUN_FOLDER
-    if args.family in LOOP_FAMILIES and not args.resume and run_dir.exists():
+    if args.family in LOOP_FAMILIES and not args.resume and run_dir.exists() and (ddp is None or ddp.is_writer):
         shutil.rmtree(run_dir)          # a new run into --out: its files are overwritten, the old run's too
+    if ddp is not None:
+        ddp.barrier()                   # rank 0 has removed the old run folder before any rank looks at it
     try:
         if args.family in LOOP_FAMILIES:
             metrics = train(args.family, run.preset, args.out, data=args.data, data_options=data_options,
                             train_cfg=run.train_config(), model_config=run.model_config(), run_dir=run_dir,
-                            resume=args.resume, **placement)
+                            resume=args.resume, **placement,
+                            **({} if ddp is None else {"ddp": ddp, "progress": ddp.is_writer}))
         else:
             metrics = train(args.family, run.preset, args.out, data=args.data, data_options=data_options)
     except DataError as exc:            # bad data: named before anything trains
         return error(str(exc))
     except RunStateError as exc:        # --resume without a run to resume, or with another config
         return error(f"--resume: {exc}")
+    except distributed.DistributedError as exc:     # --nproc beyond what the data allows: before training
+        return error(str(exc))
+    if ddp is not None and not ddp.is_writer:       # rank 0 alone reports, writes and publishes
+        return 0
     print(f"checkpoint written to {args.out}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     if args.publish is not None:
         from model_registry.cli import resolve_root
@@ -207,6 +237,46 @@ def _train(args: argparse.Namespace) -> int:
         if args.alias is not None:
             print(f"alias {args.alias} of {args.publish} -> version {version}")
     return 0
+
+
+def _rank_argv(args: argparse.Namespace) -> list[str]:
+    """The `zooserve train` command line that gave `args`, less the launcher's options (LAUNCH_OPTIONS):
+    what every rank runs."""
+    argv = ["train"]
+    for action in _TRAIN_PARSER["train"]._actions:
+        if action.dest in LAUNCH_OPTIONS or action.dest == "help" or not hasattr(args, action.dest):
+            continue
+        value = getattr(args, action.dest)
+        if not action.option_strings:       # the family
+            argv.append(str(value))
+            continue
+        flag = max(action.option_strings, key=len)
+        if isinstance(action, argparse._StoreTrueAction):
+            argv += [flag] if value else []
+        elif isinstance(action, argparse._AppendAction):
+            argv += [a for v in value or [] for a in (flag, str(v))]
+        elif value is not None and value != action.default:
+            argv += [flag, *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return argv
+
+
+def _launch_ranks(args: argparse.Namespace, placement: dict, error) -> int:
+    """`--nproc N`: run this command in N ranks under torchrun (training/distributed.py); the exit
+    status is theirs, a failure reported in one line."""
+    import torch
+
+    from training import distributed
+
+    device = placement.get("device", torch.device("cpu"))
+    if device.type == "cuda" and torch.cuda.device_count() < args.nproc:
+        return error(f"--nproc {args.nproc} with --device {args.device}: one GPU per process, and torch sees "
+                     f"{torch.cuda.device_count()}")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    where = (f"{args.nproc} process(es) on each of {args.nnodes} machines, this one --node-rank {args.node_rank}"
+             if args.nnodes > 1 else f"{args.nproc} processes")
+    print(f"training {args.family} data-parallel with torchrun: {where} ({backend})", flush=True)
+    return distributed.launch(_rank_argv(args), args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                              rdzv_endpoint=args.rdzv_endpoint, threads=args.threads)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -610,7 +680,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "--publish photos-diffusion\n"
                     "  zooserve train rnn --data sales.csv --time-column date --out runs/sales --set epochs=30\n"
                     "  zooserve train decoder --data my_texts/ --out runs/mytext\n"
-                    "  zooserve train decoder --out runs/dec --set n_layer=2 --set steps=400 --set patience=3")
+                    "  zooserve train decoder --out runs/dec --set n_layer=2 --set steps=400 --set patience=3\n"
+                    "  zooserve train decoder --out runs/dec2 --nproc 2   # data-parallel, 2 processes (torchrun)")
     p.add_argument("family", choices=sorted(FAMILIES), help="model family (see above)")
     p.add_argument("--preset", default=None, help="named size from the family's PRESETS (default tiny, or the "
                    "--config file's)")
@@ -633,16 +704,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "decoder, mamba, rnn_lm, gan, vae, diffusion)")
     p.add_argument("--threads", metavar="N", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
-                   help="where mlp, resnet and rnn train: cpu; cuda (refused where torch sees no CUDA device; rnn: "
-                        "cpu only so far); auto (cuda when torch sees one, else cpu). The checkpoint is saved from "
-                        "CPU tensors either way and exports and serves on a CPU. Other families train on the CPU "
-                        "(default cpu)")
+                   help="where the model trains (every family): cpu; cuda (refused where torch sees no CUDA device); "
+                        "auto (cuda when torch sees one, else cpu). The checkpoint is saved from CPU tensors either "
+                        "way and exports and serves on a CPU; judging and test metrics run on the CPU (default cpu)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="fp32, or bf16/fp16 autocast on CUDA (fp16 with a gradient scaler); weights, optimiser and "
-                        "checkpoint stay fp32; refused on the CPU, which trains in fp32 (mlp, resnet; default fp32)")
+                        "checkpoint stay fp32; refused on the CPU, which trains in fp32 (default fp32)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files, the scalars of DIR/run/metrics.jsonl, into "
-                        "DIR/run/tensorboard (needs the tensorboard package; mlp, resnet, rnn; default off)")
+                        "DIR/run/tensorboard (needs the tensorboard package; default off)")
     p.add_argument("--data", metavar="PATH", default=None,
                    help="train on your own data instead of the bundled set (default: the bundled set): a table "
                         "file (.csv, .parquet, .jsonl) for mlp, an image folder (one subfolder per class) for resnet, "
@@ -674,6 +744,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="with --publish: point the registry alias ALIAS (e.g. stable) at the new version "
                         "(default: no alias set)")
     p.add_argument("--registry", metavar="DIR", default=None, help=f"{REGISTRY_HELP}; where --publish publishes")
+    p.add_argument("--nproc", metavar="N", type=_positive, default=1,
+                   help="train data-parallel in N processes on this machine under torchrun (torch.distributed.run; "
+                        "DistributedDataParallel, gloo on the CPU, nccl with --device cuda, one GPU per process): "
+                        "each rank trains on its shard of the data, batch_size per rank; rank 0 writes --out and "
+                        "publishes; --resume needs the same N (mlp, resnet, decoder, mamba, rnn_lm; default 1: "
+                        "one process, no torchrun)")
+    p.add_argument("--nnodes", metavar="N", type=_positive, default=1,
+                   help="with several machines: how many; run the same command on each with its --node-rank "
+                        "(default 1)")
+    p.add_argument("--node-rank", metavar="R", type=int, default=0,
+                   help="with --nnodes: this machine's place, 0..N-1; rank 0 (which writes --out) is on "
+                        "--node-rank 0 (default 0)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", default=None,
+                   help="with --nnodes: an address of the --node-rank 0 machine that every machine reaches "
+                        "(torchrun's static rendezvous; default: none)")
+    _TRAIN_PARSER["train"] = p
     p.set_defaults(func=_train)
 
     p = sub.add_parser(

@@ -1,5 +1,7 @@
-"""Where and in what precision the shared loop trains: `--device cpu|cuda|auto` and
-`--precision fp32|bf16|fp16`.
+"""Where and in what precision training runs: `--device cpu|cuda|auto` and
+`--precision fp32|bf16|fp16`, for every family: the shared loop (training/loop.py: mlp, resnet,
+rnn, vae, diffusion), the token loop (training/lm.py train_lm: decoder, mamba, rnn_lm) and the
+GAN's own loop (training/models/gan.py train) take them alike.
 
 - `cpu`: always there. `cuda`: refused (DeviceError naming what is missing) when this torch has
   no CUDA build or sees no device. `auto`: cuda when torch sees a CUDA device, else cpu.

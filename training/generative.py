@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from training import checkpoint, data, judge, loop
+from training import checkpoint, data, devices, judge, loop
 from training.families import family_module, make_config
 from training.run_state import RunStateError
 
@@ -202,13 +202,15 @@ def evaluate(family: str, model: torch.nn.Module, config, cfg: EvalConfig,
 
 
 def _fit(family: str, model: torch.nn.Module, split: data.Split, train_cfg, progress: bool,
-         run: dict) -> dict[str, float]:
+         run: dict, placement: dict | None = None) -> dict[str, float]:
     """Train in place; `run`: run_dir, resume and run_config for the loop (loop.train, or the
-    GAN's own `train`, which take the same three)."""
+    GAN's own `train`, which take the same three); `placement`: device, precision, tensorboard,
+    which both take too. The model comes back on the CPU: what follows (test -ELBO) runs there."""
     fam = family_module(family)
+    placement = placement or {}
     if family == "gan":
-        return fam.train(model, *split.train, train_cfg, progress=progress, **run)
-    result = loop.train(model, fam.loss, split.train, split.val, train_cfg, progress=progress, **run)
+        return fam.train(model, *split.train, train_cfg, progress=progress, **run, **placement)
+    result = loop.train(model, fam.loss, split.train, split.val, train_cfg, progress=progress, **run, **placement)
     metrics = {"val_loss": result["best_val_loss"], "epochs_run": float(result["epochs_run"]),
                "steps": float(result["steps"])}
     if family == "vae":
@@ -277,6 +279,7 @@ def train_generative(family: str, preset: str, out_dir: str | Path, progress: bo
                      eval_cfg: EvalConfig | None = EvalConfig(), train_cfg=None, *, model_config=None,
                      data_path: str | Path | None = None, data_options: dict | None = None,
                      run_dir: str | Path | None = None, resume: bool = False,
+                     device: str | torch.device = "cpu", precision: str = "fp32", tensorboard: bool = False,
                      ) -> tuple[dict[str, float], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Train a generative preset, judge its samples (unless eval_cfg is None) and write a checkpoint
     whose lineage holds the metrics; returns (metrics, judged samples).
@@ -286,9 +289,18 @@ def train_generative(family: str, preset: str, out_dir: str | Path, progress: bo
     `train_config(family, preset)`). `data_path`: an image folder (training/user_data.py; its
     `data_options` image_size, channels), else digits; bad data raises user_data.DataError before
     anything trains. `run_dir`: the run folder (metrics.jsonl, run-state checkpoints); `resume`
-    continues the run it holds (run_state.RunStateError when it cannot)."""
+    continues the run it holds (run_state.RunStateError when it cannot).
+
+    `device`, `precision`, `tensorboard`: where and how the training runs (training/devices.py;
+    loop.train for vae and diffusion, the GAN's own loop for gan; `tensorboard` needs `run_dir`);
+    devices.DeviceError before the data is read when this machine cannot. The judging, the test
+    figures and the checkpoint use the float32 CPU model; lineage records the device and precision."""
     from training.train import code_revision
 
+    device = devices.resolve(device)      # before the data is read: a machine without CUDA stops at once
+    devices.check(device, precision)
+    if tensorboard and run_dir is None:
+        raise ValueError("tensorboard=True writes into the run folder: give run_dir too")
     fam = family_module(family)
     config = model_config if model_config is not None else make_config(family, preset)
     train_cfg = train_cfg or train_config(family, preset)
@@ -307,7 +319,8 @@ def train_generative(family: str, preset: str, out_dir: str | Path, progress: bo
                   "data": None if data_path is None else str(Path(data_path).resolve())}
     run = {"run_dir": run_dir, "resume": resume, "run_config": run_config} if run_dir is not None else {}
     started = time.perf_counter()
-    metrics = _fit(family, model, d.split, train_cfg, progress, run)
+    metrics = _fit(family, model, d.split, train_cfg, progress, run,
+                   {"device": device, "precision": precision, "tensorboard": tensorboard})
     metrics["train_seconds"] = time.perf_counter() - started
     samples = {}
     if eval_cfg is not None:
@@ -325,7 +338,8 @@ def train_generative(family: str, preset: str, out_dir: str | Path, progress: bo
             "training_config": {"preset": preset, "model": dataclasses.asdict(config),
                                 "train": dataclasses.asdict(train_cfg),
                                 "eval": dataclasses.asdict(eval_cfg) if eval_cfg is not None else None,
-                                "data_scaling": d.scaling},
+                                "data_scaling": d.scaling, "device": devices.describe(device),
+                                "precision": precision},
             "dataset": d.split.name, "dataset_split": d.split.split, "dataset_sha256": d.split.sha256,
             "seed": train_cfg.seed, "metrics": metrics, "code_revision": code_revision(),
             "created_at": datetime.now(timezone.utc).isoformat(),
@@ -339,12 +353,14 @@ def train_generative(family: str, preset: str, out_dir: str | Path, progress: bo
 
 def train(family: str, preset: str, out_dir: str | Path, progress: bool = True, *, data_path=None,
           data_options: dict | None = None, train_cfg=None, model_config=None, run_dir=None,
-          resume: bool = False) -> dict[str, float]:
+          resume: bool = False, device: str | torch.device = "cpu", precision: str = "fp32",
+          tensorboard: bool = False) -> dict[str, float]:
     """training.train's entry point for the generative families (quick judge evaluation); the
     keywords as train_generative's."""
     return train_generative(family, preset, out_dir, progress=progress, train_cfg=train_cfg,
                             model_config=model_config, data_path=data_path, data_options=data_options,
-                            run_dir=run_dir, resume=resume)[0]
+                            run_dir=run_dir, resume=resume, device=device, precision=precision,
+                            tensorboard=tensorboard)[0]
 
 
 def grid_rows(images: torch.Tensor, requested: torch.Tensor, judge_model: torch.nn.Module,

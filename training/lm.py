@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from training import checkpoint, loop, text
-from training.run_state import (MetricsLog, RunState, RunStateError, clean_temporaries, json_ready,
+from training import checkpoint, devices, loop, text
+from training.run_state import (TENSORBOARD, MetricsLog, RunState, RunStateError, clean_temporaries, json_ready,
                                 tensor_fingerprint, write_atomically)
 from training.tokenizer import FILENAME as TOKENIZER_FILE
 from training.tokenizer import Tokenizer, train_tokenizer
@@ -138,9 +138,10 @@ def unigram_baseline(train_ids, val_ids, vocab_size: int) -> float:
 
 @torch.no_grad()
 def evaluate_lm(model: torch.nn.Module, loss_fn: Callable, val_ids, block_size: int,
-                batch_size: int = 16, max_batches: int | None = None) -> float:
+                batch_size: int = 16, max_batches: int | None = None, *, precision: str = "fp32") -> float:
     """Mean loss over non-overlapping windows of `val_ids` taken from the start (the same
-    windows every call), at most `max_batches` batches of them; the model is left in eval mode."""
+    windows every call), at most `max_batches` batches of them; the model is left in eval mode.
+    On the model's device (the windows are cut on the CPU and moved), under autocast for bf16/fp16."""
     ids = torch.as_tensor(val_ids, dtype=torch.int64)
     n_windows = (ids.numel() - 1) // block_size
     if n_windows == 0:
@@ -149,11 +150,14 @@ def evaluate_lm(model: torch.nn.Module, loss_fn: Callable, val_ids, block_size: 
         n_windows = min(n_windows, max_batches * batch_size)
     offsets = torch.arange(block_size + 1)
     model.eval()
+    device = loop._device_of(model)
     total = 0.0
     for first in range(0, n_windows, batch_size):
         starts = torch.arange(first, min(first + batch_size, n_windows)) * block_size   # (B,)
-        window = ids[starts[:, None] + offsets]                                          # (B, T+1)
-        total += float(loss_fn(model, (window[:, :-1], window[:, 1:]))) * len(starts)
+        window = ids[starts[:, None] + offsets].to(device)                               # (B, T+1)
+        with devices.autocast(device, precision):
+            loss = loss_fn(model, (window[:, :-1], window[:, 1:]))
+        total += float(loss) * len(starts)
     return total / n_windows
 
 
@@ -190,27 +194,58 @@ class _Progress:
 def train_lm(model: torch.nn.Module, loss_fn: Callable, train_ids: torch.Tensor, val_ids: torch.Tensor,
              cfg: LMTrainConfig, progress: bool = True, desc: str = "lm", *,
              run_dir: str | Path | None = None, resume: bool = False,
-             run_config: dict[str, Any] | None = None) -> dict[str, float]:
+             run_config: dict[str, Any] | None = None, device: str | torch.device = "cpu", precision: str = "fp32",
+             tensorboard: bool = False, ddp: Any = None) -> dict[str, float]:
     """Train in place for `cfg.steps` steps, or until early stopping (`cfg.patience`) restores the
     best weights; returns initial/final validation and train losses and steps_run (with patience also
     best_val_loss and best_step, the evaluation the weights come from).
 
     `run_dir` (optional): the run folder (module docstring); `resume=True` continues its run and
     refuses (RunStateError) when `run_config` (the caller's model config, tokenizer and dataset,
-    JSON-able), `cfg` or the ids differ from what it recorded. Without `run_dir` nothing is written."""
-    generator = torch.Generator().manual_seed(cfg.seed)   # the training windows' starts
+    JSON-able), `cfg` or the ids differ from what it recorded. Without `run_dir` nothing is written.
+
+    `device`, `precision` and `tensorboard`: as loop.train takes them (training/devices.py): the model
+    and each batch on `device` (the windows are still drawn on the CPU, so the data order is the same
+    anywhere), the loss (training and evaluation) under autocast for bf16/fp16 on CUDA, fp16 through
+    a GradScaler; the model comes back on the device it was on (the CPU) before this returns. The
+    precision is part of the recorded configuration, the device is not (a GPU run resumes on the
+    CPU). `tensorboard` (needs `run_dir`): metrics.jsonl's scalars as event files in run_dir/tensorboard.
+
+    `ddp` (a training.distributed.Rank, under torchrun): each step draws world x batch_size window
+    starts and this rank trains on its batch of them, in DistributedDataParallel; rank 0 alone writes
+    the run folder, which records the world size. distributed.DistributedError before anything runs
+    when the training ids hold fewer batches of distinct windows than there are ranks."""
+    if ddp is not None:
+        ddp.check_token_batches(train_ids.numel(), cfg.block_size, cfg.batch_size)
+        device = ddp.device if ddp.device.type == "cuda" else device
+    device = devices.resolve(device)
+    devices.check(device, precision)
+    if tensorboard and run_dir is None:
+        raise ValueError("tensorboard=True writes into the run folder: give run_dir too")
+    home = loop._device_of(model)
+    generator = torch.Generator().manual_seed(cfg.seed)   # the training windows' starts (on the CPU)
+    model.to(device)   # before the optimiser exists: its state is made beside the parameters
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: loop.cosine_with_warmup(s, cfg.warmup_steps, cfg.steps))
-    evaluate = lambda n: evaluate_lm(model, loss_fn, val_ids, cfg.block_size, cfg.batch_size, n)  # noqa: E731
+    scaler = devices.grad_scaler(device, precision)
+    evaluate = lambda n: evaluate_lm(model, loss_fn, val_ids, cfg.block_size, cfg.batch_size, n,  # noqa: E731
+                                     precision=precision)
+    if ddp is not None:   # rank 0's score on every rank: early stopping decides alike
+        evaluate = lambda n: ddp.broadcast_float(evaluate_lm(model, loss_fn, val_ids, cfg.block_size,  # noqa: E731
+                                                             cfg.batch_size, n, precision=precision))
     p, run = _Progress(), None
     if run_dir is not None:
-        config = {"run": run_config or {}, "train": dataclasses.asdict(cfg),
+        config = {"run": run_config or {}, "train": dataclasses.asdict(cfg), "precision": precision,
                   "data": {"train": tensor_fingerprint((train_ids,)), "val": tensor_fingerprint((val_ids,))}}
-        run = _Run(run_dir, config, model, opt, sched, generator)
+        if ddp is not None:
+            config["distributed"] = ddp.run_config()
+        run = _Run(run_dir, config, model, opt, sched, generator, scaler, device, tensorboard,
+                   writer=ddp is None or ddp.is_writer)
         if resume:
             state = run.resume(p)
             if state.finished:      # killed after its last checkpoint: the final weights are loaded
                 run.close()
+                model.to(home)
                 return state.result
         else:
             run.start()
@@ -221,7 +256,10 @@ def train_lm(model: torch.nn.Module, loss_fn: Callable, train_ids: torch.Tensor,
             p.initial_val = p.val_loss = evaluate(cfg.eval_batches)
             if run is not None:
                 run.log(step=0, val_loss=p.val_loss)
-        bar = _fit(model, loss_fn, train_ids, cfg, opt, sched, generator, evaluate, p, run, progress, desc)
+        if ddp is not None:
+            ddp.wrap(model)
+        bar = _fit(model, loss_fn, train_ids, cfg, opt, sched, generator, evaluate, p, run, progress, desc,
+                   device, precision, scaler, ddp)
         if p.best_state is not None:    # early stopping on: the best evaluation's weights
             model.load_state_dict(p.best_state)
         final_val = evaluate(cfg.final_eval_batches or None)
@@ -238,6 +276,7 @@ def train_lm(model: torch.nn.Module, loss_fn: Callable, train_ids: torch.Tensor,
             run.checkpoint(p, result=result)
         return result
     finally:
+        model.to(home)   # back where it was (the CPU): the checkpoint, test metrics and export see it there
         if run is not None:
             run.close()
 
@@ -245,21 +284,36 @@ def train_lm(model: torch.nn.Module, loss_fn: Callable, train_ids: torch.Tensor,
 def _fit(model: torch.nn.Module, loss_fn: Callable, train_ids: torch.Tensor, cfg: LMTrainConfig,
          opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
          evaluate: Callable[[int | None], float], p: _Progress, run: _Run | None, progress: bool,
-         desc: str) -> tqdm:
+         desc: str, device: torch.device = torch.device("cpu"), precision: str = "fp32",
+         scaler: torch.amp.GradScaler | None = None, ddp: Any = None) -> tqdm:
     """The steps from `p.step` to cfg.steps, or to early stopping; returns the progress bar, open."""
+    net = model if ddp is None else ddp.net   # the training forward: through DistributedDataParallel
     bar = tqdm(range(p.step, cfg.steps), desc=desc, disable=not progress, unit="step", initial=p.step,
                total=cfg.steps)
     for step in bar:
-        model.train()
+        net.train()
         lr = opt.param_groups[0]["lr"]
-        loss = loss_fn(model, make_token_batches(train_ids, cfg.block_size, cfg.batch_size, generator))
+        batch = (make_token_batches(train_ids, cfg.block_size, cfg.batch_size, generator) if ddp is None  # on the CPU
+                 else ddp.token_batch(train_ids, cfg.block_size, cfg.batch_size, generator))
+        batch = tuple(t.to(device, non_blocking=True) for t in batch)
+        with devices.autocast(device, precision):
+            loss = loss_fn(net, batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+        else:   # fp16: scaled backward; clip the true gradients; a step with inf/NaN gradients is skipped
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
         sched.step()
         p.step = step + 1
-        p.recent = (p.recent + [loss.item()])[-20:]
+        p.recent = (p.recent + [loss.item() if ddp is None else ddp.mean(loss.item())])[-20:]
+        if ddp is not None:
+            ddp.after_step(p.step, model, batch)
         if run is not None:
             run.log(step=p.step, train_loss=p.recent[-1], lr=lr)
         # the last step is scored by the final evaluation instead, unless early stopping needs the
@@ -291,38 +345,53 @@ class _Run:
     loop): starts or resumes the run, logs metrics, writes run-state checkpoints."""
 
     def __init__(self, run_dir: str | Path, config: dict[str, Any], model: torch.nn.Module,
-                 opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator):
+                 opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
+                 scaler: torch.amp.GradScaler | None = None, device: torch.device = torch.device("cpu"),
+                 tensorboard: bool = False, writer: bool = True):
         self.run_dir, self.config = Path(run_dir), json_ready(config)
+        self.writer = writer   # False: a rank other than 0, which only reads the run folder (to resume)
         self.model, self.opt, self.sched, self.generator = model, opt, sched, generator
+        self.scaler, self.device = scaler, device
+        self.tensorboard_dir = self.run_dir / TENSORBOARD if tensorboard else None
         self.param_names = [name for name, _ in model.named_parameters()]
         self.metrics: MetricsLog | None = None
         self.seq = 0
 
     def start(self) -> None:
+        if not self.writer:
+            return
         if RunState.exists(self.run_dir):
             raise RunStateError(f"{self.run_dir} already holds a run (run_state.json): resume it, "
                                 "or start the run in a new folder")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         clean_temporaries(self.run_dir)
-        self.metrics = MetricsLog(self.run_dir)
+        self.metrics = MetricsLog(self.run_dir, tensorboard_dir=self.tensorboard_dir)
 
     def resume(self, p: _Progress) -> RunState:
         """Load the last checkpoint into the model, optimiser, scheduler, RNGs and `p`."""
         state = RunState.load(self.run_dir)
+        state.config.setdefault("precision", "fp32")   # a run recorded before precision was configurable
         state.check_config(self.config, self.run_dir)
         state.check_parameters(self.model)
-        clean_temporaries(self.run_dir)
-        self.metrics, self.seq = MetricsLog(self.run_dir, keep_bytes=state.metrics_offset), state.seq
-        self.model.load_state_dict(state.model)
+        if self.writer:
+            clean_temporaries(self.run_dir)
+            self.metrics = MetricsLog(self.run_dir, keep_bytes=state.metrics_offset,
+                                      tensorboard_dir=self.tensorboard_dir)
+        self.seq = state.seq
+        self.model.load_state_dict(state.model)   # the saved CPU tensors are copied onto the model's device
         if state.finished:
             self.model.eval()
             return state
         if state.extra is None:
             raise RunStateError(f"{self.run_dir}: its run_state.json is not a token-family run's (no 'extra')")
-        self.opt.load_state_dict(state.optimizer)
+        self.opt.load_state_dict(state.optimizer)   # casts the moments onto each parameter's device
         self.sched.load_state_dict(state.scheduler)
+        if self.scaler is not None and state.scaler is not None:
+            self.scaler.load_state_dict(state.scaler)
         self.generator.set_state(state.shuffle_state)
         torch.set_rng_state(state.torch_rng_state)
+        if self.device.type == "cuda" and state.cuda_rng_state is not None:   # dropout on the GPU draws from it
+            torch.cuda.set_rng_state(state.cuda_rng_state, self.device)
         p.step, p.best_loss, p.best_state, p.bad_evals = state.step, state.best_loss, state.best_weights, state.bad_epochs
         extra = state.extra
         p.recent, p.initial_val, p.val_loss, p.best_step = (list(extra["recent"]), extra["initial_val"],
@@ -330,16 +399,21 @@ class _Run:
         return state
 
     def log(self, **record: Any) -> None:
-        self.metrics.write(**record)
+        if self.writer:
+            self.metrics.write(**record)
 
     def checkpoint(self, p: _Progress, result: dict[str, Any] | None = None) -> None:
         """Save the run after `p.step` steps; `result` marks it finished. The sampler's generator is
         saved as it stands (the next batch's draw), as is torch's RNG."""
+        if not self.writer:
+            return
         state = RunState(
             config=self.config, model=self.model.state_dict(), optimizer=self.opt.state_dict(),
             scheduler=self.sched.state_dict(), param_names=self.param_names,
             epoch=0, batches_done=p.step, step=p.step, shuffle_state=self.generator.get_state(),
             torch_rng_state=torch.get_rng_state(), best_loss=p.best_loss, best_weights=p.best_state,
+            cuda_rng_state=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
             bad_epochs=p.bad_evals, last_loss=p.recent[-1] if p.recent else math.nan,
             metrics_offset=self.metrics.commit(), finished=result is not None, result=result, seq=self.seq,
             extra={"recent": p.recent, "initial_val": p.initial_val, "val_loss": p.val_loss,
@@ -366,7 +440,8 @@ def train_token_family(family: str, preset: str, out_dir: str | Path, steps: int
                        block_size: int | None = None, data: str | Path | None = None,
                        tokenizer_file: str | Path | None = None, *, train_cfg: LMTrainConfig | None = None,
                        model_config: Any = None, run_dir: str | Path | None = None, resume: bool = False,
-                       **train_overrides: Any) -> dict[str, float]:
+                       device: str | torch.device = "cpu", precision: str = "fp32", tensorboard: bool = False,
+                       ddp: Any = None, **train_overrides: Any) -> dict[str, float]:
     """Train `training.models.<family>` at `preset` on the text corpus, or on the user's own text
     `data` (a .txt file, a folder of .txt files, a .jsonl with a string `text` field per line:
     training/user_text.py); writes the checkpoint (weights, config, meta with lineage) and
@@ -386,8 +461,19 @@ def train_token_family(family: str, preset: str, out_dir: str | Path, steps: int
 
     `tokenizer_file`: with `data`, a local tokenizer.json (or a folder holding one) used instead of
     training a BPE; decoder and mamba only, its vocabulary at most `vocab_size`. Bad data or a bad
-    tokenizer file raises user_data.DataError (one line) before anything trains."""
+    tokenizer file raises user_data.DataError (one line) before anything trains.
+
+    `device`, `precision`, `tensorboard`: as train_lm takes them (devices.DeviceError, before the data
+    is read, when this machine cannot); lineage records the device and precision, and the
+    checkpoint is float32 on the CPU whatever they were.
+
+    `ddp` (a training.distributed.Rank, under torchrun): train_lm's data-parallel run; rank 0 alone
+    writes the run's tokenizer, the checkpoint and its tokenizer; lineage records
+    training_config.distributed."""
     from training.train import code_revision
+
+    device = devices.resolve(device)      # before the data is prepared: a machine without CUDA stops at once
+    devices.check(device, precision)
 
     if tokenizer_file is not None:
         from training.user_text import check_tokenizer_option
@@ -453,17 +539,19 @@ def train_token_family(family: str, preset: str, out_dir: str | Path, steps: int
     if run_dir is not None:
         run_config = {"family": family, "preset": preset, "model": dataclasses.asdict(config),
                       "tokenizer": tokenizer_lineage, "dataset_sha256": tokens.split.sha256}
-        if not resume:
+        if not resume and (ddp is None or ddp.is_writer):
             write_atomically(run_dir / TOKENIZER_FILE, lambda tmp: tokens.tokenizer.inner.save(str(tmp)))
     result = train_lm(model, module.loss, tokens.train_ids, tokens.val_ids, cfg, progress, desc=f"{family}/{preset}",
-                      run_dir=run_dir, resume=resume, run_config=run_config)
+                      run_dir=run_dir, resume=resume, run_config=run_config, device=device, precision=precision,
+                      tensorboard=tensorboard, **({} if ddp is None else {"ddp": ddp}))
     unigram = unigram_baseline(tokens.train_ids, tokens.val_ids, tokens.tokenizer.vocab_size)
     metrics = {
         **result,
         "val_perplexity": math.exp(result["val_loss"]),
         "unigram_val_loss": unigram,
         "unigram_val_perplexity": math.exp(unigram),
-        "tokens_seen": float(result["steps_run"] * cfg.batch_size * cfg.block_size),
+        "tokens_seen": float(result["steps_run"] * cfg.batch_size * cfg.block_size
+                             * (1 if ddp is None else ddp.world_size)),
         "train_tokens": float(tokens.train_ids.numel()),
         "val_tokens": float(tokens.val_ids.numel()),
         "chars_per_token": len(tokens.split.train) / max(1, tokens.train_ids.numel()),
@@ -481,7 +569,8 @@ def train_token_family(family: str, preset: str, out_dir: str | Path, steps: int
         "lineage": {
             "training_config": {"preset": preset, "model": dataclasses.asdict(config),
                                 "train": dataclasses.asdict(cfg),
-                                "tokenizer": tokenizer_lineage},
+                                "tokenizer": tokenizer_lineage, "device": devices.describe(device),
+                                "precision": precision},
             "dataset": tokens.split.name, "dataset_split": tokens.split.split, "dataset_sha256": tokens.split.sha256,
             "seed": seed, "metrics": metrics, "code_revision": code_revision(),
             "created_at": datetime.now(timezone.utc).isoformat(),
@@ -489,9 +578,12 @@ def train_token_family(family: str, preset: str, out_dir: str | Path, steps: int
     }
     if tokens.details is not None:
         meta["lineage"]["dataset_details"] = tokens.details
+    if ddp is not None:
+        meta["lineage"]["training_config"]["distributed"] = ddp.lineage(cfg.batch_size)
     model.eval()
-    checkpoint.save(out_dir, model, config, meta)
-    tokens.tokenizer.save(out_dir)
+    if ddp is None or ddp.is_writer:
+        checkpoint.save(out_dir, model, config, meta)
+        tokens.tokenizer.save(out_dir)
     return metrics
 
 

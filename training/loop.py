@@ -99,7 +99,8 @@ class _Progress:
 def train(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data: Batch,
           cfg: TrainConfig, progress: bool = True, *, run_dir: str | os.PathLike | None = None,
           resume: bool = False, run_config: dict[str, Any] | None = None,
-          device: str | torch.device = "cpu", precision: str = "fp32", tensorboard: bool = False) -> dict[str, float]:
+          device: str | torch.device = "cpu", precision: str = "fp32", tensorboard: bool = False,
+          ddp: Any = None) -> dict[str, float]:
     """Train in place; returns best_val_loss, epochs_run, steps.
 
     `run_dir` (optional) makes the run survive being killed (training/run_state.py): a run-state
@@ -114,14 +115,23 @@ def train(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data
     the steps run (training/devices.py; DeviceError when this machine cannot). The model comes back
     on the device it was on. The precision is part of the run's configuration (a resumed run must
     use the same); the device is not: a run saved on a GPU resumes on the CPU. `tensorboard`
-    (needs `run_dir`): TensorBoard event files in `run_dir`/tensorboard with metrics.jsonl's scalars."""
+    (needs `run_dir`): TensorBoard event files in `run_dir`/tensorboard with metrics.jsonl's scalars.
+
+    `ddp` (a training.distributed.Rank, under torchrun): this rank's shard of each epoch's seeded
+    order, batch_size rows per rank, the model in DistributedDataParallel; rank 0 alone writes the
+    run folder (the others only read it to resume), whose configuration records the world size.
+    distributed.DistributedError before anything runs when the ranks outnumber the batches."""
+    if ddp is not None:
+        ddp.check_batches(train_data[0].shape[0], cfg.batch_size)
+        device = ddp.device if ddp.device.type == "cuda" else device
     device = devices.resolve(device)
     devices.check(device, precision)
     if tensorboard and run_dir is None:
         raise ValueError("tensorboard=True writes into the run folder: give run_dir too")
     home = _device_of(model)
     generator = torch.Generator().manual_seed(cfg.seed)   # on the CPU: the data order is the same on any device
-    steps_per_epoch = math.ceil(train_data[0].shape[0] / cfg.batch_size)
+    steps_per_epoch = math.ceil((train_data[0].shape[0] if ddp is None else ddp.shard_size(train_data[0].shape[0]))
+                                / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     model.to(device)   # before the optimiser exists: its state is made beside the parameters
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -133,7 +143,10 @@ def train(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data
         if run_dir is not None:
             config = {"run": run_config or {}, "loop": dataclasses.asdict(cfg), "precision": precision,
                       "data": {"train": tensor_fingerprint(train_data), "val": tensor_fingerprint(val_data)}}
-            run = _Run(run_dir, config, model, opt, sched, generator, scaler, device, tensorboard)
+            if ddp is not None:
+                config["distributed"] = ddp.run_config()
+            run = _Run(run_dir, config, model, opt, sched, generator, scaler, device, tensorboard,
+                       writer=ddp is None or ddp.is_writer)
             if resume:
                 state = run.resume(p)
                 if state.finished:
@@ -143,8 +156,10 @@ def train(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data
                 run.start()
         elif resume:
             raise ValueError("resume=True needs the run_dir of the run to resume")
+        if ddp is not None:
+            ddp.wrap(model)
         epoch = _fit(model, loss_fn, train_data, val_data, cfg, opt, sched, generator, p, run,
-                     start_epoch, skip, progress, device, precision, scaler)
+                     start_epoch, skip, progress, device, precision, scaler, ddp)
         if p.best_state is not None:
             model.load_state_dict(p.best_state)
         model.eval()
@@ -161,21 +176,24 @@ def train(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data
 def _fit(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data: Batch, cfg: TrainConfig,
          opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
          p: _Progress, run: _Run | None, start_epoch: int, skip: int, progress: bool, device: torch.device,
-         precision: str, scaler: torch.amp.GradScaler | None) -> int:
+         precision: str, scaler: torch.amp.GradScaler | None, ddp: Any = None) -> int:
     """The epochs from `start_epoch` (its first `skip` batches already done); returns the last epoch run."""
     epoch = start_epoch
+    net = model if ddp is None else ddp.net   # the training forward: through DistributedDataParallel
     bar = tqdm(range(start_epoch, cfg.epochs), desc=type(model).__name__, disable=not progress, unit="epoch",
                initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
         shuffle_state = generator.get_state() if run is not None else None   # this epoch's data order
-        model.train()
-        for i, batch in enumerate(_batches(train_data, cfg.batch_size, generator)):
+        net.train()
+        batches = (_batches(train_data, cfg.batch_size, generator) if ddp is None
+                   else ddp.shard_batches(train_data, cfg.batch_size, generator))
+        for i, batch in enumerate(batches):
             if i < skip:   # done before the checkpoint this run resumed from
                 continue
             batch = _on(batch, device)
             lr = opt.param_groups[0]["lr"]
             with devices.autocast(device, precision):
-                loss = loss_fn(model, batch)
+                loss = loss_fn(net, batch)
             opt.zero_grad(set_to_none=True)
             if scaler is None:
                 loss.backward()
@@ -189,13 +207,19 @@ def _fit(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data:
                 scaler.update()
             sched.step()
             p.step += 1
-            p.last_loss = loss.item()
+            p.last_loss = loss.item() if ddp is None else ddp.mean(loss.item())
+            if ddp is not None:
+                ddp.after_step(p.step, model, batch)
             if run is not None:
                 run.log(step=p.step, epoch=epoch, train_loss=p.last_loss, lr=lr)
                 if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
                     run.checkpoint(p, epoch, i + 1, shuffle_state)
         skip = 0
+        if ddp is not None:
+            ddp.sync_buffers(model)   # BatchNorm statistics: rank 0's everywhere
         val_loss = evaluate(model, loss_fn, val_data, precision=precision)
+        if ddp is not None:
+            val_loss = ddp.broadcast_float(val_loss)   # early stopping decides alike on every rank
         bar.set_postfix(train_loss=f"{p.last_loss:.3f}", val_loss=f"{val_loss:.3f}")
         if run is not None:
             run.log(step=p.step, epoch=epoch, val_loss=val_loss)
@@ -217,8 +241,9 @@ class _Run:
     def __init__(self, run_dir: str | os.PathLike, config: dict[str, Any], model: torch.nn.Module,
                  opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
                  generator: torch.Generator, scaler: torch.amp.GradScaler | None = None,
-                 device: torch.device = torch.device("cpu"), tensorboard: bool = False):
+                 device: torch.device = torch.device("cpu"), tensorboard: bool = False, writer: bool = True):
         self.run_dir, self.config = Path(run_dir), json_ready(config)
+        self.writer = writer   # False: a rank other than 0, which only reads the run folder (to resume)
         self.model, self.opt, self.sched, self.generator = model, opt, sched, generator
         self.scaler, self.device = scaler, device
         self.tensorboard_dir = self.run_dir / TENSORBOARD if tensorboard else None
@@ -227,6 +252,8 @@ class _Run:
         self.seq = 0
 
     def start(self) -> None:
+        if not self.writer:
+            return
         if RunState.exists(self.run_dir):
             raise RunStateError(f"{self.run_dir} already holds a run (run_state.json): resume it, "
                                 "or start the run in a new folder")
@@ -241,8 +268,10 @@ class _Run:
         state.config.setdefault("precision", "fp32")
         state.check_config(self.config, self.run_dir)
         state.check_parameters(self.model)
-        clean_temporaries(self.run_dir)
-        self.metrics = MetricsLog(self.run_dir, keep_bytes=state.metrics_offset, tensorboard_dir=self.tensorboard_dir)
+        if self.writer:
+            clean_temporaries(self.run_dir)
+            self.metrics = MetricsLog(self.run_dir, keep_bytes=state.metrics_offset,
+                                      tensorboard_dir=self.tensorboard_dir)
         self.seq = state.seq
         self.model.load_state_dict(state.model)   # the saved CPU tensors are copied onto the model's device
         if state.finished:
@@ -261,12 +290,15 @@ class _Run:
         return state
 
     def log(self, **record: Any) -> None:
-        self.metrics.write(**record)
+        if self.writer:
+            self.metrics.write(**record)
 
     def checkpoint(self, p: _Progress, epoch: int, batches_done: int, shuffle_state: torch.Tensor,
                    result: dict[str, Any] | None = None) -> None:
         """Save the run as it stands: at `batches_done` batches into `epoch`, whose data order
         `shuffle_state` gives; `result` marks the run finished."""
+        if not self.writer:
+            return
         state = RunState(
             config=self.config, model=self.model.state_dict(), optimizer=self.opt.state_dict(),
             scheduler=self.sched.state_dict(), param_names=self.param_names,

@@ -134,16 +134,6 @@ def predict(model: torch.nn.Module, examples: Examples, batch_size: int = 256) -
                       for i in range(0, len(lengths), batch_size)])
 
 
-def check_device(device: torch.device) -> None:
-    """DeviceError unless `device` is the CPU. The recipe is wired for a GPU (loop.train), but
-    training/models/rnn.py still makes its zero state (init_state) and its loss's masks and level
-    shifts (torch.arange, torch.rand) on the CPU: a CUDA run would stop at its first step with a
-    device mismatch. Lift this once they are made on the batch's device."""
-    if device.type != "cpu":
-        raise devices.DeviceError(f"--device {device.type}: the rnn family trains on the CPU so far (its model "
-                                  "builds its state and masks there); use --device cpu")
-
-
 def train_forecaster(family: str, preset: str, out_dir: str | Path, train_cfg: loop.TrainConfig | None = None,
                      progress: bool = True, data: str | Path | None = None, value_column: str | None = None,
                      time_column: str | None = None, run_dir: str | Path | None = None, resume: bool = False,
@@ -156,14 +146,14 @@ def train_forecaster(family: str, preset: str, out_dir: str | Path, train_cfg: l
     baseline (`config` fields may be overridden: horizon among them). Bad data raises
     user_data.DataError before anything trains. `run_dir`/`resume`: the run folder of loop.train
     (run-state checkpoints, metrics.jsonl) and whether to continue the run it holds. `device`,
-    `precision`, `tensorboard`: as loop.train takes them (the CPU only so far: check_device); lineage records
-    the device and precision."""
+    `precision`, `tensorboard`: as loop.train takes them (training/models/rnn.py makes its state,
+    masks and level shifts on the batch's device); lineage records the device and precision, and the
+    test errors are computed on the CPU model after training."""
     from training.families import family_module, make_config
     from training.train import code_revision
 
     device = devices.resolve(device)
     devices.check(device, precision)
-    check_device(device)
     train_cfg = train_cfg or loop.TrainConfig(**TRAIN)
     fam = family_module(family)
     unscaled = make_config(family, preset, **overrides)

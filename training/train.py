@@ -22,8 +22,8 @@ DATASETS = {"mlp": "digits", "resnet": "digits", "decoder": "text", "mamba": "te
 CLASSIFIERS = ("mlp", "resnet")
 # the families whose recipe runs the shared loop: --set/--config and --resume reach them
 LOOP_FAMILIES = (*CLASSIFIERS, "rnn")
-# the families whose recipe takes device, precision and tensorboard (training/devices.py, loop.train)
-DEVICE_FAMILIES = (*CLASSIFIERS, "rnn")
+# the families whose recipe takes device, precision and tensorboard (training/devices.py): all of them
+DEVICE_FAMILIES = (*CLASSIFIERS, "rnn", "decoder", "mamba", "rnn_lm", "gan", "vae", "diffusion")
 # the generative families train on digits scaled to [-1, 1] (training.generative.digits_unit)
 DATASETS.update({"gan": "digits", "vae": "digits", "diffusion": "digits"})
 
@@ -42,7 +42,7 @@ def train_classifier(family: str, preset: str, out_dir: str | Path, train_cfg: l
                      progress: bool = True, data: str | Path | None = None,
                      data_options: dict | None = None, model_config=None, run_dir: str | Path | None = None,
                      resume: bool = False, device: str | torch.device = "cpu", precision: str = "fp32",
-                     tensorboard: bool = False) -> dict:
+                     tensorboard: bool = False, ddp=None) -> dict:
     """Train a classifier on digits, or on the user's own `data` (training/user_data.py: a table
     for mlp, an image folder for resnet; `data_options` are user_data.read's keywords:
     label_column, image_size, channels); writes a checkpoint and returns its metrics. Bad data
@@ -53,7 +53,10 @@ def train_classifier(family: str, preset: str, out_dir: str | Path, train_cfg: l
     size and channels) replace its own. `run_dir`: the run folder of loop.train (run-state
     checkpoints, metrics.jsonl); `resume` continues the run it holds (run_state.RunStateError when
     it cannot). `device`, `precision` and `tensorboard`: as loop.train takes them; lineage records
-    the device and precision, and the checkpoint is float32 on the CPU whatever they were."""
+    the device and precision, and the checkpoint is float32 on the CPU whatever they were.
+    `ddp` (a training.distributed.Rank, under torchrun): loop.train's data-parallel run; rank 0 alone
+    writes the checkpoint, whose lineage records training_config.distributed (world size, backend,
+    batch per rank)."""
     train_cfg = train_cfg or loop.TrainConfig()
     device = devices.resolve(device)      # before the data is read: a machine without CUDA stops at once
     devices.check(device, precision)
@@ -74,7 +77,8 @@ def train_classifier(family: str, preset: str, out_dir: str | Path, train_cfg: l
                   "data": None if data is None else str(Path(data).resolve())}
     result = loop.train(model, fam.loss, split.train, split.val, train_cfg, progress=progress,
                         run_dir=run_dir, resume=resume, run_config=run_config if run_dir is not None else None,
-                        device=device, precision=precision, tensorboard=tensorboard)
+                        device=device, precision=precision, tensorboard=tensorboard,
+                        **({} if ddp is None else {"ddp": ddp}))
     metrics = {
         "val_loss": result["best_val_loss"],
         "test_accuracy": loop.accuracy(model, split.test),   # on the CPU in fp32, as it will be served
@@ -95,14 +99,17 @@ def train_classifier(family: str, preset: str, out_dir: str | Path, train_cfg: l
     }
     if details is not None:
         meta["lineage"]["dataset_details"] = details
-    checkpoint.save(out_dir, model, config, meta)
+    if ddp is not None:
+        meta["lineage"]["training_config"]["distributed"] = ddp.lineage(train_cfg.batch_size)
+    if ddp is None or ddp.is_writer:
+        checkpoint.save(out_dir, model, config, meta)
     return metrics
 
 
 def train(family: str, preset: str, out_dir: str | Path, progress: bool = True, data: str | Path | None = None,
           data_options: dict | None = None, train_cfg: loop.TrainConfig | None = None, model_config=None,
           run_dir: str | Path | None = None, resume: bool = False, device: str | torch.device = "cpu",
-          precision: str = "fp32", tensorboard: bool = False) -> dict:
+          precision: str = "fp32", tensorboard: bool = False, ddp=None) -> dict:
     """Train `family` at `preset` into `out_dir`: on its bundled dataset, or for mlp/resnet/rnn on
     the user's own `data` (see train_classifier and series.train_forecaster, whose `data_options`
     are value_column and time_column; ValueError for other families). `train_cfg`,
@@ -112,9 +119,20 @@ def train(family: str, preset: str, out_dir: str | Path, progress: bool = True, 
     lm.LMTrainConfig, `model_config`, `run_dir` and `resume` as lm.train_token_family takes them.
     gan, vae, diffusion: an image folder with `data` (`data_options`: image_size, channels), the
     rest as generative.train_generative takes them (`train_cfg` a GANTrainConfig for gan).
-    `device`, `precision`, `tensorboard` (training/devices.py, loop.train): for mlp, resnet and rnn
-    so far (DEVICE_FAMILIES); the others train on the CPU in fp32 (device auto means cpu for them),
-    and ValueError when one is asked for more."""
+    `device`, `precision`, `tensorboard` (training/devices.py): every family's recipe takes them
+    (DEVICE_FAMILIES; loop.train, lm.train_lm, the GAN's loop); ValueError for a family outside it.
+    `ddp` (a training.distributed.Rank: this process is one rank of a torchrun launch): data-parallel
+    training for training.distributed.FAMILIES (mlp, resnet: loop.train; decoder, mamba, rnn_lm:
+    lm.train_lm); ValueError for the others."""
+    if ddp is not None:
+        from training.distributed import FAMILIES as DISTRIBUTED_FAMILIES
+
+        if family not in DISTRIBUTED_FAMILIES:
+            raise ValueError(f"data-parallel training (torchrun) is for {', '.join(DISTRIBUTED_FAMILIES)}, "
+                             f"not {family}")
+        placement_ddp = {"ddp": ddp}
+    else:
+        placement_ddp = {}
     if family not in DEVICE_FAMILIES and (str(device) not in ("cpu", "auto") or precision != "fp32" or tensorboard):
         raise ValueError(f"device, precision and tensorboard are for {', '.join(DEVICE_FAMILIES)} so far, not {family} "
                          f"(asked: device {device}, precision {precision}, tensorboard {tensorboard})")
@@ -138,22 +156,22 @@ def train(family: str, preset: str, out_dir: str | Path, progress: bool = True, 
                  if family == "rnn_lm" and train_cfg is None else {})
         return train_token_family(family, preset, out_dir, progress=progress, data=data, tokenizer_file=tokenizer,
                                   train_cfg=train_cfg, model_config=model_config, run_dir=run_dir, resume=resume,
-                                  **vocab)
+                                  **vocab, **placement, **placement_ddp)
     if family in ("gan", "vae", "diffusion"):   # training/generative.py: digits or an image folder, judged
         from training import generative
 
         return generative.train(family, preset, out_dir, progress=progress, data_path=data,
                                 data_options=data_options, train_cfg=train_cfg, model_config=model_config,
-                                run_dir=run_dir, resume=resume)
+                                run_dir=run_dir, resume=resume, **placement)
     if data is not None or train_cfg is not None or model_config is not None or run_dir is not None:
         if family not in CLASSIFIERS:
             raise ValueError(f"--data, --set, --config and --resume are for {', '.join(LOOP_FAMILIES)} so far, "
                              f"not {family}")
         return train_classifier(family, preset, out_dir, train_cfg, progress=progress, data=data,
                                 data_options=data_options, model_config=model_config, run_dir=run_dir,
-                                resume=resume, **placement)
+                                resume=resume, **placement, **placement_ddp)
     if DATASETS.get(family) == "digits":
-        return train_classifier(family, preset, out_dir, progress=progress, **placement)
+        return train_classifier(family, preset, out_dir, progress=progress, **placement, **placement_ddp)
     if DATASETS.get(family) == "series":
         from training.series import train_forecaster
 

@@ -177,9 +177,10 @@ def loss(model: UNet, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     c = model.config
     g = None if model.training else torch.Generator().manual_seed(0)
     B = x0.shape[0]
-    t = torch.randint(0, c.num_train_timesteps, (B,), generator=g)
-    noise = torch.randn(x0.shape, generator=g)
-    drop = torch.rand(B, generator=g) < c.p_uncond
+    # drawn on the CPU (its generator) whatever the device, then moved: the same draws on any device
+    t = torch.randint(0, c.num_train_timesteps, (B,), generator=g).to(x0.device)
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
+    drop = (torch.rand(B, generator=g) < c.p_uncond).to(x0.device)
     label = torch.where(drop, torch.full_like(label, c.null_label), label)
     x_t = model.schedule.add_noise(x0, noise, t)
     return F.mse_loss(model(x_t, t, label), noise)

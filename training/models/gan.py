@@ -22,7 +22,8 @@ and an image folder's 0..255: training.user_data); `Model.forward` is the genera
 function: (z (B, Z), label (B,)) -> image (B, K, S, S).
 The GAN keeps its own two-optimiser loop (`train` below), not training/loop.py; with a run folder it
 logs metrics.jsonl and writes run-state checkpoints (training/run_state.py) so that a killed run
-resumes exactly.
+resumes exactly. It takes the shared loop's device, precision and tensorboard (training/devices.py):
+the batches and z are drawn on the CPU whatever the device, and the model comes back to the CPU.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from training.run_state import MetricsLog, RunState, RunStateError, clean_temporaries, json_ready, tensor_fingerprint
+from training import devices
+from training.run_state import (TENSORBOARD, MetricsLog, RunState, RunStateError, clean_temporaries, json_ready,
+                                tensor_fingerprint)
 
 KIND = "sample"
 OUTPUT_NAMES = ("image",)
@@ -176,14 +179,15 @@ def mode_seeking_loss(model: GAN, fake: torch.Tensor, z: torch.Tensor, label: to
 def loss(model: GAN, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Both players' losses on one batch (a monitor: training uses `train`, which steps them apart)."""
     real, label = batch
-    z = torch.randn(real.shape[0], model.config.latent_dim)
+    z = torch.randn(real.shape[0], model.config.latent_dim).to(real.device)   # the CPU's draw on any device
     fake = model.generator(z, label)
     return discriminator_loss(model, real, fake, label) + generator_loss(model, fake, label)
 
 
 def train(model: GAN, images: torch.Tensor, labels: torch.Tensor, cfg: GANTrainConfig,
           progress: bool = True, *, run_dir: str | os.PathLike | None = None, resume: bool = False,
-          run_config: dict[str, Any] | None = None) -> dict[str, float]:
+          run_config: dict[str, Any] | None = None, device: str | torch.device = "cpu", precision: str = "fp32",
+          tensorboard: bool = False) -> dict[str, float]:
     """The DCGAN loop: per step, (1) update D on a real and a fake batch, (2) update G.
     loss_g in the result includes the mode-seeking term.
     images: (N, K, S, S) in [-1, 1]; labels: (N,). Returns the last losses (EMA-smoothed).
@@ -192,65 +196,98 @@ def train(model: GAN, images: torch.Tensor, labels: torch.Tensor, cfg: GANTrainC
     checkpoint every `cfg.checkpoint_every` steps and at the end; `resume=True` continues from the
     last one and ends with the same weights as an uninterrupted run (both optimisers, the data and
     noise generator, BatchNorm statistics and the smoothed losses travel); refused
-    (run_state.RunStateError) when `run_config`, `cfg` or the data differ from what was recorded."""
-    gen = torch.Generator().manual_seed(cfg.seed)     # data order and every z: one stream
+    (run_state.RunStateError) when `run_config`, `cfg` or the data differ from what was recorded.
+
+    `device`, `precision`, `tensorboard`: as loop.train takes them (training/devices.py). The images
+    stay on the CPU and every batch and z is drawn there from `gen` (the same draws on any device),
+    then moved; both players' losses run under autocast for bf16/fp16 on CUDA, fp16 through one
+    GradScaler for both optimisers. The model comes back on the device it was on (the CPU). The
+    precision is part of the recorded configuration, the device is not. `tensorboard` (needs
+    `run_dir`): metrics.jsonl's scalars as event files in run_dir/tensorboard."""
+    device = devices.resolve(device)
+    devices.check(device, precision)
+    if tensorboard and run_dir is None:
+        raise ValueError("tensorboard=True writes into the run folder: give run_dir too")
+    home = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed)     # data order and every z: one stream (on the CPU)
     torch.manual_seed(cfg.seed)
+    model.to(device)   # before the optimisers exist: their state is made beside the parameters
     opt_g = torch.optim.Adam(model.generator.parameters(), lr=cfg.lr_g, betas=cfg.betas)
     opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=cfg.lr_d, betas=cfg.betas)
+    scaler = devices.grad_scaler(device, precision)
     smooth = {"loss_d": math.nan, "loss_g": math.nan}
     start, run = 0, None
     if run_dir is not None:
-        config = {"run": run_config or {}, "gan": dataclasses.asdict(cfg),
+        config = {"run": run_config or {}, "gan": dataclasses.asdict(cfg), "precision": precision,
                   "data": {"train": tensor_fingerprint((images, labels))}}
-        run = _Run(run_dir, config, model, opt_g, opt_d, gen)
+        run = _Run(run_dir, config, model, opt_g, opt_d, gen, scaler, device, tensorboard)
         if not resume:
             run.start()
         else:
             state = run.resume()
             if state.finished:
                 run.close()
+                model.to(home)
                 return state.result
             start, smooth = state.step, dict(state.extra["smooth"])
     elif resume:
         raise ValueError("resume=True needs the run_dir of the run to resume")
     try:
-        _steps(model, images, labels, cfg, opt_g, opt_d, gen, smooth, start, run, progress)
+        _steps(model, images, labels, cfg, opt_g, opt_d, gen, smooth, start, run, progress, device, precision, scaler)
         model.eval()
         result = {**smooth, "steps": float(cfg.steps)}
         if run is not None:
             run.checkpoint(cfg.steps, smooth, result)
         return result
     finally:
+        model.to(home)   # back where it was (the CPU): judging, the checkpoint and export see it there
         if run is not None:
             run.close()
 
 
 def _steps(model: GAN, images: torch.Tensor, labels: torch.Tensor, cfg: GANTrainConfig,
            opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, gen: torch.Generator,
-           smooth: dict[str, float], start: int, run: _Run | None, progress: bool) -> None:
-    """Steps `start`..cfg.steps-1 in place (`smooth` updated: the EMA of each loss)."""
+           smooth: dict[str, float], start: int, run: _Run | None, progress: bool,
+           device: torch.device = torch.device("cpu"), precision: str = "fp32",
+           scaler: torch.amp.GradScaler | None = None) -> None:
+    """Steps `start`..cfg.steps-1 in place (`smooth` updated: the EMA of each loss). Batches and z are
+    drawn on the CPU from `gen` and moved to `device`; the losses run under autocast (`precision`);
+    with `scaler` (fp16) both backward passes are scaled, each optimiser steps through it and the
+    scale is updated once a step."""
+    on = lambda t: t.to(device, non_blocking=True)  # noqa: E731
     n, Z = images.shape[0], model.config.latent_dim
     model.train()
     bar = tqdm(range(start, cfg.steps), desc="GAN", disable=not progress, unit="step", mininterval=1.0,
                initial=start, total=cfg.steps)
     for step in bar:
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-        real, label = images[idx], labels[idx]                                 # (B, K, S, S), (B,)
-        z = torch.randn(cfg.batch_size, Z, generator=gen)
-        fake = model.generator(z, label)
-        # (1) Update D: maximise log D(x, y) + log(1 - D(G(z, y), y))
-        loss_d = discriminator_loss(model, real, fake.detach(), label)
+        real, label = on(images[idx]), on(labels[idx])                         # (B, K, S, S), (B,)
+        z = on(torch.randn(cfg.batch_size, Z, generator=gen))
+        with devices.autocast(device, precision):
+            fake = model.generator(z, label)
+            # (1) Update D: maximise log D(x, y) + log(1 - D(G(z, y), y))
+            loss_d = discriminator_loss(model, real, fake.detach(), label)
         opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
+        if scaler is None:
+            loss_d.backward()
+            opt_d.step()
+        else:
+            scaler.scale(loss_d).backward()
+            scaler.step(opt_d)
         # (2) Update G: maximise log D(G(z, y), y) (non-saturating), plus the mode-seeking term
-        loss_g = generator_loss(model, fake, label)
-        if cfg.mode_seeking > 0:
-            z2 = torch.randn(cfg.batch_size // 2, Z, generator=gen)
-            loss_g = loss_g + cfg.mode_seeking * mode_seeking_loss(model, fake, z, label, z2)
+        with devices.autocast(device, precision):
+            loss_g = generator_loss(model, fake, label)
+            if cfg.mode_seeking > 0:
+                z2 = on(torch.randn(cfg.batch_size // 2, Z, generator=gen))
+                loss_g = loss_g + cfg.mode_seeking * mode_seeking_loss(model, fake, z, label, z2)
         opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        if scaler is None:
+            loss_g.backward()
+            opt_g.step()
+        else:
+            scaler.scale(loss_g).backward()
+            scaler.step(opt_g)
+            scaler.update()
         raw = {"loss_d": loss_d.item(), "loss_g": loss_g.item()}
         for k, v in raw.items():
             smooth[k] = v if math.isnan(smooth[k]) else 0.98 * smooth[k] + 0.02 * v
@@ -271,9 +308,13 @@ class _Run:
     go in `extra`."""
 
     def __init__(self, run_dir: str | os.PathLike, config: dict[str, Any], model: GAN,
-                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, gen: torch.Generator):
+                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, gen: torch.Generator,
+                 scaler: torch.amp.GradScaler | None = None, device: torch.device = torch.device("cpu"),
+                 tensorboard: bool = False):
         self.run_dir, self.config = Path(run_dir), json_ready(config)
         self.model, self.opt_g, self.opt_d, self.gen = model, opt_g, opt_d, gen
+        self.scaler, self.device = scaler, device
+        self.tensorboard_dir = self.run_dir / TENSORBOARD if tensorboard else None
         self.param_names = [name for name, _ in model.named_parameters()]
         self.n_g = len(list(model.generator.parameters()))
         self.metrics: MetricsLog | None = None
@@ -285,24 +326,30 @@ class _Run:
                                 "or start the run in a new folder")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         clean_temporaries(self.run_dir)
-        self.metrics = MetricsLog(self.run_dir)
+        self.metrics = MetricsLog(self.run_dir, tensorboard_dir=self.tensorboard_dir)
 
     def resume(self) -> RunState:
-        """Load the last checkpoint into the model, both optimisers and both RNGs."""
+        """Load the last checkpoint into the model, both optimisers, the scaler and the RNGs."""
         state = RunState.load(self.run_dir)
+        state.config.setdefault("precision", "fp32")   # a run recorded before precision was configurable
         state.check_config(self.config, self.run_dir)
         state.check_parameters(self.model)
         clean_temporaries(self.run_dir)
-        self.metrics, self.seq = MetricsLog(self.run_dir, keep_bytes=state.metrics_offset), state.seq
-        self.model.load_state_dict(state.model)
+        self.metrics = MetricsLog(self.run_dir, keep_bytes=state.metrics_offset, tensorboard_dir=self.tensorboard_dir)
+        self.seq = state.seq
+        self.model.load_state_dict(state.model)   # the saved CPU tensors are copied onto the model's device
         if state.finished:
             self.model.eval()
             return state
         g_state, d_state = split_optimizers(state.optimizer, self.n_g)
-        self.opt_g.load_state_dict(g_state)
+        self.opt_g.load_state_dict(g_state)   # casts the moments onto each parameter's device
         self.opt_d.load_state_dict(d_state)
+        if self.scaler is not None and state.scaler is not None:
+            self.scaler.load_state_dict(state.scaler)
         self.gen.set_state(state.shuffle_state)
         torch.set_rng_state(state.torch_rng_state)
+        if self.device.type == "cuda" and state.cuda_rng_state is not None:
+            torch.cuda.set_rng_state(state.cuda_rng_state, self.device)
         return state
 
     def log(self, **record: Any) -> None:
@@ -315,6 +362,8 @@ class _Run:
             optimizer=merge_optimizers(self.opt_g.state_dict(), self.opt_d.state_dict(), self.n_g),
             scheduler={}, param_names=self.param_names, epoch=0, batches_done=step, step=step,
             shuffle_state=self.gen.get_state(), torch_rng_state=torch.get_rng_state(),
+            cuda_rng_state=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
             best_loss=math.inf, best_weights=None, bad_epochs=0, last_loss=smooth["loss_g"],
             metrics_offset=self.metrics.commit(), finished=result is not None, result=result, seq=self.seq,
             extra={"smooth": dict(smooth)})

@@ -76,10 +76,11 @@ def state_names(cell: str) -> tuple[str, ...]:
     return ("h", "c") if cell == "lstm" else ("h",)
 
 
-def init_state(config, batch: int) -> dict[str, Tensor]:
-    """Zero state for `batch` rows: {"h": (B, L, H)} (+ "c" for lstm). Works for any config with
-    cell, layers and hidden (the language model's too)."""
-    return {name: torch.zeros(batch, config.layers, config.hidden) for name in state_names(config.cell)}
+def init_state(config, batch: int, device: torch.device | str | None = None) -> dict[str, Tensor]:
+    """Zero state for `batch` rows: {"h": (B, L, H)} (+ "c" for lstm), on `device` (default the
+    CPU; the models pass their input's, so a model on a GPU gets its state there). Works for any
+    config with cell, layers and hidden (the language model's too)."""
+    return {name: torch.zeros(batch, config.layers, config.hidden, device=device) for name in state_names(config.cell)}
 
 
 def _lstm_padded(layer: nn.LSTM, x: Tensor, pad: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor]:
@@ -200,7 +201,7 @@ class Forecaster(nn.Module):
         B, T, _ = series.shape
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.int64, device=series.device)
-        return lengths, init_state(self.config, B) if state is None else state
+        return lengths, init_state(self.config, B, device=series.device) if state is None else state
 
     def _scale(self, series: Tensor, lengths: Tensor) -> Tensor:
         """(B, T, 1) raw -> scaled, 0 on padding (so padded steps feed the gates nothing large)."""
@@ -246,13 +247,15 @@ def loss(model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     series, lengths, targets = batch                                     # (B, T, 1), (B,), (B, K)
     B, T, _ = series.shape
     K = targets.shape[1]
+    device = series.device                                               # everything made here goes there
     if model.training and LEVEL_SHIFT > 0:
-        shift = (torch.rand(B, 1) * 2 - 1) * LEVEL_SHIFT * model.std    # (B, 1)
+        # on a GPU drawn from its generator (which the loop's run state saves); on the CPU the same draw as ever
+        shift = (torch.rand(B, 1, device=device) * 2 - 1) * LEVEL_SHIFT * model.std    # (B, 1)
         series, targets = series + shift[:, :, None], targets + shift
     # each row's history then its targets: the forecast after step t covers values t+1 .. t+K
     full = torch.cat([series[..., 0], series.new_zeros(B, K)], 1)       # (B, T + K)
-    full = full.scatter(1, lengths[:, None] + torch.arange(K), targets)
+    full = full.scatter(1, lengths[:, None] + torch.arange(K, device=lengths.device), targets)
     future = full.unfold(1, K, 1)[:, 1:]                                # (B, T, K): full[b, t+1+j]
-    real = torch.arange(T)[None, :] < lengths[:, None]                  # (B, T)
+    real = torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]   # (B, T)
     err = (model.step_forecasts(series, lengths) - future) / model.step_std
     return err.pow(2)[real].mean()

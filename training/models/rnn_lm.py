@@ -77,7 +77,7 @@ class RNNLM(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         """The full-sequence path, from zero state: ids (B, T) -> logits (B, T, V) (what training,
         evaluation and export parity use, as for the other token families)."""
-        return self.step(ids, init_state(self.config, ids.shape[0]))[0]
+        return self.step(ids, init_state(self.config, ids.shape[0], device=ids.device))[0]
 
     def step(self, ids: Tensor, state: dict[str, Tensor], lengths: Tensor | None = None,
              last: bool = False) -> tuple[Tensor, dict[str, Tensor]]:

@@ -130,7 +130,8 @@ def loss(model: VAE, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     different epochs are comparable (early stopping) rather than noisy."""
     x = batch[0]
     g = None if model.training else torch.Generator().manual_seed(0)
-    e = torch.randn(x.shape[0], model.config.latent_dim, generator=g)
+    # drawn on the CPU (its generator) whatever the device, then moved: the same noise on any device
+    e = torch.randn(x.shape[0], model.config.latent_dim, generator=g).to(x.device)
     log_lik, kl = elbo_terms(model, x, e)
     return (kl - log_lik).mean()
 
