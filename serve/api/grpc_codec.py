@@ -22,6 +22,8 @@ from serve.errors import ServeError
 from serve.v2_codec import NUMPY_DTYPES
 
 _U32 = struct.Struct("<I")
+# Triton's request parameter asking a decoupled model's stream for a flags-only final response
+EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
 # the typed `contents` field that carries each datatype (Triton's InferTensorContents); FP16 and
 # BF16 have none: they travel in raw_input_contents only
 _CONTENTS_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
@@ -56,15 +58,14 @@ def parameters_dict(parameters, where: str) -> dict:
     return values
 
 
-def request_body(request: pb.ModelInferRequest, deadline_us: float | None) -> tuple[bytes, str]:
-    """(v2 binary body, its Inference-Header-Content-Length) of a ModelInferRequest. `deadline_us`,
-    the microseconds the gRPC deadline leaves, becomes the `timeout` parameter unless the request
-    asks for a shorter one: a request is never queued past its caller's deadline."""
+def input_data(request: pb.ModelInferRequest) -> list[tuple[Any, bytes]]:
+    """(tensor, its raw little-endian bytes) of every input, from raw_input_contents or the typed
+    contents (BYTES: each element a 4-byte length and the bytes, as in raw_input_contents)."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise _bad(f"raw_input_contents holds {len(raw)} tensors for {len(request.inputs)} inputs: it must "
                    "carry every input, in the order of 'inputs', or none")
-    inputs, chunks = [], []
+    out = []
     for index, tensor in enumerate(request.inputs):
         if raw:
             if tensor.HasField("contents"):
@@ -73,11 +74,44 @@ def request_body(request: pb.ModelInferRequest, deadline_us: float | None) -> tu
             _check_raw_size(tensor, index, data)
         else:
             data = _typed_contents(tensor)
+        out.append((tensor, data))
+    return out
+
+
+def bytes_elements(name: str, data: bytes) -> list[bytes]:
+    """The elements of a BYTES tensor's raw data (each a 4-byte little-endian length, then the bytes)."""
+    elements, offset = [], 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            raise _bad(f"input '{name}': BYTES data ends inside an element's 4-byte length")
+        (size,) = _U32.unpack_from(data, offset)
+        offset += 4
+        if offset + size > len(data):
+            raise _bad(f"input '{name}': a BYTES element of {size} bytes runs past the data's end")
+        elements.append(bytes(data[offset:offset + size]))
+        offset += size
+    return elements
+
+
+def bytes_tensor(values: list[bytes]) -> bytes:
+    """A BYTES tensor's raw data (each element a 4-byte little-endian length, then the bytes)."""
+    return b"".join(_U32.pack(len(v)) + v for v in values)
+
+
+def request_body(request: pb.ModelInferRequest, deadline_us: float | None) -> tuple[bytes, str]:
+    """(v2 binary body, its Inference-Header-Content-Length) of a ModelInferRequest. `deadline_us`,
+    the microseconds the gRPC deadline leaves, becomes the `timeout` parameter unless the request
+    asks for a shorter one: a request is never queued past its caller's deadline."""
+    inputs, chunks = [], []
+    for tensor, data in input_data(request):
         parameters = parameters_dict(tensor.parameters, f"input '{tensor.name}': parameter")
         inputs.append({"name": tensor.name, "shape": list(tensor.shape), "datatype": tensor.datatype,
                        "parameters": {**parameters, "binary_data_size": len(data)}})
         chunks.append(data)
     parameters = parameters_dict(request.parameters, "parameter")
+    # what the stock client's async_stream_infer(enable_empty_final_response=True) sends: it concerns
+    # decoupled models only (serve/api/grpc_tokens.py); a model answering once is always final, as in Triton
+    parameters.pop(EMPTY_FINAL_RESPONSE, None)
     if deadline_us is not None:
         given = parameters.get("timeout")
         # a bad `timeout` (not a number, not positive) is left for the route's own check, which names it
@@ -126,7 +160,7 @@ def _typed_contents(tensor) -> bytes:
                    f"{', '.join('contents.' + f for f in others)}")
     values = getattr(tensor.contents, field)
     if datatype == "BYTES":
-        return b"".join(_U32.pack(len(v)) + v for v in values)
+        return bytes_tensor(list(values))
     target = NUMPY_DTYPES[datatype].newbyteorder("<")
     if target.kind in "iu" and target.itemsize < 8 and len(values):
         info, array = np.iinfo(target), np.asarray(values, dtype=np.int64)

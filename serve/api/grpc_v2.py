@@ -6,7 +6,9 @@ The service classes are the ones `tritonclient[grpc]` generates from Triton's pr
 client and this server read the same messages. Every HTTP status is answered with the gRPC code
 that means the same (`STATUS_CODES`) and the HTTP error's message; what an HTTP answer says in
 headers (x-model-version, x-model-alias, x-request-id, retry-after) travels as trailing metadata.
-Inference runs through `serve.api.v2.infer_with`, the HTTP route's own path.
+Inference runs through `serve.api.v2.infer_with`, the HTTP route's own path; a token model's
+through /v1/completions' checks and its engine, with Triton's text tensors and decoupled streaming
+(serve/api/grpc_tokens.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceServicer, add_GRPCInferenceServiceServicer_to_server
 
 from serve import __version__
-from serve.api import v2
+from serve.api import grpc_tokens, v2
 from serve.api.deps import check_admin_token, refuse_over_limit, request_id, valid_model_name
 from serve.api.grpc_codec import infer_response, parameter_value, request_body
 from serve.errors import ServeError, log_refusal
@@ -144,6 +146,8 @@ class InferenceService(GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request, context):
         lv = await self._resolved(context, "ModelMetadata", request.name, request.version)
         meta = v2.metadata_of(self.state.repository, lv, bool(request.version))
+        if lv.engine.api == "openai":       # a token model: the text interface (serve/api/grpc_tokens.py)
+            meta = grpc_tokens.metadata(meta)
         tensors = lambda specs: [pb.ModelMetadataResponse.TensorMetadata(  # noqa: E731
             name=s["name"], datatype=s["datatype"], shape=s["shape"]) for s in specs]
         return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
@@ -153,6 +157,8 @@ class InferenceService(GRPCInferenceServiceServicer):
     async def ModelConfig(self, request, context):
         lv = await self._resolved(context, "ModelConfig", request.name, request.version)
         config = v2.config_of(self.state.repository, lv, self.state.settings)
+        if lv.engine.api == "openai":
+            config = grpc_tokens.config(config)
         # Triton's ModelParameter holds a string only (HTTP's JSON also writes the revision as an integer)
         config["parameters"] = {key: value if "string_value" in value else {"string_value": str(*value.values())}
                                 for key, value in config["parameters"].items()}
@@ -247,28 +253,46 @@ class InferenceService(GRPCInferenceServiceServicer):
                                    request.model_version or None, started, body_of, None, None, None,
                                    metadata.get, answer)
 
+    async def _complete(self, request, metadata: dict[str, str]) -> tuple[pb.ModelInferResponse, list]:
+        """A token model's whole completion (serve/api/grpc_tokens.py), or ServeError."""
+        call = grpc_tokens.TokenCall(self.state, request, metadata.get, streamed=False)
+        return await call.complete(), call.trailing
+
     @_guarded
     async def ModelInfer(self, request, context):
         metadata = _metadata(context)
         rid = request_id(metadata.get("x-request-id"))
         try:
-            response, trailing = await self._infer(request, context, metadata)
+            if grpc_tokens.is_token_model(self.state.repository, request.model_name):
+                response, trailing = await self._complete(request, metadata)
+            else:
+                response, trailing = await self._infer(request, context, metadata)
         except ServeError as exc:
             await self._refuse(context, "ModelInfer", exc, rid, request.model_name, request.model_version or None)
         context.set_trailing_metadata((("x-request-id", rid), *trailing))
         return response
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Each request of the stream answered as ModelInfer answers it, concurrently, in the order
-        they finish (each response carries its request's id); an error is that request's
-        `error_message` and the stream goes on, as in Triton. Every model here is non-decoupled:
-        one response per request."""
+        """Each request of the stream answered concurrently, its responses in the order they come
+        (each carries its request's id); an error is that request's `error_message` and the stream
+        goes on, as in Triton. A token model is decoupled: several responses per request, the last
+        flagged `triton_final_response` (serve/api/grpc_tokens.py); every other model answers once,
+        as ModelInfer does. A stream that ends (the client cancels it) aborts what it still runs."""
         metadata = _metadata(context)
         writing = asyncio.Lock()          # grpc.aio takes one write at a time
         running: set[asyncio.Task] = set()
 
+        async def write(message) -> None:
+            async with writing:
+                await context.write(message)
+
         async def one(request) -> None:
             try:
+                if grpc_tokens.is_token_model(self.state.repository, request.model_name):
+                    call = grpc_tokens.TokenCall(self.state, request, metadata.get, streamed=True)
+                    async for response in call.responses():
+                        await write(pb.ModelStreamInferResponse(infer_response=response))
+                    return
                 response, _ = await self._infer(request, context, metadata)
                 message = pb.ModelStreamInferResponse(infer_response=response)
             except Exception as exc:     # noqa: BLE001 - that request's error; the stream goes on
@@ -281,8 +305,7 @@ class InferenceService(GRPCInferenceServiceServicer):
                 # the id tells the client which request failed (answers come in the order they finish)
                 message = pb.ModelStreamInferResponse(error_message=exc.message, infer_response=pb.ModelInferResponse(
                     model_name=request.model_name, model_version=request.model_version, id=request.id))
-            async with writing:
-                await context.write(message)
+            await write(message)
 
         try:
             async for request in request_iterator:

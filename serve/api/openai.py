@@ -67,9 +67,17 @@ def _sse(payload: Any) -> bytes:
 async def _parse(request: Request, model: type[BaseModel]):
     body = await read_body(request, settings_of(request).max_body_bytes)
     try:
-        return model.model_validate(orjson.loads(body))
+        doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise OpenAIError(400, f"malformed JSON: {exc}") from None
+    return validated(doc, model)
+
+
+def validated(doc: Any, model: type[BaseModel]):
+    """`doc` as the request envelope `model`, or the 400 that names what is wrong (also used by
+    token models over gRPC, serve/api/grpc_tokens.py)."""
+    try:
+        return model.model_validate(doc)
     except ValidationError as exc:
         raise _invalid(exc, model) from None
 
@@ -201,6 +209,16 @@ def _token_ids(engine: TokenEngine, ids: list[int]) -> list[int]:
     return list(ids)
 
 
+def completion_jobs(engine: TokenEngine, body: CompletionRequest) -> tuple[list[list[int]], list[GenerationRequest]]:
+    """(token ids of each prompt, one GenerationRequest per prompt x n) of a completion request, each
+    prompt checked against the context first (HTTP's /v1/completions and gRPC's token models)."""
+    prompts = [engine.tokenizer.encode(p) if isinstance(p, str) else _token_ids(engine, p) for p in body.prompt]
+    max_tokens = [_check_prompt(engine, ids, body.max_tokens, None) for ids in prompts]
+    jobs = [GenerationRequest(ids, mt, _sampling(body, i, body.logprobs), body.stop, body.ignore_eos)
+            for ids, mt in zip(prompts, max_tokens) for i in range(body.n)]
+    return prompts, jobs
+
+
 def _sampling(body, seed_offset: int, logprobs: int | None) -> SamplingParams:
     seed = None if body.seed is None else body.seed + seed_offset
     return SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=seed,
@@ -299,10 +317,14 @@ def _usage(prompt_tokens: int, choices_tokens: int) -> dict:
 
 
 def _shadow_tokens(request: Request, routed: Routed, jobs: list[GenerationRequest], produced: list[list[int]]) -> None:
+    shadow_tokens(repository_of(request), request.app.state.shadow, routed, jobs, produced)
+
+
+def shadow_tokens(repo: ModelRepository, shadows, routed: Routed, jobs: list[GenerationRequest],
+                  produced: list[list[int]]) -> None:
     """Copy an answered completion to the shadow version when model.json's shadow samples it; only
     greedy or seeded requests (an unseeded sample has nothing to agree with). Only the token
     agreement is kept."""
-    repo, shadows = repository_of(request), request.app.state.shadow
     name = routed.engine.name
     shadow = repo.configs[name].routing.shadow
     if shadow is None or not all(j.params.temperature == 0 or j.params.seed is not None for j in jobs):
@@ -387,10 +409,7 @@ async def completions(request: Request) -> Response:
         _check_combinations(body)
         routed = _engine_for(request, body.model, body.user)
         engine = routed.engine
-        prompts = [engine.tokenizer.encode(p) if isinstance(p, str) else _token_ids(engine, p) for p in body.prompt]
-        max_tokens = [_check_prompt(engine, ids, body.max_tokens, None) for ids in prompts]
-        jobs = [GenerationRequest(ids, mt, _sampling(body, i, body.logprobs), body.stop, body.ignore_eos)
-                for ids, mt in zip(prompts, max_tokens) for i in range(body.n)]
+        prompts, jobs = completion_jobs(engine, body)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": routed.model}
         headers = routed.headers

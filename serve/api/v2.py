@@ -242,7 +242,9 @@ def config_of(repo, lv: LoadedVersion, settings) -> dict:
         "dynamic_batching": {"max_queue_delay_microseconds": int(cfg.batching.max_queue_delay_ms * 1000),
                              "default_queue_policy": {"max_queue_size": cfg.batching.max_queue_size}},
         "version_policy": version_policy,
-        "model_transaction_policy": {"decoupled": False},
+        # a token model answers with one response per generated chunk over gRPC's ModelStreamInfer
+        # (serve/api/grpc_tokens.py), as Triton's LLM backends do
+        "model_transaction_policy": {"decoupled": manifest.kind == "tokens"},
         # where the runtime really runs (a CUDA provider that failed to load falls back to the CPU)
         "instance_group": [{"name": f"{lv.name}_0", "kind": "KIND_GPU" if lv.device == "cuda" else "KIND_CPU",
                             "count": instances.count if instances else 1,
