@@ -42,8 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from training import checkpoint, devices, loop, text
-from training.run_state import (TENSORBOARD, MetricsLog, RunState, RunStateError, clean_temporaries, json_ready,
-                                tensor_fingerprint, write_atomically)
+from training.run_state import RunFolder, RunState, RunStateError, tensor_fingerprint, write_atomically
 from training.tokenizer import FILENAME as TOKENIZER_FILE
 from training.tokenizer import Tokenizer, train_tokenizer
 
@@ -190,6 +189,21 @@ class _Progress:
     def train_loss(self) -> float:
         return sum(self.recent) / max(1, len(self.recent))
 
+    @classmethod
+    def resumed(cls, state: RunState) -> _Progress:
+        """The counters as a run-state checkpoint recorded them (the token loop's own in `extra`)."""
+        extra = state.extra
+        return cls(step=state.step, recent=list(extra["recent"]), initial_val=extra["initial_val"],
+                   val_loss=extra["val_loss"], best_loss=state.best_loss, best_step=extra["best_step"],
+                   best_state=state.best_weights, bad_evals=state.bad_epochs)
+
+    def saved(self) -> dict[str, Any]:
+        """What a run-state checkpoint records of these (RunFolder.save's keywords)."""
+        return dict(step=self.step, best_loss=self.best_loss, best_weights=self.best_state,
+                    bad_epochs=self.bad_evals, last_loss=self.recent[-1] if self.recent else math.nan,
+                    extra={"recent": self.recent, "initial_val": self.initial_val, "val_loss": self.val_loss,
+                           "best_step": self.best_step})
+
 
 def train_lm(model: torch.nn.Module, loss_fn: Callable, train_ids: torch.Tensor, val_ids: torch.Tensor,
              cfg: LMTrainConfig, progress: bool = True, desc: str = "lm", *,
@@ -234,24 +248,25 @@ def train_lm(model: torch.nn.Module, loss_fn: Callable, train_ids: torch.Tensor,
         evaluate = lambda n: ddp.broadcast_float(evaluate_lm(model, loss_fn, val_ids, cfg.block_size,  # noqa: E731
                                                              cfg.batch_size, n, precision=precision))
     p, run = _Progress(), None
-    if run_dir is not None:
-        config = {"run": run_config or {}, "train": dataclasses.asdict(cfg), "precision": precision,
-                  "data": {"train": tensor_fingerprint((train_ids,)), "val": tensor_fingerprint((val_ids,))}}
-        if ddp is not None:
-            config["distributed"] = ddp.run_config()
-        run = _Run(run_dir, config, model, opt, sched, generator, scaler, device, tensorboard,
-                   writer=ddp is None or ddp.is_writer)
-        if resume:
-            state = run.resume(p)
-            if state.finished:      # killed after its last checkpoint: the final weights are loaded
-                run.close()
-                model.to(home)
-                return state.result
-        else:
-            run.start()
-    elif resume:
-        raise ValueError("resume=True needs the run_dir of the run to resume")
     try:
+        if run_dir is not None:
+            config = {"run": run_config or {}, "train": dataclasses.asdict(cfg), "precision": precision,
+                      "data": {"train": tensor_fingerprint((train_ids,)), "val": tensor_fingerprint((val_ids,))}}
+            if ddp is not None:
+                config["distributed"] = ddp.run_config()
+            run = RunFolder(run_dir, config, model, opt, sched, generator, scaler, device, tensorboard,
+                            writer=ddp is None or ddp.is_writer)
+            if resume:
+                state = run.resume()
+                if state.finished:      # killed after its last checkpoint: the final weights are loaded
+                    return state.result
+                if state.extra is None:
+                    raise RunStateError(f"{run.run_dir}: its run_state.json is not a token-family run's (no 'extra')")
+                p = _Progress.resumed(state)
+            else:
+                run.start()
+        elif resume:
+            raise ValueError("resume=True needs the run_dir of the run to resume")
         if p.step == 0:
             p.initial_val = p.val_loss = evaluate(cfg.eval_batches)
             if run is not None:
@@ -273,7 +288,7 @@ def train_lm(model: torch.nn.Module, loss_fn: Callable, train_ids: torch.Tensor,
             run.log(step=p.step, final_val_loss=final_val, **({"early_stopped": p.step < cfg.steps,
                                                                "best_val_loss": p.best_loss,
                                                                "best_step": p.best_step} if cfg.patience else {}))
-            run.checkpoint(p, result=result)
+            run.save(result=result, **p.saved())
         return result
     finally:
         model.to(home)   # back where it was (the CPU): the checkpoint, test metrics and export see it there
@@ -283,7 +298,7 @@ def train_lm(model: torch.nn.Module, loss_fn: Callable, train_ids: torch.Tensor,
 
 def _fit(model: torch.nn.Module, loss_fn: Callable, train_ids: torch.Tensor, cfg: LMTrainConfig,
          opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
-         evaluate: Callable[[int | None], float], p: _Progress, run: _Run | None, progress: bool,
+         evaluate: Callable[[int | None], float], p: _Progress, run: RunFolder | None, progress: bool,
          desc: str, device: torch.device = torch.device("cpu"), precision: str = "fp32",
          scaler: torch.amp.GradScaler | None = None, ddp: Any = None) -> tqdm:
     """The steps from `p.step` to cfg.steps, or to early stopping; returns the progress bar, open."""
@@ -336,94 +351,8 @@ def _fit(model: torch.nn.Module, loss_fn: Callable, train_ids: torch.Tensor, cfg
             break
         if run is not None and p.step < cfg.steps and (
                 evaluating or (cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0)):
-            run.checkpoint(p)   # the last step's state is the final checkpoint
+            run.save(**p.saved())   # the last step's state is the final checkpoint
     return bar
-
-
-class _Run:
-    """A run folder bound to the live objects of one train_lm call (as loop._Run for the shared
-    loop): starts or resumes the run, logs metrics, writes run-state checkpoints."""
-
-    def __init__(self, run_dir: str | Path, config: dict[str, Any], model: torch.nn.Module,
-                 opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
-                 scaler: torch.amp.GradScaler | None = None, device: torch.device = torch.device("cpu"),
-                 tensorboard: bool = False, writer: bool = True):
-        self.run_dir, self.config = Path(run_dir), json_ready(config)
-        self.writer = writer   # False: a rank other than 0, which only reads the run folder (to resume)
-        self.model, self.opt, self.sched, self.generator = model, opt, sched, generator
-        self.scaler, self.device = scaler, device
-        self.tensorboard_dir = self.run_dir / TENSORBOARD if tensorboard else None
-        self.param_names = [name for name, _ in model.named_parameters()]
-        self.metrics: MetricsLog | None = None
-        self.seq = 0
-
-    def start(self) -> None:
-        if not self.writer:
-            return
-        if RunState.exists(self.run_dir):
-            raise RunStateError(f"{self.run_dir} already holds a run (run_state.json): resume it, "
-                                "or start the run in a new folder")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        clean_temporaries(self.run_dir)
-        self.metrics = MetricsLog(self.run_dir, tensorboard_dir=self.tensorboard_dir)
-
-    def resume(self, p: _Progress) -> RunState:
-        """Load the last checkpoint into the model, optimiser, scheduler, RNGs and `p`."""
-        state = RunState.load(self.run_dir)
-        state.config.setdefault("precision", "fp32")   # a run recorded before precision was configurable
-        state.check_config(self.config, self.run_dir)
-        state.check_parameters(self.model)
-        if self.writer:
-            clean_temporaries(self.run_dir)
-            self.metrics = MetricsLog(self.run_dir, keep_bytes=state.metrics_offset,
-                                      tensorboard_dir=self.tensorboard_dir)
-        self.seq = state.seq
-        self.model.load_state_dict(state.model)   # the saved CPU tensors are copied onto the model's device
-        if state.finished:
-            self.model.eval()
-            return state
-        if state.extra is None:
-            raise RunStateError(f"{self.run_dir}: its run_state.json is not a token-family run's (no 'extra')")
-        self.opt.load_state_dict(state.optimizer)   # casts the moments onto each parameter's device
-        self.sched.load_state_dict(state.scheduler)
-        if self.scaler is not None and state.scaler is not None:
-            self.scaler.load_state_dict(state.scaler)
-        self.generator.set_state(state.shuffle_state)
-        torch.set_rng_state(state.torch_rng_state)
-        if self.device.type == "cuda" and state.cuda_rng_state is not None:   # dropout on the GPU draws from it
-            torch.cuda.set_rng_state(state.cuda_rng_state, self.device)
-        p.step, p.best_loss, p.best_state, p.bad_evals = state.step, state.best_loss, state.best_weights, state.bad_epochs
-        extra = state.extra
-        p.recent, p.initial_val, p.val_loss, p.best_step = (list(extra["recent"]), extra["initial_val"],
-                                                            extra["val_loss"], extra["best_step"])
-        return state
-
-    def log(self, **record: Any) -> None:
-        if self.writer:
-            self.metrics.write(**record)
-
-    def checkpoint(self, p: _Progress, result: dict[str, Any] | None = None) -> None:
-        """Save the run after `p.step` steps; `result` marks it finished. The sampler's generator is
-        saved as it stands (the next batch's draw), as is torch's RNG."""
-        if not self.writer:
-            return
-        state = RunState(
-            config=self.config, model=self.model.state_dict(), optimizer=self.opt.state_dict(),
-            scheduler=self.sched.state_dict(), param_names=self.param_names,
-            epoch=0, batches_done=p.step, step=p.step, shuffle_state=self.generator.get_state(),
-            torch_rng_state=torch.get_rng_state(), best_loss=p.best_loss, best_weights=p.best_state,
-            cuda_rng_state=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            scaler=self.scaler.state_dict() if self.scaler is not None else None,
-            bad_epochs=p.bad_evals, last_loss=p.recent[-1] if p.recent else math.nan,
-            metrics_offset=self.metrics.commit(), finished=result is not None, result=result, seq=self.seq,
-            extra={"recent": p.recent, "initial_val": p.initial_val, "val_loss": p.val_loss,
-                   "best_step": p.best_step})
-        state.save(self.run_dir)
-        self.seq = state.seq
-
-    def close(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
 
 
 def _build_config(module: Any, preset: str, **overrides: Any) -> Any:

@@ -17,15 +17,13 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from training import devices
-from training.run_state import (TENSORBOARD, MetricsLog, RunState, RunStateError, clean_temporaries, json_ready,
-                                tensor_fingerprint)
+from training.run_state import RunFolder, RunState, tensor_fingerprint
 
 Batch = tuple[torch.Tensor, ...]
 
@@ -95,6 +93,17 @@ class _Progress:
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs: int = 0
 
+    @classmethod
+    def resumed(cls, state: RunState) -> _Progress:
+        """The counters as a run-state checkpoint recorded them."""
+        return cls(step=state.step, last_loss=state.last_loss, best_loss=state.best_loss,
+                   best_state=state.best_weights, bad_epochs=state.bad_epochs)
+
+    def saved(self) -> dict[str, Any]:
+        """What a run-state checkpoint records of these (RunFolder.save's keywords)."""
+        return dict(step=self.step, last_loss=self.last_loss, best_loss=self.best_loss,
+                    best_weights=self.best_state, bad_epochs=self.bad_epochs)
+
 
 def train(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data: Batch,
           cfg: TrainConfig, progress: bool = True, *, run_dir: str | os.PathLike | None = None,
@@ -145,13 +154,13 @@ def train(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data
                       "data": {"train": tensor_fingerprint(train_data), "val": tensor_fingerprint(val_data)}}
             if ddp is not None:
                 config["distributed"] = ddp.run_config()
-            run = _Run(run_dir, config, model, opt, sched, generator, scaler, device, tensorboard,
-                       writer=ddp is None or ddp.is_writer)
+            run = RunFolder(run_dir, config, model, opt, sched, generator, scaler, device, tensorboard,
+                            writer=ddp is None or ddp.is_writer)
             if resume:
-                state = run.resume(p)
+                state = run.resume()
                 if state.finished:
                     return state.result
-                start_epoch, skip = state.epoch, state.batches_done
+                p, start_epoch, skip = _Progress.resumed(state), state.epoch, state.batches_done
             else:
                 run.start()
         elif resume:
@@ -165,7 +174,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data
         model.eval()
         result = {"best_val_loss": p.best_loss, "epochs_run": epoch + 1, "steps": p.step}
         if run is not None:
-            run.checkpoint(p, epoch + 1, 0, generator.get_state(), result=result)
+            run.save(epoch=epoch + 1, batches_done=0, result=result, **p.saved())
         return result
     finally:
         model.to(home)   # the caller's model back where it was (the CPU): metrics, checkpoint and export see it there
@@ -175,7 +184,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data
 
 def _fit(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data: Batch, cfg: TrainConfig,
          opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
-         p: _Progress, run: _Run | None, start_epoch: int, skip: int, progress: bool, device: torch.device,
+         p: _Progress, run: RunFolder | None, start_epoch: int, skip: int, progress: bool, device: torch.device,
          precision: str, scaler: torch.amp.GradScaler | None, ddp: Any = None) -> int:
     """The epochs from `start_epoch` (its first `skip` batches already done); returns the last epoch run."""
     epoch = start_epoch
@@ -213,7 +222,7 @@ def _fit(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data:
             if run is not None:
                 run.log(step=p.step, epoch=epoch, train_loss=p.last_loss, lr=lr)
                 if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
-                    run.checkpoint(p, epoch, i + 1, shuffle_state)
+                    run.save(epoch=epoch, batches_done=i + 1, shuffle_state=shuffle_state, **p.saved())
         skip = 0
         if ddp is not None:
             ddp.sync_buffers(model)   # BatchNorm statistics: rank 0's everywhere
@@ -230,90 +239,8 @@ def _fit(model: torch.nn.Module, loss_fn: Callable, train_data: Batch, val_data:
             if p.bad_epochs >= cfg.patience:
                 break
         if run is not None and epoch + 1 < cfg.epochs:   # the last epoch's state is the final checkpoint
-            run.checkpoint(p, epoch + 1, 0, generator.get_state())
+            run.save(epoch=epoch + 1, batches_done=0, **p.saved())
     return epoch
-
-
-class _Run:
-    """A run folder bound to the live objects of one `train` call: starts or resumes the run,
-    logs metrics and writes run-state checkpoints (training/run_state.py does the files)."""
-
-    def __init__(self, run_dir: str | os.PathLike, config: dict[str, Any], model: torch.nn.Module,
-                 opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
-                 generator: torch.Generator, scaler: torch.amp.GradScaler | None = None,
-                 device: torch.device = torch.device("cpu"), tensorboard: bool = False, writer: bool = True):
-        self.run_dir, self.config = Path(run_dir), json_ready(config)
-        self.writer = writer   # False: a rank other than 0, which only reads the run folder (to resume)
-        self.model, self.opt, self.sched, self.generator = model, opt, sched, generator
-        self.scaler, self.device = scaler, device
-        self.tensorboard_dir = self.run_dir / TENSORBOARD if tensorboard else None
-        self.param_names = [name for name, _ in model.named_parameters()]
-        self.metrics: MetricsLog | None = None
-        self.seq = 0
-
-    def start(self) -> None:
-        if not self.writer:
-            return
-        if RunState.exists(self.run_dir):
-            raise RunStateError(f"{self.run_dir} already holds a run (run_state.json): resume it, "
-                                "or start the run in a new folder")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        clean_temporaries(self.run_dir)
-        self.metrics = MetricsLog(self.run_dir, tensorboard_dir=self.tensorboard_dir)
-
-    def resume(self, p: _Progress) -> RunState:
-        """Load the last checkpoint into the model, optimiser, scheduler, RNGs and `p`."""
-        state = RunState.load(self.run_dir)
-        # a run recorded before precision was configurable trained in fp32
-        state.config.setdefault("precision", "fp32")
-        state.check_config(self.config, self.run_dir)
-        state.check_parameters(self.model)
-        if self.writer:
-            clean_temporaries(self.run_dir)
-            self.metrics = MetricsLog(self.run_dir, keep_bytes=state.metrics_offset,
-                                      tensorboard_dir=self.tensorboard_dir)
-        self.seq = state.seq
-        self.model.load_state_dict(state.model)   # the saved CPU tensors are copied onto the model's device
-        if state.finished:
-            self.model.eval()
-            return state
-        self.opt.load_state_dict(state.optimizer)   # casts the moments onto each parameter's device
-        self.sched.load_state_dict(state.scheduler)
-        if self.scaler is not None and state.scaler is not None:
-            self.scaler.load_state_dict(state.scaler)
-        self.generator.set_state(state.shuffle_state)
-        torch.set_rng_state(state.torch_rng_state)
-        if self.device.type == "cuda" and state.cuda_rng_state is not None:   # dropout on the GPU draws from it
-            torch.cuda.set_rng_state(state.cuda_rng_state, self.device)
-        p.step, p.last_loss, p.bad_epochs = state.step, state.last_loss, state.bad_epochs
-        p.best_loss, p.best_state = state.best_loss, state.best_weights
-        return state
-
-    def log(self, **record: Any) -> None:
-        if self.writer:
-            self.metrics.write(**record)
-
-    def checkpoint(self, p: _Progress, epoch: int, batches_done: int, shuffle_state: torch.Tensor,
-                   result: dict[str, Any] | None = None) -> None:
-        """Save the run as it stands: at `batches_done` batches into `epoch`, whose data order
-        `shuffle_state` gives; `result` marks the run finished."""
-        if not self.writer:
-            return
-        state = RunState(
-            config=self.config, model=self.model.state_dict(), optimizer=self.opt.state_dict(),
-            scheduler=self.sched.state_dict(), param_names=self.param_names,
-            epoch=epoch, batches_done=batches_done, step=p.step, shuffle_state=shuffle_state,
-            torch_rng_state=torch.get_rng_state(), best_loss=p.best_loss, best_weights=p.best_state,
-            cuda_rng_state=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            scaler=self.scaler.state_dict() if self.scaler is not None else None,
-            bad_epochs=p.bad_epochs, last_loss=p.last_loss, metrics_offset=self.metrics.commit(),
-            finished=result is not None, result=result, seq=self.seq)
-        state.save(self.run_dir)
-        self.seq = state.seq
-
-    def close(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
 
 
 @torch.no_grad()

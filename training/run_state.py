@@ -15,6 +15,9 @@ A run folder holds:
 - `tensorboard/` (optional): the same scalars as TensorBoard event files (MetricsLog's
   `tensorboard_dir`); rewritten from metrics.jsonl when a run resumes, so they never disagree.
 
+RunFolder binds such a folder to the live objects of one training call (the shared loop's, the
+token families', the GAN's): it starts or resumes the run, logs metrics and writes checkpoints.
+
 Nothing here is pickled and nothing is unpickled: tensors go through safetensors, the rest
 through JSON (Python's json, so a non-finite float is written as Infinity / NaN).
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -360,6 +364,100 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self._writer.close()
+
+
+class RunFolder:
+    """A run folder bound to the live objects of one training call: starts or resumes the run, logs
+    metrics, writes run-state checkpoints.
+
+    `optimizer`: anything with state_dict() and load_state_dict() (the GAN passes its two optimisers
+    as one); `scheduler`: None for a recipe without one (its state is saved as {}). `shuffle`: the
+    CPU generator behind the data order, whose state a checkpoint records. `writer=False`: a
+    distributed rank other than 0, which only reads the folder (to resume): its start, log and save
+    write nothing."""
+
+    def __init__(self, run_dir: str | os.PathLike, config: dict[str, Any], model: torch.nn.Module,
+                 optimizer: Any, scheduler: Any, shuffle: torch.Generator,
+                 scaler: torch.amp.GradScaler | None = None, device: torch.device = torch.device("cpu"),
+                 tensorboard: bool = False, writer: bool = True):
+        self.run_dir, self.config = Path(run_dir), json_ready(config)
+        self.model, self.optimizer, self.scheduler, self.shuffle = model, optimizer, scheduler, shuffle
+        self.scaler, self.device, self.writer = scaler, device, writer
+        self.tensorboard_dir = self.run_dir / TENSORBOARD if tensorboard else None
+        self.param_names = [name for name, _ in model.named_parameters()]
+        self.metrics: MetricsLog | None = None
+        self.seq = 0
+
+    def start(self) -> None:
+        """Begin a new run (RunStateError when the folder already holds one)."""
+        if not self.writer:
+            return
+        if RunState.exists(self.run_dir):
+            raise RunStateError(f"{self.run_dir} already holds a run ({STATE}): resume it, "
+                                "or start the run in a new folder")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        clean_temporaries(self.run_dir)
+        self.metrics = MetricsLog(self.run_dir, tensorboard_dir=self.tensorboard_dir)
+
+    def resume(self) -> RunState:
+        """Load the last checkpoint into the model and, unless the run finished, into the optimiser,
+        scheduler, scaler, shuffling generator and torch's RNGs. Returns the state, from which the
+        caller restores its own counters (position, early stopping, `extra`)."""
+        state = RunState.load(self.run_dir)
+        state.config.setdefault("precision", "fp32")   # a run recorded before precision was configurable
+        state.check_config(self.config, self.run_dir)
+        state.check_parameters(self.model)
+        if self.writer:
+            clean_temporaries(self.run_dir)
+            self.metrics = MetricsLog(self.run_dir, keep_bytes=state.metrics_offset,
+                                      tensorboard_dir=self.tensorboard_dir)
+        self.seq = state.seq
+        self.model.load_state_dict(state.model)   # the saved CPU tensors are copied onto the model's device
+        if state.finished:
+            self.model.eval()
+            return state
+        self.optimizer.load_state_dict(state.optimizer)   # casts the moments onto each parameter's device
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state.scheduler)
+        if self.scaler is not None and state.scaler is not None:
+            self.scaler.load_state_dict(state.scaler)
+        self.shuffle.set_state(state.shuffle_state)
+        torch.set_rng_state(state.torch_rng_state)
+        if self.device.type == "cuda" and state.cuda_rng_state is not None:   # dropout on the GPU draws from it
+            torch.cuda.set_rng_state(state.cuda_rng_state, self.device)
+        return state
+
+    def log(self, **record: Any) -> None:
+        if self.writer:
+            self.metrics.write(**record)
+
+    def save(self, *, step: int, epoch: int = 0, batches_done: int | None = None,
+             shuffle_state: torch.Tensor | None = None, best_loss: float = math.inf,
+             best_weights: dict[str, torch.Tensor] | None = None, bad_epochs: int = 0, last_loss: float = math.nan,
+             extra: dict[str, Any] | None = None, result: dict[str, Any] | None = None) -> None:
+        """Checkpoint the run as it stands after `step` optimiser steps: `batches_done` (default
+        `step`, for a recipe without epochs) batches into `epoch`, whose data order `shuffle_state`
+        gives (default: the shuffling generator as it stands, i.e. the next draw); `result` marks the
+        run finished. The model, optimiser, scheduler, scaler and torch's RNGs are read live."""
+        if not self.writer:
+            return
+        state = RunState(
+            config=self.config, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict() if self.scheduler is not None else {},
+            param_names=self.param_names, epoch=epoch, batches_done=step if batches_done is None else batches_done,
+            step=step, shuffle_state=self.shuffle.get_state() if shuffle_state is None else shuffle_state,
+            torch_rng_state=torch.get_rng_state(),
+            cuda_rng_state=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            best_loss=best_loss, best_weights=best_weights, bad_epochs=bad_epochs, last_loss=last_loss,
+            metrics_offset=self.metrics.commit(), finished=result is not None, result=result, seq=self.seq,
+            extra=extra)
+        state.save(self.run_dir)
+        self.seq = state.seq
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:

@@ -21,9 +21,10 @@ s = S / 4. Images live in [-1, 1] (the data path scales digits' 0..16: training.
 and an image folder's 0..255: training.user_data); `Model.forward` is the generator, the served
 function: (z (B, Z), label (B,)) -> image (B, K, S, S).
 The GAN keeps its own two-optimiser loop (`train` below), not training/loop.py; with a run folder it
-logs metrics.jsonl and writes run-state checkpoints (training/run_state.py) so that a killed run
-resumes exactly. It takes the shared loop's device, precision and tensorboard (training/devices.py):
-the batches and z are drawn on the CPU whatever the device, and the model comes back to the CPU.
+logs metrics.jsonl and writes run-state checkpoints (training/run_state.py's RunFolder) so that a
+killed run resumes exactly. It takes the shared loop's device, precision and tensorboard
+(training/devices.py): the batches and z are drawn on the CPU whatever the device, and the model
+comes back to the CPU.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,8 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from training import devices
-from training.run_state import (TENSORBOARD, MetricsLog, RunState, RunStateError, clean_temporaries, json_ready,
-                                tensor_fingerprint)
+from training.run_state import RunFolder, tensor_fingerprint
 
 KIND = "sample"
 OUTPUT_NAMES = ("image",)
@@ -217,27 +216,26 @@ def train(model: GAN, images: torch.Tensor, labels: torch.Tensor, cfg: GANTrainC
     scaler = devices.grad_scaler(device, precision)
     smooth = {"loss_d": math.nan, "loss_g": math.nan}
     start, run = 0, None
-    if run_dir is not None:
-        config = {"run": run_config or {}, "gan": dataclasses.asdict(cfg), "precision": precision,
-                  "data": {"train": tensor_fingerprint((images, labels))}}
-        run = _Run(run_dir, config, model, opt_g, opt_d, gen, scaler, device, tensorboard)
-        if not resume:
-            run.start()
-        else:
-            state = run.resume()
-            if state.finished:
-                run.close()
-                model.to(home)
-                return state.result
-            start, smooth = state.step, dict(state.extra["smooth"])
-    elif resume:
-        raise ValueError("resume=True needs the run_dir of the run to resume")
     try:
+        if run_dir is not None:
+            config = {"run": run_config or {}, "gan": dataclasses.asdict(cfg), "precision": precision,
+                      "data": {"train": tensor_fingerprint((images, labels))}}
+            run = RunFolder(run_dir, config, model, _PairedOptimizers(model, opt_g, opt_d),
+                            None, gen, scaler, device, tensorboard)   # no scheduler: constant learning rates
+            if not resume:
+                run.start()
+            else:
+                state = run.resume()
+                if state.finished:
+                    return state.result
+                start, smooth = state.step, dict(state.extra["smooth"])
+        elif resume:
+            raise ValueError("resume=True needs the run_dir of the run to resume")
         _steps(model, images, labels, cfg, opt_g, opt_d, gen, smooth, start, run, progress, device, precision, scaler)
         model.eval()
         result = {**smooth, "steps": float(cfg.steps)}
         if run is not None:
-            run.checkpoint(cfg.steps, smooth, result)
+            _save(run, cfg.steps, smooth, result)
         return result
     finally:
         model.to(home)   # back where it was (the CPU): judging, the checkpoint and export see it there
@@ -247,7 +245,7 @@ def train(model: GAN, images: torch.Tensor, labels: torch.Tensor, cfg: GANTrainC
 
 def _steps(model: GAN, images: torch.Tensor, labels: torch.Tensor, cfg: GANTrainConfig,
            opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, gen: torch.Generator,
-           smooth: dict[str, float], start: int, run: _Run | None, progress: bool,
+           smooth: dict[str, float], start: int, run: RunFolder | None, progress: bool,
            device: torch.device = torch.device("cpu"), precision: str = "fp32",
            scaler: torch.amp.GradScaler | None = None) -> None:
     """Steps `start`..cfg.steps-1 in place (`smooth` updated: the EMA of each loss). Batches and z are
@@ -296,83 +294,32 @@ def _steps(model: GAN, images: torch.Tensor, labels: torch.Tensor, cfg: GANTrain
         if run is not None:
             run.log(step=step + 1, **raw)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                run.checkpoint(step + 1, smooth)   # the last step's state is the final checkpoint
+                _save(run, step + 1, smooth)   # the last step's state is the final checkpoint
 
 
-class _Run:
-    """The GAN's run folder (training/run_state.py's files, as loop._Run writes them for one
-    optimiser). Both Adam states travel as one optimizer state dict: the generator's parameters
-    are indices 0..n_g-1 (param group 0), the discriminator's n_g.. (group 1), the order of
-    model.named_parameters(). The position is `step` (no epochs: batches are drawn with
-    replacement from `gen`, whose state at the checkpoint is `shuffle_state`); the smoothed losses
-    go in `extra`."""
+def _save(run: RunFolder, step: int, smooth: dict[str, float], result: dict[str, Any] | None = None) -> None:
+    """A run-state checkpoint after `step` steps; `result` marks the run finished. The position is
+    the step alone (no epochs: batches are drawn with replacement from the data and noise generator,
+    saved as it stands), there is no early stopping, and the smoothed losses go in `extra`."""
+    run.save(step=step, last_loss=smooth["loss_g"], extra={"smooth": dict(smooth)}, result=result)
 
-    def __init__(self, run_dir: str | os.PathLike, config: dict[str, Any], model: GAN,
-                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, gen: torch.Generator,
-                 scaler: torch.amp.GradScaler | None = None, device: torch.device = torch.device("cpu"),
-                 tensorboard: bool = False):
-        self.run_dir, self.config = Path(run_dir), json_ready(config)
-        self.model, self.opt_g, self.opt_d, self.gen = model, opt_g, opt_d, gen
-        self.scaler, self.device = scaler, device
-        self.tensorboard_dir = self.run_dir / TENSORBOARD if tensorboard else None
-        self.param_names = [name for name, _ in model.named_parameters()]
+
+class _PairedOptimizers:
+    """The generator's and the discriminator's optimisers as the one optimizer state dict a run-state
+    checkpoint holds: the generator's parameters are indices 0..n_g-1 (param group 0), the
+    discriminator's n_g.. (group 1), the order of model.named_parameters()."""
+
+    def __init__(self, model: GAN, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer):
+        self.opt_g, self.opt_d = opt_g, opt_d
         self.n_g = len(list(model.generator.parameters()))
-        self.metrics: MetricsLog | None = None
-        self.seq = 0
 
-    def start(self) -> None:
-        if RunState.exists(self.run_dir):
-            raise RunStateError(f"{self.run_dir} already holds a run (run_state.json): resume it, "
-                                "or start the run in a new folder")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        clean_temporaries(self.run_dir)
-        self.metrics = MetricsLog(self.run_dir, tensorboard_dir=self.tensorboard_dir)
+    def state_dict(self) -> dict[str, Any]:
+        return merge_optimizers(self.opt_g.state_dict(), self.opt_d.state_dict(), self.n_g)
 
-    def resume(self) -> RunState:
-        """Load the last checkpoint into the model, both optimisers, the scaler and the RNGs."""
-        state = RunState.load(self.run_dir)
-        state.config.setdefault("precision", "fp32")   # a run recorded before precision was configurable
-        state.check_config(self.config, self.run_dir)
-        state.check_parameters(self.model)
-        clean_temporaries(self.run_dir)
-        self.metrics = MetricsLog(self.run_dir, keep_bytes=state.metrics_offset, tensorboard_dir=self.tensorboard_dir)
-        self.seq = state.seq
-        self.model.load_state_dict(state.model)   # the saved CPU tensors are copied onto the model's device
-        if state.finished:
-            self.model.eval()
-            return state
-        g_state, d_state = split_optimizers(state.optimizer, self.n_g)
-        self.opt_g.load_state_dict(g_state)   # casts the moments onto each parameter's device
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        g_state, d_state = split_optimizers(state, self.n_g)
+        self.opt_g.load_state_dict(g_state)
         self.opt_d.load_state_dict(d_state)
-        if self.scaler is not None and state.scaler is not None:
-            self.scaler.load_state_dict(state.scaler)
-        self.gen.set_state(state.shuffle_state)
-        torch.set_rng_state(state.torch_rng_state)
-        if self.device.type == "cuda" and state.cuda_rng_state is not None:
-            torch.cuda.set_rng_state(state.cuda_rng_state, self.device)
-        return state
-
-    def log(self, **record: Any) -> None:
-        self.metrics.write(**record)
-
-    def checkpoint(self, step: int, smooth: dict[str, float], result: dict[str, Any] | None = None) -> None:
-        """Save the run after `step` steps; `result` marks it finished."""
-        state = RunState(
-            config=self.config, model=self.model.state_dict(),
-            optimizer=merge_optimizers(self.opt_g.state_dict(), self.opt_d.state_dict(), self.n_g),
-            scheduler={}, param_names=self.param_names, epoch=0, batches_done=step, step=step,
-            shuffle_state=self.gen.get_state(), torch_rng_state=torch.get_rng_state(),
-            cuda_rng_state=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            scaler=self.scaler.state_dict() if self.scaler is not None else None,
-            best_loss=math.inf, best_weights=None, bad_epochs=0, last_loss=smooth["loss_g"],
-            metrics_offset=self.metrics.commit(), finished=result is not None, result=result, seq=self.seq,
-            extra={"smooth": dict(smooth)})
-        state.save(self.run_dir)
-        self.seq = state.seq
-
-    def close(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
 
 
 def merge_optimizers(g: dict[str, Any], d: dict[str, Any], n_g: int) -> dict[str, Any]:
