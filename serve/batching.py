@@ -6,8 +6,11 @@ load: a lone request after a batch of one runs at once), concatenates the inputs
 runs the batch on one of the engine's execution instances (Triton's instance_group count: threads
 that run batches side by side on one runtime; ONNX Runtime and torch release the GIL and take
 concurrent runs) and scatters the output rows back. While every instance is busy, arriving requests
-grow the next batch; when one is free, the next batch is cut (by count or delay) and starts on it
-while the others still compute.
+grow the next batch; when one is free, the next batch starts on it while the others still compute
+once it holds as many rows as the smallest batch running (or is full); a smaller one, its delay
+past, waits until they finish (or it grows). What to do next is one
+pure decision (`time_to_cut`) over the queue and the instances, taken again whenever one of them
+changes: a request queued, a batch finished, close, new limits, or the delay window's end.
 
 Refusals never touch the model: a full queue raises `QueueFull` (HTTP 429 with Retry-After),
 a request whose deadline passed before its batch started raises `DeadlineExceeded` (504), and
@@ -17,6 +20,7 @@ a batcher that is closing raises `Closed` (503). A failing batch fails only its 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +49,31 @@ def _shapes(item: _Pending) -> tuple:
     """What must be equal for requests to share a batch: each input's name, dims past the batch
     axis and dtype."""
     return tuple((name, a.shape[1:], a.dtype) for name, a in item.inputs.items())
+
+
+def time_to_cut(requests: int, rows: int, oldest_wait_s: float, busy: int, instances: int,
+                max_batch_size: int, delay_s: float, last_batch_requests: int, closing: bool,
+                smallest_running_rows: int) -> float:
+    """The collector's one decision: seconds until it cuts the next batch. 0: now; T > 0: the delay
+    window holds T more; inf: nothing may start until something changes. It is taken from the state
+    alone (`requests` and `rows` queued, the oldest's wait, `busy` instances of `instances`, the
+    previous cut's request count, the rows of the smallest batch running), so the collector simply
+    takes it again at every change."""
+    if requests == 0 or busy >= instances:
+        return math.inf       # nothing to cut, or no instance to run it on: until a submit or a finished batch
+    if requests == 1 and last_batch_requests <= 1:
+        return 0.0            # no load: a window would only add latency (it opens again once batches form)
+    if closing or rows >= max_batch_size:
+        return 0.0            # draining skips the window; a full batch has nothing to wait for
+    if oldest_wait_s < delay_s:
+        return delay_s - oldest_wait_s
+    # A further instance takes a batch at least as large as the smallest one running (or a full
+    # one); a smaller one waits. Cutting whatever had queued after the window (6-8 rows beside a
+    # running 32) only took the cores and the GIL from the event loop (bench/overload.py's CNN:
+    # goodput under overload 1,392 -> 993 req/s); waiting for a full batch left the second core idle
+    # below 2 x max_batch_size clients (32 clients: two batches of 16 could alternate, one ran).
+    # Batches as large as the running one keep the instances balanced at every load.
+    return 0.0 if not busy or rows >= min(smallest_running_rows, max_batch_size) else math.inf
 
 
 @dataclass
@@ -87,6 +116,7 @@ class DynamicBatcher:
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
         self.max_queue_wait_s = None if max_queue_wait_ms is None else max_queue_wait_ms / 1000.0
+        self._wakeup.set()      # the collector decides again with the new limits (this runs on the loop)
 
     def __init__(self, run_batch: RunBatch, max_batch_size: int, max_queue_delay_ms: float,
                  max_queue_size: int, on_batch: Callable[[BatchRecord], None] | None = None,
@@ -96,14 +126,14 @@ class DynamicBatcher:
             raise ValueError(f"instances must be 1 or more, not {instances}")
         self.run_batch = run_batch
         self.instances = instances
+        # The collector's one wake-up: set by whatever can change its decision (time_to_cut): a
+        # request to an empty queue or one that fills a batch (submit), a finished batch, close,
+        # new limits, the end of a delay window (a timer). The collector clears it before it reads
+        # the state, so a change after that read is never lost; a spare set costs one decision.
+        self._wakeup = asyncio.Event()
         self.reconfigure(max_batch_size, max_queue_delay_ms, max_queue_size, max_queue_wait_ms)
         self.on_batch = on_batch
         self._queue: deque[_Pending] = deque()
-        # the collector sleeps on this future: woken by any submit when idle, by a full batch
-        # (or closing) while it holds a batch window open
-        self._waiter: asyncio.Future | None = None
-        self._wake_on_any = True
-        self._waiting_for_full = False     # the collector waits for a full batch while others run
         # batches that run faster than this (running mean) execute on the event loop itself:
         # the hop to the thread and back costs more CPU than such a model (bench/classify.py)
         self.inline_below_s = inline_below_ms / 1000.0
@@ -111,11 +141,9 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._in_flight = 0                # requests taken off the queue and not yet answered
-        self._executing: set[asyncio.Task] = set()   # batches running on instances (instances > 1)
-        # the collector sleeps on this while every instance is busy; a finishing batch wakes it
-        self._instance_freed: asyncio.Future | None = None
+        self._executing: dict[asyncio.Task, int] = {}   # batches running on instances (instances > 1) -> rows
         self._rows_queued = 0              # sum of rows in the queue
-        self._last_batch_requests = 0      # requests in the previous batch (1 = no load to batch)
+        self._last_batch_requests = 0      # requests in the previous batch cut (1 = no load to batch)
         self._mean_batch_s = 0.001         # running mean of batch compute time (Retry-After, inline choice)
         self._mean_batch_rows = 1.0        # running mean of rows per executed batch (the drain rate)
         # running mean of the time from one batch's start to the next's while the queue never ran
@@ -192,34 +220,34 @@ class DynamicBatcher:
         if self._queue and len(self._queue) + len(parts) > self.max_queue_size:
             raise QueueFull(retry_after_s=self.expected_wait_s())
         loop, now, futures = asyncio.get_running_loop(), time.perf_counter(), []
+        was_empty, rows_before = not self._queue, self._rows_queued
         for inputs, rows in parts:
             futures.append(loop.create_future())
             self._queue.append(_Pending(inputs, rows, futures[-1], now, deadline))
             self._rows_queued += rows
-        if self._wake_on_any or self._rows_queued >= self.max_batch_size:
-            self._wake()
+        # only a change that can turn the decision wakes the collector: a first request, or the rows
+        # reaching a full batch or a running batch's size (waking it for every request of a flood
+        # would cost a loop turn each)
+        threshold = min(self.max_batch_size, self._smallest_running_rows() or self.max_batch_size)
+        if was_empty or rows_before < threshold <= self._rows_queued:
+            self._wakeup.set()
         return futures
 
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def _sleep(self, timeout: float | None, wake_on_any: bool) -> None:
-        """Sleep until woken (see `_waiter`) or `timeout` seconds pass."""
-        loop = asyncio.get_running_loop()
-        self._waiter, self._wake_on_any = loop.create_future(), wake_on_any
-        timer = loop.call_later(timeout, self._wake) if timeout is not None else None
+    async def _sleep(self, timeout: float) -> None:
+        """Sleep until `_wakeup` is set or `timeout` seconds (inf: no limit) pass."""
+        timer = None
+        if timeout != math.inf:
+            timer = asyncio.get_running_loop().call_later(timeout, self._wakeup.set)
         try:
-            await self._waiter
+            await self._wakeup.wait()
         finally:
             if timer is not None:
                 timer.cancel()
-            self._waiter, self._wake_on_any = None, False
 
     async def close(self, drain_timeout_s: float = 30.0) -> None:
         """Refuse new requests, let queued and running ones finish (up to the timeout), then stop."""
         self._closing = True
-        self._wake()
+        self._wakeup.set()
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
@@ -234,60 +262,40 @@ class DynamicBatcher:
 
     async def _collect_forever(self) -> None:
         while True:
-            if not self._queue:
-                if self._closing:
-                    if self._executing:
-                        await asyncio.gather(*self._executing)
-                    return
-                await self._sleep(None, wake_on_any=True)
+            # cleared before the state is read: any change from here on sets it again, and one
+            # already set (a request queued during an inline batch) is in what is read now
+            self._wakeup.clear()
+            if not self._queue and self._closing:
+                if self._executing:
+                    await asyncio.gather(*self._executing)
+                return
+            oldest_wait = time.perf_counter() - self._queue[0].enqueued if self._queue else 0.0
+            wait = time_to_cut(len(self._queue), self._rows_queued, oldest_wait, len(self._executing),
+                               self.instances, self.max_batch_size, self.max_queue_delay_s,
+                               self._last_batch_requests, self._closing, self._smallest_running_rows())
+            if wait > 0:
+                await self._sleep(wait)
                 continue
-            if len(self._executing) >= self.instances:
-                await self._wait_for_instance()
-                continue
-            await self._wait_for_batch()
             batch = self._take_batch()
             if not batch:
                 continue
+            # set at the cut, not when the batch starts on its instance (a task's first turn comes
+            # after the next decision), so that decision sees this batch
+            self._last_batch_requests = len(batch)
             if self.instances == 1:
                 await self._execute(batch)
             else:
                 task = asyncio.get_running_loop().create_task(self._execute(batch))
-                self._executing.add(task)
+                self._executing[task] = sum(item.rows for item in batch)
                 task.add_done_callback(self._instance_done)
 
-    async def _wait_for_instance(self) -> None:
-        """Every instance is busy: sleep until a batch finishes (requests keep queueing meanwhile)."""
-        self._instance_freed = asyncio.get_running_loop().create_future()
-        try:
-            await self._instance_freed
-        finally:
-            self._instance_freed = None
+    def _smallest_running_rows(self) -> int:
+        """Rows of the smallest batch now running on an instance; 0 when none runs."""
+        return min(self._executing.values(), default=0)
 
     def _instance_done(self, task: asyncio.Task) -> None:
-        self._executing.discard(task)
-        if self._waiting_for_full:      # a finished batch ends the wait for a full one
-            self._wake()
-        if self._instance_freed is not None and not self._instance_freed.done():
-            self._instance_freed.set_result(None)
-
-    async def _wait_for_batch(self) -> None:
-        """Wait until a full batch is queued or the oldest request has waited the delay."""
-        if self._last_batch_requests <= 1 and len(self._queue) == 1:
-            return      # no load: a window would only add latency (it opens again once batches form)
-        remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.perf_counter()
-        if remaining > 0 and not self._closing and self._rows_queued < self.max_batch_size:
-            await self._sleep(remaining, wake_on_any=False)
-        # A further instance takes only a full batch; a partial one waits for a running batch to
-        # finish. Where the event loop, not the model, bounds throughput (a cheap model, JSON
-        # tensors), a second instance cutting small batches only took the cores and the GIL from the
-        # loop (bench/overload.py's CNN: goodput under overload 1,392 -> 993 req/s); where the model
-        # bounds it, a full batch queues while one runs and the next instance takes it.
-        while self._executing and not self._closing and self._queue and self._rows_queued < self.max_batch_size:
-            self._waiting_for_full = True     # woken by a full batch queued (submit) or a batch done
-            try:
-                await self._sleep(None, wake_on_any=False)
-            finally:
-                self._waiting_for_full = False
+        self._executing.pop(task, None)
+        self._wakeup.set()      # an instance is free (and a partial batch may now go)
 
     def _take_batch(self) -> list[_Pending]:
         """Pop requests in arrival order while they fit and have the batch's non-batch shapes and
@@ -315,7 +323,6 @@ class DynamicBatcher:
         if self._last_start is not None:
             self._mean_cycle_s = 0.8 * self._mean_cycle_s + 0.2 * (started - self._last_start)
         self._last_start = started     # forgotten again if the queue runs empty by the batch's end
-        self._last_batch_requests = len(batch)
         self._in_flight += len(batch)
         names = batch[0].inputs.keys()
         if len(batch) == 1:

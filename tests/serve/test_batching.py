@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from serve.batching import Closed, DeadlineExceeded, DynamicBatcher, QueueFull
+import serve.batching
+from serve.batching import Closed, DeadlineExceeded, DynamicBatcher, QueueFull, time_to_cut
 
 
 class RecordingModel:
@@ -294,3 +296,79 @@ def test_a_flood_of_429s_logs_one_line_a_second_per_model_with_the_count_left_ou
     assert log.shed("b", now=100.2) == 0                       # another model has its own line
     assert log.shed("a", now=101.0) == 5                       # a second later: logged, with the 5 left out
     assert log.shed("a", now=101.5) is None
+
+
+# ---- the collector's decision -------------------------------------------------------------------
+
+def cut_in(requests=3, rows=3, waited=0.0, busy=0, instances=1, last=5, closing=False, running=None) -> float:
+    """time_to_cut with max_batch_size 8 and a 10 ms delay window; by default three one-row
+    requests just queued, under load (the previous batch had five), nothing running (and, when
+    `busy`, full batches of 8 running unless `running` says how many rows the smallest holds)."""
+    smallest = 0 if not busy else (8 if running is None else running)
+    return time_to_cut(requests, rows, waited, busy, instances, max_batch_size=8, delay_s=0.010,
+                       last_batch_requests=last, closing=closing, smallest_running_rows=smallest)
+
+
+def test_the_decision_waits_for_an_event_when_nothing_can_start():
+    assert cut_in(requests=0, rows=0) == math.inf                         # an empty queue: a submit
+    assert cut_in(requests=0, rows=0, closing=True) == math.inf
+    # every instance busy: a finished batch, whatever is queued (full, waited, lone, closing)
+    for kwargs in ({}, {"rows": 8}, {"waited": 1.0}, {"requests": 1, "rows": 1, "last": 1}, {"closing": True}):
+        assert cut_in(busy=1, **kwargs) == math.inf
+        assert cut_in(busy=3, instances=3, **kwargs) == math.inf
+
+
+def test_the_decision_cuts_at_once_without_load_when_full_or_closing():
+    assert cut_in(requests=1, rows=1, last=1) == 0.0          # a lone request after a batch of one
+    assert cut_in(requests=1, rows=1, last=0) == 0.0          # the first request of all
+    assert cut_in(requests=1, rows=1, last=1, busy=1, instances=2) == 0.0   # on a free instance too
+    assert cut_in(rows=8) == 0.0 and cut_in(rows=12) == 0.0   # a full batch (rows, not requests)
+    assert cut_in(rows=8, busy=1, instances=2) == 0.0         # a further instance takes a full batch
+    assert cut_in(closing=True) == 0.0                        # draining skips the window
+    assert cut_in(closing=True, busy=1, instances=2) == 0.0
+
+
+def test_the_decision_holds_the_delay_window_then_a_partial_batch_waits_for_the_others():
+    assert cut_in() == pytest.approx(0.010)                   # under load: the window opens
+    assert cut_in(requests=1, rows=1) == pytest.approx(0.010) # a lone request after a batch of five too
+    assert cut_in(waited=0.004) == pytest.approx(0.006)       # what is left of it
+    assert cut_in(waited=0.010) == 0.0                        # over: the partial batch goes
+    assert cut_in(waited=0.004, busy=1, instances=2) == pytest.approx(0.006)
+    # past the window a batch smaller than the smallest one running does not take a further
+    # instance: it waits for it to grow (to that size or full) or for the running ones to finish
+    assert cut_in(waited=0.020, busy=1, instances=2) == math.inf
+    assert cut_in(waited=0.020, busy=2, instances=4) == math.inf
+    assert cut_in(waited=0.020, busy=1, instances=2, running=4) == math.inf
+    # as large as the smallest running batch: it goes (two batches of 4 alternate on two instances)
+    assert cut_in(requests=4, rows=4, waited=0.020, busy=1, instances=2, running=4) == 0.0
+    assert cut_in(requests=5, rows=5, waited=0.020, busy=2, instances=3, running=5) == 0.0
+    assert cut_in(requests=4, rows=4, waited=0.004, busy=1, instances=2, running=4) == pytest.approx(0.006)
+    assert time_to_cut(3, 3, 0.0, 0, 1, 8, 0.0, 5, False, 0) == 0.0   # no window configured
+
+
+@pytest.mark.parametrize("arrival", ["to an empty queue", "filling the batch"])
+def test_a_request_queued_while_the_collector_decides_is_not_left_waiting(monkeypatch, arrival):
+    """The request arrives after the collector read the queue and before it sleeps (here: inside
+    the decision, on the decision's stale answer); its wake-up must not be lost."""
+    model = RecordingModel()
+    decide, arrived, late = time_to_cut, [], []
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch_size=4, max_queue_delay_ms=60_000, max_queue_size=10)
+        if arrival == "filling the batch":
+            batcher._last_batch_requests = 4        # under load, so three requests hold a window open
+            arrived.extend(batcher.submit_all([(rows(1), 1)] * 3))
+
+        def deciding(*args, **kwargs):
+            answer = decide(*args, **kwargs)        # inf, or the minute-long window
+            if answer > 0 and not late:             # once: the rows that make the batch full
+                late.extend(batcher.submit_all([(rows(4 - len(arrived)), 4 - len(arrived))]))
+            return answer
+
+        monkeypatch.setattr(serve.batching, "time_to_cut", deciding)
+        batcher.start()
+        await asyncio.sleep(0)                      # the collector runs and decides
+        await asyncio.wait_for(asyncio.gather(*arrived, *late), 2)     # not the window's minute
+        await batcher.close()
+    run(main())
+    assert model.batch_rows == [4]

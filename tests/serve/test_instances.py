@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from model_registry import InstanceGroup, Registry
+import serve.batching
 from serve.batching import DynamicBatcher
 from serve.instances import choose, usable_cores
 
@@ -95,6 +96,124 @@ def test_close_waits_for_the_batches_still_running_on_other_instances():
         return await asyncio.gather(*futures)
     results = asyncio.run(main())
     assert finished == [1, 1, 1] and len(results) == 3
+
+
+def test_the_collector_sleeps_while_nothing_may_start_and_a_partial_batch_waits_for_the_others(monkeypatch):
+    """Requests queued while every instance is busy, then a partial batch while another runs: the
+    collector takes no decision until something changes (no spinning), and the partial batch starts
+    only once the running batches are done (a further instance takes a batch as large as the
+    smallest one running, or a full one)."""
+    gate = threading.Semaphore(0)            # each release lets one running batch finish
+    started: list[int] = []
+
+    def gated(inputs):
+        started.append(len(inputs["x"]))
+        gate.acquire(timeout=5)
+        return {"y": inputs["x"] * 2}
+
+    decisions = []
+    decide = serve.batching.time_to_cut
+    monkeypatch.setattr(serve.batching, "time_to_cut", lambda *a, **k: decisions.append(a) or decide(*a, **k))
+
+    async def until(condition):
+        for _ in range(200):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    async def quiet_decisions() -> int:
+        """Decisions taken in 0.2 s while nothing changes (after the last change has settled)."""
+        await asyncio.sleep(0.05)
+        before = len(decisions)
+        await asyncio.sleep(0.2)
+        return len(decisions) - before
+
+    async def main():
+        batcher = DynamicBatcher(gated, max_batch_size=2, max_queue_delay_ms=0, max_queue_size=100, instances=2,
+                                 inline_below_ms=0)
+        batcher.start()
+        futures = [asyncio.ensure_future(batcher.submit(rows(1, i), 1)) for i in range(7)]
+        await until(lambda: started == [2, 2])          # both instances busy, three requests queued
+        assert batcher.queue_depth == 3
+        assert await quiet_decisions() == 0
+        gate.release()                                  # one finishes: the full batch of the three goes
+        await until(lambda: started == [2, 2, 2])
+        gate.release()                                  # another: one instance free, a lone request
+        await until(lambda: batcher.in_flight == 3)     # left after a batch of two
+        assert await quiet_decisions() == 0 and started == [2, 2, 2]   # it waits for the running batch
+        gate.release()
+        await until(lambda: started == [2, 2, 2, 1])
+        gate.release()
+        results = await asyncio.gather(*futures)
+        await batcher.close()
+        return results, len(decisions)
+    results, total = asyncio.run(main())
+    for i, out in enumerate(results):
+        np.testing.assert_array_equal(out["y"], np.full((1, 3), 2.0 * i))
+    assert total < 20                                   # a few per change, not a loop
+
+
+def test_a_request_left_over_after_a_full_cut_does_not_take_a_further_instance():
+    """After a batch of one, five requests arrive at once: four fill a batch, and the fifth is no
+    lone request (the batch just cut had four), so it waits for that batch rather than starting
+    on the free instance."""
+    gate = threading.Semaphore(0)
+    started: list[int] = []
+
+    def gated(inputs):
+        started.append(len(inputs["x"]))
+        gate.acquire(timeout=5)
+        return {"y": inputs["x"] * 2}
+
+    async def main():
+        batcher = DynamicBatcher(gated, max_batch_size=4, max_queue_delay_ms=0, max_queue_size=100, instances=2,
+                                 inline_below_ms=0)
+        batcher.start()
+        gate.release()
+        await batcher.submit(rows(1, 0.0), 1)             # a batch of one: no load
+        futures = [asyncio.ensure_future(batcher.submit(rows(1, i), 1)) for i in range(5)]
+        await asyncio.sleep(0.2)
+        running = list(started)
+        gate.release()
+        gate.release()
+        await asyncio.gather(*futures)
+        await batcher.close()
+        return running
+    assert asyncio.run(main()) == [1, 4]
+    assert started == [1, 4, 1]
+
+
+def test_a_batch_as_large_as_the_running_one_starts_beside_it():
+    """Fewer clients than two full batches (the closed loop of bench/instances.py at 32 clients,
+    max_batch_size 32): a batch of three runs, three more queue, and they start on the second
+    instance at once, without waiting for a full batch or for the first to finish."""
+    gate = threading.Semaphore(0)
+    started: list[int] = []
+
+    def gated(inputs):
+        started.append(len(inputs["x"]))
+        gate.acquire(timeout=5)
+        return {"y": inputs["x"] * 2}
+
+    async def main():
+        batcher = DynamicBatcher(gated, max_batch_size=8, max_queue_delay_ms=0, max_queue_size=100, instances=2,
+                                 inline_below_ms=0)
+        batcher.start()
+        first = [asyncio.ensure_future(batcher.submit(rows(1, i), 1)) for i in range(3)]
+        await asyncio.sleep(0.1)
+        second = [asyncio.ensure_future(batcher.submit(rows(1, i), 1)) for i in range(2)]
+        await asyncio.sleep(0.1)
+        two_queued = list(started)                     # two rows queued beside a running three: they wait
+        second.append(asyncio.ensure_future(batcher.submit(rows(1, 2), 1)))
+        await asyncio.sleep(0.1)
+        three_queued = list(started)
+        for _ in range(2):
+            gate.release()
+        await asyncio.gather(*first, *second)
+        await batcher.close()
+        return two_queued, three_queued
+    assert asyncio.run(main()) == ([3], [3, 3])
 
 
 def test_expected_wait_counts_the_instances():
