@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from scipy import stats
+
+# scipy.stats is imported where a test runs, not here: importing it cost every server start 1-2 s
 
 from model_registry.routing import Rollout
 
@@ -115,6 +116,7 @@ def error_rate_p_value(stable: ArmWindow, canary: ArmWindow) -> float:
     """One-sided Fisher exact p-value of 'the canary's error odds are greater than stable's'."""
     table = [[round(canary.errors), round(canary.requests - canary.errors)],
              [round(stable.errors), round(stable.requests - stable.errors)]]
+    from scipy import stats
     return float(stats.fisher_exact(table, alternative="greater").pvalue)
 
 
@@ -178,6 +180,7 @@ def latency_p_value(stable: Mapping[float, float], canary: Mapping[float, float]
         return math.nan
     if np.ptp(np.concatenate([stable_obs, canary_obs])) == 0:
         return 1.0                                  # every request in one bucket: no evidence of a shift
+    from scipy import stats
     result = stats.mannwhitneyu(canary_obs, stable_obs, alternative="greater", method="asymptotic")
     return float(result.pvalue)
 
@@ -199,6 +202,7 @@ def check_agreement(canary: ArmWindow, floor: float, alpha: float) -> Check:
     text = f"shadow agreement {_pct(rate)} ({agree}/{total}, floor {_pct(floor)})"
     if rate >= floor:
         return Check(False, text)
+    from scipy import stats
     p = float(stats.binomtest(agree, total, floor, alternative="less").pvalue)
     if math.isnan(p):
         return Check(True, text + ", binomial p is NaN")

@@ -42,17 +42,23 @@ def token_registry(tmp_path_factory, demo_registry) -> Path:
     from training import export
     from training.lm import train_token_family
 
+    from training.models import mamba
+
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("tokens")
     registry = Registry(work / "registry")
+    # mamba-tiny with 2 layers, not the preset's 4: its ONNX export (torch.export tracing a cond per
+    # layer) is ~17 s a layer, and two layers exercise the same per-layer states and prefill segments
+    two_layer_mamba = mamba.Config(**{**mamba.PRESETS["tiny"], "n_layer": 2}, vocab_size=2048, block_size=128)
     # decoder-tiny trains long enough (~25 s) to beat the unigram baseline clearly; the MoE only runs;
     # the character LSTM tokenizes bytes without merges (vocab 260)
-    for name, family, preset, steps, vocab in (("decoder-tiny", "decoder", "tiny", 150, 2048),
-                                               ("decoder-moe-tiny", "decoder", "tiny-moe", 30, 2048),
-                                               ("mamba-tiny", "mamba", "tiny", 40, 2048),
-                                               ("lstm-charlm", "rnn_lm", "tiny", 30, 260)):
+    for name, family, preset, steps, vocab, model_config in (
+            ("decoder-tiny", "decoder", "tiny", 150, 2048, None),
+            ("decoder-moe-tiny", "decoder", "tiny-moe", 30, 2048, None),
+            ("mamba-tiny", "mamba", "tiny", 40, 2048, two_layer_mamba),
+            ("lstm-charlm", "rnn_lm", "tiny", 30, 260, None)):
         train_token_family(family, preset, work / name / "checkpoint", steps=steps, progress=False, block_size=128,
-                           vocab_size=vocab)
+                           vocab_size=vocab, model_config=model_config)
         export.package(work / name / "checkpoint", work / name / "package")
         registry.set_alias(name, "stable", registry.publish(name, work / name / "package"))
     registry.publish("mlp-digits", demo_registry / "mlp-digits" / "1")
