@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -17,6 +18,11 @@ FLAGS = {"host": "--host", "port": "--port", "grpc_port": "--grpc-port", "device
          "execution_instances": "--instances",
          "admin_token": "--admin-token", "log_level": "--log-level", "log_format": "--log-format",
          "access_log": "--access-log", "allow_empty": "--allow-empty"}
+
+
+# the HTTP front ends of `serve`: our own thin ASGI layer, or LitServe's process layout over the
+# same app (serve/api/litserve_frontend.py)
+FRONTENDS = ("native", "litserve")
 
 
 def _dest(flag: str) -> str:
@@ -33,7 +39,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     from model_registry.cli import resolve_root
     from serve import logs
-    from serve.app import create_app
     from serve.settings import ServeSettings
 
     given = {name: getattr(args, _dest(flag)) for name, flag in given_flags(args).items()}
@@ -42,9 +47,25 @@ def _serve(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"zooserve serve: {refusal}", file=sys.stderr)
         return 2
+    frontend = args.frontend or os.environ.get("ZOOSERVE_FRONTEND") or "native"
+    if frontend not in FRONTENDS:
+        print(f"zooserve serve: ZOOSERVE_FRONTEND={frontend!r} is not valid: expected one of "
+              f"{', '.join(FRONTENDS)}", file=sys.stderr)
+        return 2
+    if frontend == "litserve":          # imported only when chosen: litserve pulls in its own stack
+        from serve.api import litserve_frontend
+
+        refusal = litserve_frontend.refusal(settings, given_flags(args))
+        if refusal is not None:
+            print(f"zooserve serve: --frontend litserve: {refusal}", file=sys.stderr)
+            return 2
     logs.configure(settings.log_level, settings.log_format)
     if not settings.allow_empty:
         warn_if_empty(settings.registry)
+    if frontend == "litserve":
+        return litserve_frontend.serve(settings)
+    from serve.app import create_app    # here: LitServe's processes fork from this one and need none of it
+
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
                             access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
                             log_level=settings.log_level)
@@ -148,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", metavar="PORT", type=int, default=None,
                    help="also serve KServe v2 over gRPC (Triton's GRPCInferenceService; the stock "
                         "tritonclient.grpc works) on this port (default 0: no gRPC)")
+    p.add_argument("--frontend", choices=FRONTENDS, default=None,
+                   help="the HTTP front end: native, our own ASGI layer (the fastest; every option), or "
+                        "litserve, the same app and engines behind LitServe's API server and inference worker "
+                        "processes (for a LitServe deployment; no gRPC, a port from 1024, host 0.0.0.0, "
+                        "127.0.0.1 or ::) (default native; ZOOSERVE_FRONTEND)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="where models run (default auto: CUDA when present, else CPU; cuda refuses a version "
                         "whose runtime cannot run on the GPU)")
