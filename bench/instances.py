@@ -165,15 +165,36 @@ def report(ceil: dict[str, float], cores: int, runs: dict[str, dict[str, list[Le
     print(f"Ceiling at batch {BATCH}, in process: one thread {ceil['one_thread']:,.0f} img/s; {cores} one-thread "
           f"callers of one session {ceil['instances']:,.0f}; one session with {cores} intra-op threads "
           f"{ceil['intra_op']:,.0f}; ceiling {ceil['ceiling']:,.0f}")
+    # CPU-ms of model work per image: one thread's rate (a busy machine lowers the all-cores
+    # ceiling, not what one core does)
+    model_ms = 1000 / ceil["one_thread"]
     print("| server | body | concurrency | req/s | share of ceiling | p50 ms | p99 ms | server CPU ms/req | "
-          "mean batch | non-200 |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "of which not the model | client CPU ms/req | mean batch | non-200 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for setting, by_encoding in runs.items():
         for encoding, levels in by_encoding.items():
             for r in levels:
                 print(f"| {setting} | {encoding} | {r.concurrency} | {r.throughput_rps:,.0f} | "
                       f"{r.throughput_rps / ceil['ceiling']:.2f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
-                      f"{r.server_cpu_ms_per_req:.3f} | {(r.mean_batch or 0):.2f} | {r.non_200} |")
+                      f"{r.server_cpu_ms_per_req:.3f} | {r.server_cpu_ms_per_req - model_ms:.3f} | "
+                      f"{r.client_cpu_ms_per_req:.3f} | {(r.mean_batch or 0):.2f} | {r.non_200} |")
+    print()
+    # The load generator shares the cores: with a server that cost nothing beyond the model, the
+    # machine still could not pass cores / (model + client CPU per request); and a target share T
+    # leaves the server cores / (T x ceiling) - model - client of CPU per request for all the rest
+    # (HTTP, decoding, batching, answering).
+    print(f"Model work {model_ms:.3f} CPU-ms an image (one thread). With the load generator on the same {cores} cores:")
+    for encoding, target in (("json", JSON_TARGET), ("binary", BINARY_TARGET)):
+        busiest = [r for by in runs.values() for r in by.get(encoding, []) if r.concurrency >= 32]
+        if not busiest:
+            continue
+        client_ms = min(r.client_cpu_ms_per_req for r in busiest)
+        overhead = min(r.server_cpu_ms_per_req for r in busiest) - model_ms
+        bound = min(1.0, cores * 1000 / (model_ms + client_ms) / ceil["ceiling"])
+        budget = cores * 1000 / (target * ceil["ceiling"]) - model_ms - client_ms
+        print(f"  {encoding}: a server costing nothing beyond the model reaches at most {bound:.2f}x the ceiling "
+              f"(client {client_ms:.3f} ms/req); {target:.2f}x leaves the server {budget:.3f} ms/req beyond the model, "
+              f"measured {overhead:.3f}")
     print()
     base, new = runs["instances 1"], runs["one per core"]
     missed = []
