@@ -113,6 +113,10 @@ def _batch(args: argparse.Namespace) -> int:
     from serve.batch import BatchError, parse_range, run
     from serve.settings import ServeSettings
 
+    if (args.shards is None) != (args.ray is None):
+        print("zooserve batch: --ray ADDRESS and --shards N go together (the cluster, and how many ranges to cut "
+              "the input into); without them the job runs in this process", file=sys.stderr)
+        return 2
     overrides = {k: v for k, v in {
         "registry": resolve_root(args.registry), "device": args.device, "intra_op_threads": args.threads,
         "log_level": args.log_level,
@@ -120,14 +124,22 @@ def _batch(args: argparse.Namespace) -> int:
     settings = ServeSettings(**overrides)
     logs.configure(settings.log_level, settings.log_format)
     try:
-        summary = run(settings, Path(args.input), Path(args.output), parse_range(args.lines), args.window,
-                      args.created, progress=not args.no_progress)
+        if args.ray is not None:
+            from serve.batch_ray import run_on_ray
+
+            summary = run_on_ray(settings, Path(args.input), Path(args.output), args.ray, args.shards,
+                                 parse_range(args.lines), args.window, args.created, progress=not args.no_progress)
+        else:
+            summary = run(settings, Path(args.input), Path(args.output), parse_range(args.lines), args.window,
+                          args.created, progress=not args.no_progress)
     except BatchError as exc:
         print(f"zooserve batch: {exc}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(summary.statuses.items(), key=lambda kv: str(kv[0])))
+    shards = f"; {summary.shards_line()}" if args.ray is not None else ""
     print(f"zooserve batch: {summary.records} records in {args.output} ({summary.resumed} from an earlier run; "
-          f"{counts or 'none'}); start-up {summary.startup_s:.1f} s, run {summary.run_s:.1f} s", file=sys.stderr)
+          f"{counts or 'none'}){shards}; start-up {summary.startup_s:.1f} s, run {summary.run_s:.1f} s",
+          file=sys.stderr)
     return 0
 
 
@@ -207,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Other settings come from ZOOSERVE_* variables (e.g. ZOOSERVE_LOG_FORMAT), as for "
                     "`zooserve serve`. Examples:\n"
                     "  zooserve batch -i requests.jsonl -o results.jsonl\n"
-                    "  zooserve batch -i requests.jsonl -o part-0.jsonl --lines 0:1000   # one shard")
+                    "  zooserve batch -i requests.jsonl -o part-0.jsonl --lines 0:1000   # one shard\n"
+                    "  zooserve batch -i requests.jsonl -o results.jsonl --ray auto --shards 64   # on a Ray cluster")
     p.add_argument("--registry", metavar="DIR", default=None, help=REGISTRY_HELP)
     p.add_argument("-i", "--input", metavar="FILE", required=True,
                    help='input JSONL, one request a line: {"custom_id": "...", "method": "POST", "url": '
@@ -231,6 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
                    help="log level (default info)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: one on stderr)")
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="run the job on the Ray cluster at ADDRESS (the head's HOST:PORT, or auto: $RAY_ADDRESS, "
+                        "else the cluster started last on this machine), with --shards; every node must see the "
+                        "registry, the input and the output's folder at the same paths (a shared volume). Parts "
+                        "go to OUTPUT.parts/ and are merged into OUTPUT, the bytes a run without --ray writes "
+                        "(default: this process)")
+    p.add_argument("--shards", metavar="N", type=int, default=None,
+                   help="with --ray, and needed by it: cut the lines (or --lines' range) into N ranges, one Ray "
+                        "task each, taking --threads CPUs (and a GPU with --device cuda); more shards than lines "
+                        "make one a line. A rerun skips finished shards and resumes a partial one")
     p.set_defaults(func=_batch)
     return parser
 
