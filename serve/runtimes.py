@@ -161,3 +161,102 @@ def open_runtime(version_dir: Path, fmt: str, artifact: str, input_names: list[s
     if fmt == "torchscript":
         return TorchScriptRuntime(path, input_names, output_names, threads, device)
     raise ValueError(f"no runtime for format {fmt!r}")
+
+
+# ---- classify batches through pinned host buffers (issue 18) ----------------------------------
+
+class StagingBuffers:
+    """Reusable host buffers, one per key: a batch is written into the first rows of its key's
+    buffer, which is replaced only when a batch needs more rows (the new one holds the next power
+    of two, so a load that grows reallocates a few times, then never) or another dtype or row
+    shape. Pinned (page-locked) when `pin`, so that copies to and from a CUDA device can be
+    asynchronous; pinning needs CUDA, so a CPU runtime keeps `pin` False."""
+
+    def __init__(self, pin: bool):
+        import torch
+
+        self._torch = torch
+        self.pin = pin
+        self.allocations = 0                  # buffers allocated so far (the reuse is tested by it)
+        self._buffers: dict = {}
+
+    @staticmethod
+    def capacity(rows: int, current: int = 0) -> int:
+        """Rows for a new buffer that must hold `rows`: the next power of two, at least twice `current`."""
+        return max(1 << max(rows - 1, 0).bit_length(), 2 * current, 1)
+
+    def rows(self, key) -> int:
+        """Rows the key's buffer holds now (0: none yet)."""
+        buf = self._buffers.get(key)
+        return 0 if buf is None else buf.shape[0]
+
+    def host(self, key, shape: tuple[int, ...], dtype) -> "torch.Tensor":
+        """The first shape[0] rows of the key's buffer (grown or replaced as needed), a torch dtype."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.dtype != dtype or tuple(buf.shape[1:]) != tuple(shape[1:]) or buf.shape[0] < shape[0]:
+            same_kind = buf is not None and buf.dtype == dtype and tuple(buf.shape[1:]) == tuple(shape[1:])
+            rows = self.capacity(shape[0], buf.shape[0] if same_kind else 0)
+            buf = self._torch.empty((rows, *shape[1:]), dtype=dtype, pin_memory=self.pin)
+            self._buffers[key] = buf
+            self.allocations += 1
+        return buf[:shape[0]]
+
+    def stage(self, key, array: np.ndarray) -> "torch.Tensor":
+        """`array` copied into the key's buffer; the host tensor over those rows."""
+        if array.ndim == 0:                        # not a batch: nothing to reuse
+            return self._torch.from_numpy(array.copy())
+        dtype = self._torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
+        host = self.host(key, array.shape, dtype)
+        np.copyto(host.numpy(), array, casting="no")
+        return host
+
+
+class PinnedTorchRuntime:
+    """A TorchScript runtime whose batches cross to the device and back through reusable pinned
+    host buffers with non-blocking copies (the classify path on CUDA): numpy batch -> the pinned
+    input buffer -> `to(device, non_blocking=True)` -> the module -> `copy_(non_blocking=True)` into
+    a pinned output buffer -> one stream synchronize -> numpy (a copy: the buffer is reused by the
+    next batch). Buffers are per calling thread, since execution instances run batches side by
+    side on one runtime. On the CPU (pin False) the copies are no-ops and the logic is the same."""
+
+    def __init__(self, inner: "TorchScriptRuntime", pin: bool | None = None):
+        import threading
+
+        self.inner, self._torch = inner, inner._torch
+        self.format, self.device = inner.format, inner.device
+        self.input_names, self.output_names = inner.input_names, inner.output_names
+        self.pin = (inner.device == "cuda") if pin is None else pin
+        if self.pin and not self._torch.cuda.is_available():
+            raise RuntimeError("pinned host buffers need CUDA")
+        self._local = threading.local()
+
+    @property
+    def module(self):
+        return self.inner.module
+
+    def buffers(self) -> StagingBuffers:
+        """The calling thread's staging buffers."""
+        staging = getattr(self._local, "staging", None)
+        if staging is None:
+            staging = self._local.staging = StagingBuffers(self.pin)
+        return staging
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch, staging = self._torch, self.buffers()
+        args = [staging.stage(("in", n), np.asarray(inputs[n])).to(self.device, non_blocking=True)
+                for n in self.input_names]
+        with torch.inference_mode():
+            outs = self.inner.module(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        hosts = [staging.host(("out", n), tuple(o.shape), o.dtype).copy_(o, non_blocking=True)
+                 for n, o in zip(self.output_names, outs)]
+        if self.device == "cuda":
+            torch.cuda.current_stream().synchronize()     # the outputs are in the host buffers
+        return {n: h.numpy().copy() for n, h in zip(self.output_names, hosts)}
+
+
+def with_pinned_buffers(runtime: Runtime) -> Runtime:
+    """`runtime` behind PinnedTorchRuntime where it is TorchScript on CUDA; otherwise as it is."""
+    if isinstance(runtime, TorchScriptRuntime) and runtime.device == "cuda":
+        return PinnedTorchRuntime(runtime)
+    return runtime

@@ -13,6 +13,11 @@ requests join between steps; finished ones leave between steps. The loop runs on
 own thread (ONNX Runtime releases the GIL); requests arrive through a thread-safe inbox and
 their results go back to the asyncio loop with call_soon_threadsafe.
 
+Where the loop runs (`engine.loop`): `HostLoop`, the CPU loop above over any runtime (its
+denoiser call goes through numpy), or `serve.engines.denoise_device.DeviceLoop`, every tensor on
+the runtime's torch device from x_T to the images (`choose_loop`: a TorchScript version on CUDA,
+or on the CPU when ZOOSERVE_DENOISE_ON_DEVICE=1; =0 keeps the CPU loop on CUDA too).
+
 Bounds: at most `max_rows` UNet rows per step (a sample is one row, two when guidance needs its
 unconditional twin; a request larger than that runs alone), at most `max_waiting` requests
 waiting (then 429). A request whose deadline passes is answered 504: while waiting it is never
@@ -23,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -39,11 +46,19 @@ from serve.sample_request import SampleRequest, sample_request
 from serve.engines.sample import SampleCall, bind_sample_request
 
 
+log = logging.getLogger("zooserve.denoise")
+
 Denoiser = Callable  # (x_t (B, C, H, W) float32, t (B,) int64, label (B,) int64) -> eps, torch tensors
+
+# Where the loop runs, read from the environment until ServeSettings has the fields:
+# ZOOSERVE_DENOISE_ON_DEVICE: unset = the device loop for a TorchScript version on CUDA, 1 = also
+# on the CPU (torch tensors on cpu), 0 = never; ZOOSERVE_DENOISE_NOISE: host (default) or device.
+ON_DEVICE_ENV, NOISE_ENV = "ZOOSERVE_DENOISE_ON_DEVICE", "ZOOSERVE_DENOISE_NOISE"
 
 
 def runtime_denoiser(runtime: Runtime, manifest: Manifest) -> Denoiser:
-    """The exported denoiser part as a torch-in, torch-out function."""
+    """The exported denoiser part as a torch-in, torch-out function (tensors on the CPU, through
+    numpy). It carries `runtime` and `part`, from which `choose_loop` may build a device loop."""
     import torch
 
     part = manifest.parts["denoiser"]
@@ -52,14 +67,69 @@ def runtime_denoiser(runtime: Runtime, manifest: Manifest) -> Denoiser:
     def denoise(x_t, t, label):
         feeds = dict(zip(names, (x_t.numpy(), t.numpy(), label.numpy())))
         return torch.from_numpy(runtime.run(feeds)[out])
+    denoise.runtime, denoise.part = runtime, part
     return denoise
+
+
+class HostLoop:
+    """The CPU loop (training.schedulers.pipeline): torch tensors on the CPU, a denoiser of any runtime."""
+
+    where = "host"
+
+    def __init__(self, denoiser: Denoiser, null_label: int):
+        self.denoiser, self.null_label = denoiser, null_label
+
+    def private(self) -> "HostLoop":
+        return self                                             # no state between steps
+
+    def request(self, sampler, labels, guidance: float, seed: int | None):
+        from training.schedulers.pipeline import DenoiseRequest
+
+        return DenoiseRequest(sampler, labels, guidance)
+
+    def start(self, request, shape: tuple[int, ...]) -> None:
+        request.start(shape)                                    # x_T from the request's own generator
+
+    def step(self, requests: list) -> None:
+        from training.schedulers.pipeline import step_requests
+
+        step_requests(self.denoiser, requests, self.null_label)
+
+    def images(self, request) -> np.ndarray:
+        return request.x.numpy()
+
+    def reset(self) -> None:
+        pass
+
+
+def _on_device_wanted(runtime) -> bool:
+    wanted = os.environ.get(ON_DEVICE_ENV, "")
+    if wanted not in ("", "0", "1"):
+        raise RuntimeError(f"{ON_DEVICE_ENV}={wanted!r} is not valid: expected 1, 0 or unset")
+    torch_runtime = getattr(runtime, "format", None) == "torchscript" and hasattr(runtime, "module")
+    return torch_runtime and (wanted == "1" or (wanted == "" and runtime.device == "cuda"))
+
+
+def choose_loop(denoiser: Denoiser, config, null_label: int):
+    """The device loop for a TorchScript denoiser on CUDA (or on the CPU when asked), else the CPU loop."""
+    runtime = getattr(denoiser, "runtime", None)
+    if runtime is None or not _on_device_wanted(runtime):
+        return HostLoop(denoiser, null_label)
+    import torch
+
+    from serve.engines.denoise_device import DeviceLoop, device_denoiser
+    from training.schedulers.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule(config.num_train_timesteps, config.beta_schedule, config.beta_start, config.beta_end)
+    return DeviceLoop(device_denoiser(runtime, denoiser.part), torch.device(runtime.device), schedule.alphas_cumprod,
+                      null_label, os.environ.get(NOISE_ENV) or "host")
 
 
 @dataclass(eq=False)
 class DenoiseJob:
     """One request inside the engine: its sampler state and its way back to the caller."""
 
-    request: object                  # training.schedulers.pipeline.DenoiseRequest
+    request: object                  # the loop's request: pipeline.DenoiseRequest or denoise_device.DeviceRequest
     rows: int                        # UNet rows per step: one per sample, two when guided
     arrival: float                   # perf_counter at submit
     deadline: float | None           # perf_counter after which it must not run on
@@ -127,7 +197,7 @@ class DenoiseEngine(StepLoop):
     cancellable = True   # a request runs many steps: the routes cancel it when its client leaves
 
     def __init__(self, name: str, version: int, manifest: Manifest, denoiser: Denoiser, config,
-                 metrics: DenoiseMetrics, max_rows: int = 256, max_waiting: int = 1024):
+                 metrics: DenoiseMetrics, max_rows: int = 256, max_waiting: int = 1024, loop=None):
         super().__init__()
         self.name, self.version, self.manifest, self.metrics = name, version, manifest, metrics
         self.denoiser, self.config = denoiser, config
@@ -137,6 +207,9 @@ class DenoiseEngine(StepLoop):
         self.max_waiting = max_waiting
         self.device = "cpu"
         self._running = 0              # jobs running after the last schedule (written by the thread)
+        self.loop = loop or choose_loop(denoiser, config, self.null_label)
+        if self.loop.where != "host":
+            log.info("%s/%s: denoising on %s", name, version, self.loop.where)
 
     # ---- asyncio side -------------------------------------------------------------------------
     def job(self, req: SampleRequest, deadline: float | None = None) -> DenoiseJob:
@@ -145,13 +218,12 @@ class DenoiseEngine(StepLoop):
         import torch
 
         from training.families import family_module
-        from training.schedulers.pipeline import DenoiseRequest
 
         sampler = family_module("diffusion").make_sampler(self.config, sampler=req.sampler, steps=req.steps,
                                                           eta=req.eta, seed=req.seed)
         labels = torch.from_numpy(np.where(req.labels < 0, self.null_label, req.labels).astype(np.int64))
         guided = int((labels != self.null_label).sum()) if req.guidance != 1 else 0
-        return DenoiseJob(DenoiseRequest(sampler, labels, req.guidance), len(labels) + guided,
+        return DenoiseJob(self.loop.request(sampler, labels, req.guidance, req.seed), len(labels) + guided,
                           time.perf_counter(), deadline)
 
     async def sample(self, req: SampleRequest, deadline: float | None) -> dict[str, np.ndarray]:
@@ -196,13 +268,12 @@ class DenoiseEngine(StepLoop):
 
     def sample_now(self, req: SampleRequest) -> dict[str, np.ndarray]:
         """The request alone, computed on the calling thread (the load-time check; tests)."""
-        from training.schedulers.pipeline import step_requests
-
+        loop = self.loop.private()                      # not the engine thread's batch
         job = self.job(req)
-        job.request.start(self.shape)
+        loop.start(job.request, self.shape)
         while not job.request.done:
-            step_requests(self.denoiser, [job.request], self.null_label)
-        return {"image": job.request.x.numpy()}
+            loop.step([job.request])
+        return {"image": loop.images(job.request)}
 
     def stats(self) -> EngineStats:
         """Cumulative counters for the statistics endpoint."""
@@ -218,6 +289,10 @@ class DenoiseEngine(StepLoop):
     def _abort(self, job: DenoiseJob) -> None:
         self.scheduler.remove(job)
 
+    def _reset(self) -> None:
+        super()._reset()
+        self.loop.reset()
+
     def _fail_running(self, exc: Exception) -> None:
         for job in list(self.scheduler.running):
             self.scheduler.remove(job)
@@ -229,15 +304,13 @@ class DenoiseEngine(StepLoop):
 
     def _step(self) -> None:
         """Admit, run one batched step over every running request, hand back the finished."""
-        from training.schedulers.pipeline import step_requests
-
         now = time.perf_counter()
         admitted, expired = self.scheduler.schedule(now)
         for job in expired:
             job.deliver(DeadlineExceeded(f"deadline passed after {job.steps} of {len(job.request.sampler.timesteps)} "
                                          f"steps; {'the rest was' if job.admitted else 'it was'} not computed"))
         for job in admitted:
-            job.request.start(self.shape)             # x_T from the request's own generator
+            self.loop.start(job.request, self.shape)  # x_T from the request's own generator
             self.metrics.admitted(now - job.arrival)
         jobs = self.scheduler.running
         self._running = len(jobs)
@@ -245,7 +318,7 @@ class DenoiseEngine(StepLoop):
         if not jobs:
             return
         started = time.perf_counter()
-        step_requests(self.denoiser, [j.request for j in jobs], self.null_label)
+        self.loop.step([j.request for j in jobs])
         rows = sum(j.rows for j in jobs)
         self.metrics.step_done(rows, len(jobs), time.perf_counter() - started)
         for job in jobs:
@@ -253,7 +326,7 @@ class DenoiseEngine(StepLoop):
             job.shared_steps += len(jobs) > 1
         for job in self.scheduler.take_finished():
             self.metrics.finished_steps(job.steps)
-            job.deliver(job.request.x.numpy())
+            job.deliver(self.loop.images(job.request))
         self._running = len(self.scheduler.running)
         self.metrics.scheduler_state(self._running, len(self.scheduler.waiting))
 
