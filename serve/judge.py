@@ -25,9 +25,18 @@ from typing import Literal
 
 import numpy as np
 
-# scipy.stats is imported where a test runs, not here: importing it cost every server start 1-2 s
-
 from model_registry.routing import Rollout
+
+# scipy.stats is imported where a test runs, or by load_tests, not with this module: importing it
+# cost every server start 1-2 s before it was ready
+
+
+def load_tests() -> None:
+    """Import scipy.stats now. The rollout controller calls it in a thread when it starts: the
+    import holds the GIL for ~1-2 s, which in the middle of a rollout's first judgement stalled the
+    event loop and let requests routed to a canary just rolled back finish after the rollback."""
+    from scipy import stats  # noqa: F401
+
 
 Outcome = Literal["wait", "pass", "fail"]
 QUANTILE = 0.99

@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from model_registry import Registry, RegistryError
 from model_registry.routing import Rollout, RolloutStatus
 
-from .judge import ArmWindow, Verdict, judge
+from .judge import ArmWindow, Verdict, judge, load_tests
 from .metrics import rollout_events_counter
 
 log = logging.getLogger("zooserve.rollout")
@@ -425,6 +425,7 @@ async def run(controller: RolloutController, stop: asyncio.Event, period_s: floa
     (they read files and scrape servers); an unexpected error is logged and the loop goes on, so an
     embedding server keeps its controller."""
     try:
+        await asyncio.to_thread(load_tests)       # now, not in the middle of the first judgement
         while not stop.is_set():
             try:
                 await asyncio.to_thread(controller.tick)
