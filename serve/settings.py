@@ -54,6 +54,20 @@ class ServeSettings(BaseSettings):
                                          "for; more is a 400")
     denoise_max_rows: int = Field(256, ge=1, description="UNet rows one denoising step may carry (a guided sample "
                                   "is two rows); requests beyond wait for the next steps")
+    # where state lives on a device (issue 18): token engines' KV slots / recurrent state, the denoise loop
+    token_state: Literal["host", "device"] = Field("host", description="host: token state in numpy slots, the "
+                                                   "step in the version's runtime; device: torch tensors on the "
+                                                   "server's device with a torch step (what a TorchScript version "
+                                                   "on CUDA gets anyway; on the CPU, ONNX Runtime is faster)")
+    token_step: Literal["auto", "torchscript", "eager"] = Field("auto", description="the torch step of device "
+                                                                "token state: auto = the package's TorchScript, "
+                                                                "else the family's eager step")
+    denoise_on_device: bool | None = Field(None, description="the denoise loop in torch on the runtime's device: "
+                                           "unset = for a TorchScript version on CUDA; true = on the CPU too; "
+                                           "false = never")
+    denoise_noise: Literal["host", "device"] = Field("host", description="where the device loop draws noise: "
+                                                     "host = each request's CPU generator (a seed gives the same "
+                                                     "image on every device), device = on the GPU")
     watch_interval_s: float = Field(0.5, ge=0, description="how often the server polls its registry for new "
                                     "versions and model.json changes; 0 = never (reload through the admin API)")
     swap_grace_s: float = Field(0.5, ge=0, description="after a swap, how long a version that left the routing "

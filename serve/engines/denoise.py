@@ -16,7 +16,7 @@ their results go back to the asyncio loop with call_soon_threadsafe.
 Where the loop runs (`engine.loop`): `HostLoop`, the CPU loop above over any runtime (its
 denoiser call goes through numpy), or `serve.engines.denoise_device.DeviceLoop`, every tensor on
 the runtime's torch device from x_T to the images (`choose_loop`: a TorchScript version on CUDA,
-or on the CPU when ZOOSERVE_DENOISE_ON_DEVICE=1; =0 keeps the CPU loop on CUDA too).
+or on the CPU with the setting denoise_on_device true; false keeps the CPU loop on CUDA too).
 
 Bounds: at most `max_rows` UNet rows per step (a sample is one row, two when guidance needs its
 unconditional twin; a request larger than that runs alone), at most `max_waiting` requests
@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -49,12 +48,6 @@ from serve.engines.sample import SampleCall, bind_sample_request
 log = logging.getLogger("zooserve.denoise")
 
 Denoiser = Callable  # (x_t (B, C, H, W) float32, t (B,) int64, label (B,) int64) -> eps, torch tensors
-
-# Where the loop runs, read from the environment until ServeSettings has the fields:
-# ZOOSERVE_DENOISE_ON_DEVICE: unset = the device loop for a TorchScript version on CUDA, 1 = also
-# on the CPU (torch tensors on cpu), 0 = never; ZOOSERVE_DENOISE_NOISE: host (default) or device.
-ON_DEVICE_ENV, NOISE_ENV = "ZOOSERVE_DENOISE_ON_DEVICE", "ZOOSERVE_DENOISE_NOISE"
-
 
 def runtime_denoiser(runtime: Runtime, manifest: Manifest) -> Denoiser:
     """The exported denoiser part as a torch-in, torch-out function (tensors on the CPU, through
@@ -102,18 +95,18 @@ class HostLoop:
         pass
 
 
-def _on_device_wanted(runtime) -> bool:
-    wanted = os.environ.get(ON_DEVICE_ENV, "")
-    if wanted not in ("", "0", "1"):
-        raise RuntimeError(f"{ON_DEVICE_ENV}={wanted!r} is not valid: expected 1, 0 or unset")
+def _on_device_wanted(runtime, on_device: bool | None) -> bool:
+    """ServeSettings.denoise_on_device: None = on CUDA, True = on any device, False = never; only
+    for a torch runtime (ONNX Runtime's CUDA provider is another path)."""
     torch_runtime = getattr(runtime, "format", None) == "torchscript" and hasattr(runtime, "module")
-    return torch_runtime and (wanted == "1" or (wanted == "" and runtime.device == "cuda"))
+    return torch_runtime and (on_device is True or (on_device is None and runtime.device == "cuda"))
 
 
-def choose_loop(denoiser: Denoiser, config, null_label: int):
-    """The device loop for a TorchScript denoiser on CUDA (or on the CPU when asked), else the CPU loop."""
+def choose_loop(denoiser: Denoiser, config, null_label: int, on_device: bool | None = None, noise: str = "host"):
+    """The device loop for a TorchScript denoiser on CUDA (or on any device when `on_device`), else
+    the CPU loop; `noise`: where the device loop draws it (ServeSettings.denoise_noise)."""
     runtime = getattr(denoiser, "runtime", None)
-    if runtime is None or not _on_device_wanted(runtime):
+    if runtime is None or not _on_device_wanted(runtime, on_device):
         return HostLoop(denoiser, null_label)
     import torch
 
@@ -122,7 +115,7 @@ def choose_loop(denoiser: Denoiser, config, null_label: int):
 
     schedule = NoiseSchedule(config.num_train_timesteps, config.beta_schedule, config.beta_start, config.beta_end)
     return DeviceLoop(device_denoiser(runtime, denoiser.part), torch.device(runtime.device), schedule.alphas_cumprod,
-                      null_label, os.environ.get(NOISE_ENV) or "host")
+                      null_label, noise)
 
 
 @dataclass(eq=False)
@@ -197,7 +190,8 @@ class DenoiseEngine(StepLoop):
     cancellable = True   # a request runs many steps: the routes cancel it when its client leaves
 
     def __init__(self, name: str, version: int, manifest: Manifest, denoiser: Denoiser, config,
-                 metrics: DenoiseMetrics, max_rows: int = 256, max_waiting: int = 1024, loop=None):
+                 metrics: DenoiseMetrics, max_rows: int = 256, max_waiting: int = 1024, loop=None,
+                 on_device: bool | None = None, noise: str = "host"):
         super().__init__()
         self.name, self.version, self.manifest, self.metrics = name, version, manifest, metrics
         self.denoiser, self.config = denoiser, config
@@ -207,7 +201,7 @@ class DenoiseEngine(StepLoop):
         self.max_waiting = max_waiting
         self.device = "cpu"
         self._running = 0              # jobs running after the last schedule (written by the thread)
-        self.loop = loop or choose_loop(denoiser, config, self.null_label)
+        self.loop = loop or choose_loop(denoiser, config, self.null_label, on_device, noise)
         if self.loop.where != "host":
             log.info("%s/%s: denoising on %s", name, version, self.loop.where)
 

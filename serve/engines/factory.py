@@ -90,6 +90,8 @@ def _sequence(version: int, manifest: Manifest, vdir: Path, ctx: BuildContext) -
 
 
 def _tokens(version: int, manifest: Manifest, vdir: Path, ctx: BuildContext) -> Built:
+    if _token_state_on_device(manifest, ctx.settings):
+        return _device_tokens(version, manifest, vdir, ctx)
     runtime = with_split_prefill(_runtime(manifest, vdir, ctx.settings), manifest, vdir,
                                  ctx.settings.intra_op_threads)
     error = check_golden(manifest, runtime, vdir)
@@ -98,6 +100,36 @@ def _tokens(version: int, manifest: Manifest, vdir: Path, ctx: BuildContext) -> 
                                ctx.metrics.for_token_model(name, version))
     engine.reconfigure(ctx.cfg.batching)
     return Built(engine, error, runtime.device, getattr(runtime, "prefill", ""))
+
+
+def _token_state_on_device(manifest: Manifest, settings: ServeSettings) -> bool:
+    """Device-resident state when asked for, and for a TorchScript version that runs on CUDA (the
+    host slots would copy each step's rows to the GPU and back). An ONNX version keeps ONNX
+    Runtime (its CUDA provider is another path) unless asked."""
+    if settings.token_state == "device":
+        return True
+    if manifest.format != "torchscript" or settings.device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _device_tokens(version: int, manifest: Manifest, vdir: Path, ctx: BuildContext) -> Built:
+    """A token engine whose state lives on the device and whose step runs there (torch)."""
+    from serve.engines.device_runtime import open_step, resolve_device
+
+    step = ctx.settings.token_step        # auto: the package's TorchScript, else the family's eager step
+    device = resolve_device(ctx.settings.device)
+    runtime = open_step(vdir, manifest, *artifact_names(manifest), device, ctx.settings.intra_op_threads, step)
+    error = check_golden(manifest, runtime, vdir)
+    name = ctx.cfg.name
+    engine = make_token_engine(name, version, manifest, runtime, vdir, ctx.settings,
+                               ctx.metrics.for_token_model(name, version), device=device)
+    engine.reconfigure(ctx.cfg.batching)
+    prefill = f"whole step: {runtime.format} on {runtime.device} (device-resident state)" if manifest.prefill else ""
+    log.info("%s/%s: token state on %s, step %s", name, version, device, runtime.format)
+    return Built(engine, error, runtime.device, prefill)
 
 
 def _generative(version: int, manifest: Manifest, vdir: Path, ctx: BuildContext) -> Built:
@@ -117,10 +149,12 @@ BUILDERS: dict[str, Callable[[int, Manifest, Path, BuildContext], Built]] = {
 
 
 def make_token_engine(name: str, version: int, manifest: Manifest, runtime: Runtime, version_dir: Path,
-                      settings: ServeSettings, metrics: TokenMetrics) -> TokenEngine:
+                      settings: ServeSettings, metrics: TokenMetrics, device=None) -> TokenEngine:
     """A token model's engine. The step's inputs say which state it keeps: `start` + per-layer
     caches (KV slots) or `n_new` + constant-size states (recurrent slots). Rows = max_num_seqs,
-    fewer when a row's state at full context would overflow `state_memory_mb`."""
+    fewer when a row's state at full context would overflow `state_memory_mb`. With a torch
+    `device`, the slots are torch tensors there (serve/engines/device_slots.py) and `runtime`
+    must take tensors (serve/engines/device_runtime.py); else numpy slots."""
     from training.tokenizer import Tokenizer
 
     if not manifest.tokenizer:
@@ -137,12 +171,22 @@ def make_token_engine(name: str, version: int, manifest: Manifest, runtime: Runt
         outputs = [s.name for s in manifest.signature.outputs][1:]          # new states, in input order
         per_row = StateSlots.bytes_per_row(shapes)
         rows = _rows(settings, budget, per_row, name)
-        slots = StateSlots(rows, shapes, dict(zip(shapes, outputs, strict=True)), max_len)
+        if device is None:
+            slots = StateSlots(rows, shapes, dict(zip(shapes, outputs, strict=True)), max_len)
+        else:
+            from serve.engines.device_slots import TorchStateSlots
+
+            slots = TorchStateSlots(rows, shapes, dict(zip(shapes, outputs, strict=True)), max_len, device)
     elif "start" in inputs:
         dims = dict(layers=config["n_layer"], kv_heads=config["n_kv_head"], max_len=max_len,
                     head_dim=config["n_embd"] // config["n_head"])
         per_row = KVSlots.bytes_per_row(**dims)
-        slots = KVSlots(rows=_rows(settings, budget, per_row, name), **dims)
+        if device is None:
+            slots = KVSlots(rows=_rows(settings, budget, per_row, name), **dims)
+        else:
+            from serve.engines.device_slots import TorchKVSlots
+
+            slots = TorchKVSlots(rows=_rows(settings, budget, per_row, name), **dims, device=device)
     else:
         raise RuntimeError(f"{name}: the step takes neither `start` (KV cache) nor `n_new` (recurrent state)")
     log.info("%s/%s: %d sequence slots, %d state bytes per sequence at full context (%d tokens)",

@@ -199,7 +199,8 @@ def make_generative_engine(name: str, version: int, manifest: Manifest, version_
 
         engine = DenoiseEngine(name, version, manifest, runtime_denoiser(runtimes["denoiser"], manifest),
                                config, metrics.for_denoise_model(name, version), settings.denoise_max_rows,
-                               batching.max_queue_size)
+                               batching.max_queue_size, on_device=settings.denoise_on_device,
+                               noise=settings.denoise_noise)
         engine.device = runtimes["denoiser"].device
     else:
         engine = SampleEngine(name, version, manifest, runtimes, config, batching, metrics.for_model(name, version))

@@ -95,10 +95,16 @@ def _deliver(deliveries: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
 
 class TokenRunner:
     """Executes a StepPlan: the model's step over the engine's state (KV slots or recurrent
-    state slots, see `serve.engines.base.TokenState`); returns last-position logits."""
+    state slots, see `serve.engines.base.TokenState`); returns last-position logits.
+
+    Two kinds of state, one runner: numpy slots in host memory with a numpy runtime (ONNX
+    Runtime; the default), or device-resident slots (serve/engines/device_slots.py, whose
+    `device` is a torch.device) with a torch step (serve/engines/device_runtime.py) that takes
+    and returns tensors on that device."""
 
     def __init__(self, runtime: Runtime, state: TokenState):
         self.runtime, self.state = runtime, state
+        self.device = getattr(state, "device", None)     # a torch.device: the state lives there
 
     def apply_moves(self, plan: StepPlan) -> None:
         for src, dst in plan.moves:
@@ -108,6 +114,8 @@ class TokenRunner:
 
     def execute(self, plan: StepPlan) -> dict[str, np.ndarray]:
         """request id -> logits (V,) of its last fed position."""
+        if self.device is not None:
+            return self._execute_on_device(plan)
         out: dict[str, np.ndarray] = {}
         if plan.decode:
             n = len(plan.decode)
@@ -131,6 +139,40 @@ class TokenRunner:
             for i, r in enumerate(plan.prefill):
                 out[r.request_id] = res["logits"][i, lengths[i] - 1 if every else 0]
         return out
+
+    def _execute_on_device(self, plan: StepPlan) -> dict[str, np.ndarray]:
+        """`execute` over device-resident state: the fed ids go to the device, the step and the
+        state writes run there, and the rows' last-position logits come back to the host in one
+        (n, V) copy per step for the per-request samplers.
+        TODO(issue 18, next step): sample on the device (per-request generators, top-k/top-p,
+        logprobs) so that only the chosen ids and their logprobs cross to the host."""
+        import torch
+
+        device, run = self.device, self.runtime.run_tensors
+        picked: list[torch.Tensor] = []                     # (rows, V) blocks, decode rows first
+        if plan.decode:
+            n = len(plan.decode)
+            ids = np.array([[r.output_ids[-1]] for r in plan.decode], np.int64)            # (n, 1)
+            res = run({"ids": torch.from_numpy(ids).to(device, non_blocking=True), **self.state.decode_feeds(n)})
+            self.state.decode_done(n, res)
+            picked.append(res["logits"][:, 0])                                             # (n, V)
+        if plan.prefill:
+            first = plan.prefill[0].row
+            lengths = [len(r.prompt_ids) for r in plan.prefill]
+            ids = np.zeros((len(lengths), max(lengths)), np.int64)                         # right-padded prompts
+            for i, r in enumerate(plan.prefill):
+                ids[i, : lengths[i]] = r.prompt_ids
+            res = run({"ids": torch.from_numpy(ids).to(device, non_blocking=True),
+                       **self.state.prefill_feeds(first, lengths)})
+            self.state.prefill_done(first, res, lengths)
+            logits = res["logits"]
+            if logits.shape[1] == ids.shape[1]:           # every fed position (the decoder): each row's last
+                last = torch.from_numpy(np.asarray(lengths, np.int64) - 1).to(device, non_blocking=True)
+                picked.append(logits[torch.arange(len(lengths), device=device), last])
+            else:                                         # the recurrent families: (p, 1, V) already
+                picked.append(logits[:, 0])
+        host = (picked[0] if len(picked) == 1 else torch.cat(picked)).cpu().numpy()      # the one copy back
+        return {r.request_id: host[i] for i, r in enumerate((*plan.decode, *plan.prefill))}
 
 
 class TokenEngine(StepLoop):

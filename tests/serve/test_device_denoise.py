@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from model_registry import Registry
 from serve.engines.denoise import HostLoop, choose_loop, runtime_denoiser
@@ -113,20 +114,21 @@ def test_the_device_loop_runs_where_the_runtime_is_torch_and_it_is_asked_for(ts_
     assert onnx.format == "onnx"
     denoiser = runtime_denoiser(open_parts(onnx, reg.version_dir(MODEL, 1), settings)["denoiser"], onnx)
     config = engines["cpu-loop"].config
-    monkeypatch.setenv(ON_DEVICE, "1")
-    assert isinstance(choose_loop(denoiser, config, 10), HostLoop)   # ONNX keeps the CPU loop (its CUDA path is §4)
+    assert isinstance(choose_loop(denoiser, config, 10, on_device=True), HostLoop)   # ONNX keeps the CPU loop (§4)
     ts = Registry(ts_registry).manifest(MODEL, 1)
     ts_denoiser = runtime_denoiser(open_parts(ts, Registry(ts_registry).version_dir(MODEL, 1), settings)["denoiser"], ts)
-    assert isinstance(choose_loop(ts_denoiser, config, 10), DeviceLoop)
-    monkeypatch.setenv(ON_DEVICE, "0")
-    assert isinstance(choose_loop(ts_denoiser, config, 10), HostLoop)
-    monkeypatch.setenv(ON_DEVICE, "yes")
-    with pytest.raises(RuntimeError, match=ON_DEVICE):
-        choose_loop(ts_denoiser, config, 10)
+    assert isinstance(choose_loop(ts_denoiser, config, 10, on_device=True), DeviceLoop)
+    assert isinstance(choose_loop(ts_denoiser, config, 10, on_device=False), HostLoop)
+    assert isinstance(choose_loop(ts_denoiser, config, 10), HostLoop)                  # unset: only on CUDA
+    monkeypatch.setenv(ON_DEVICE, "1")
+    assert ServeSettings().denoise_on_device is True                                   # the environment's name
+    monkeypatch.setenv(ON_DEVICE, "yes please")
+    with pytest.raises(ValidationError, match="denoise_on_device"):
+        ServeSettings()
     monkeypatch.setenv(ON_DEVICE, "1")
     monkeypatch.setenv("ZOOSERVE_DENOISE_NOISE", "gpu")
-    with pytest.raises(ValueError, match="noise"):
-        choose_loop(ts_denoiser, config, 10)
+    with pytest.raises(ValidationError, match="denoise_noise"):
+        ServeSettings()
 
 
 # ---- the same images --------------------------------------------------------------------------
