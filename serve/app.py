@@ -26,6 +26,7 @@ from serve.api.pacing import RefusalPacer
 from serve.errors import ServeError, error_body, log_refusal
 from serve.metrics import Metrics
 from serve.registry_watch import RegistryWatcher
+from serve.judge import load_tests
 from serve.rollout import InProcessSource, RolloutController
 from serve.rollout import run as run_rollouts
 from serve.shadow import ShadowTraffic
@@ -53,7 +54,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         app.state.pacer = RefusalPacer(settings.max_refusal_hold_s)
         watcher = RegistryWatcher(repository, settings.watch_interval_s)
         app.state.watcher = watcher
-        loading = asyncio.create_task(_load_then_watch(repository, watcher, time.monotonic()))
+        loading = asyncio.create_task(_load_then_watch(repository, watcher, time.monotonic(),
+                                                       settings.rollout_controller))
         loading.add_done_callback(_log_load_failure)
         stop_rollouts = asyncio.Event()
         rollouts = asyncio.create_task(_embedded_rollouts(settings, metrics, stop_rollouts)) \
@@ -216,12 +218,17 @@ _NO_TELEMETRY = ({"telemetry": {"tracing": False, "metrics": False, "logs": Fals
                  if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
 
 
-async def _load_then_watch(repository: ModelRepository, watcher: RegistryWatcher, started: float) -> None:
+async def _load_then_watch(repository: ModelRepository, watcher: RegistryWatcher, started: float,
+                           rollouts: bool) -> None:
     """Load every model (and say so), then move everything allocated so far out of the garbage
     collector's sight (imports leave ~200k tracked objects, and each full collection of them
-    stalled the event loop for ~100 ms under load: bench/classify.py, p99), then follow the registry."""
+    stalled the event loop for ~100 ms under load: bench/classify.py, p99), then follow the registry.
+    With the rollout controller on, its statistics (scipy.stats, 1-2 s of import holding the GIL)
+    are imported in a thread beside the load and before ready: after ready, the import stalled the
+    first requests (and an admission estimate that learnt from them)."""
     watcher.prime()        # before the load: a change made while loading is seen by the first poll
-    await repository.load_all()
+    statistics = asyncio.create_task(asyncio.to_thread(load_tests)) if rollouts else None
+    await repository.load_all(also=statistics)
     log.info("%s", _ready_line(repository, time.monotonic() - started))
     gc.collect()
     gc.freeze()

@@ -27,14 +27,15 @@ import numpy as np
 
 from model_registry.routing import Rollout
 
-# scipy.stats is imported where a test runs, or by load_tests, not with this module: importing it
-# cost every server start 1-2 s before it was ready
+# scipy.stats is imported where a test runs, or by load_tests, not with this module: a server
+# without the controller (and the CLI) never pays its 1-2 s, one with it pays it beside its load
 
 
 def load_tests() -> None:
-    """Import scipy.stats now. The rollout controller calls it in a thread when it starts: the
-    import holds the GIL for ~1-2 s, which in the middle of a rollout's first judgement stalled the
-    event loop and let requests routed to a canary just rolled back finish after the rollback."""
+    """Import scipy.stats now. A server with the rollout controller calls it in a thread beside its
+    start-up load, before it is ready: the import holds the GIL for ~1-2 s, which in the middle of a
+    rollout's first judgement stalled the event loop (requests routed to a canary just rolled back
+    finished after the rollback), and just after ready stalled the first requests."""
     from scipy import stats  # noqa: F401
 
 

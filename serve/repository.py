@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -118,8 +118,9 @@ class ModelRepository:
         # registry), until it is loaded again: its requests and the index say so, as Triton's do
         self.unloaded: dict[str, list[int]] = {}
 
-    async def load_all(self) -> None:
-        """Load every model of the registry, or those `settings.models` names (start-up)."""
+    async def load_all(self, also: Awaitable | None = None) -> None:
+        """Load every model of the registry, or those `settings.models` names (start-up); `also`:
+        work started beside the load that must end before the server calls itself loaded."""
         wanted = self.settings.models
         for name in self.registry.models():
             if wanted is None or name in wanted:
@@ -128,6 +129,8 @@ class ModelRepository:
                 except ServeError as exc:       # one unreadable model.json does not keep the others down
                     self.config_errors[name] = exc.message
                     log.error("model %s not loaded: %s", name, exc.message)
+        if also is not None:
+            await also
         self.loaded = True
 
     async def load_model(self, name: str) -> list[LoadedVersion]:
