@@ -57,8 +57,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, so that a rename or a new file in it survives a crash."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:   # some platforms cannot open a directory; the renames are still atomic
+        return
     try:
         os.fsync(fd)
     finally:
@@ -109,7 +113,7 @@ def _replace_file(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _read_model(cls: type[BaseModel], path: Path):
@@ -412,7 +416,7 @@ class Registry:
             if current is None or current.owner != owner:
                 return False
             path.unlink()
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             return True
 
     def lease(self, name: str) -> Lease | None:
@@ -569,7 +573,7 @@ class Registry:
             dst.parent.mkdir(parents=True, exist_ok=True)
             files[rel] = _copy_and_hash(path, dst)
         for d in sorted({(staging / rel).parent for rel in files}, reverse=True):
-            _fsync_dir(d)
+            fsync_dir(d)
         return files
 
     @staticmethod
@@ -600,9 +604,9 @@ class Registry:
         version = max(self._scan_versions(model_dir), default=0) + 1
         final = manifest.model_copy(update={"name": name, "version": version, "files": files})
         _write_file_durably(staging / MANIFEST, dump_json(final))
-        _fsync_dir(staging)
+        fsync_dir(staging)
         os.rename(staging, model_dir / str(version))
-        _fsync_dir(model_dir)
+        fsync_dir(model_dir)
         if cfg is None:
             self._write_checked(ModelConfig(name=name, family=manifest.family, kind=manifest.kind), 0)
         return version

@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+from model_registry.store import fsync_dir
 from serve.batch import BatchError, BatchSummary, read_done, requests, scan
 from serve.settings import ServeSettings
 
@@ -185,16 +186,8 @@ def merge(output_path: Path, parts: Path, plan: Plan) -> None:
         out.flush()
         os.fsync(out.fileno())
     os.replace(merged, output_path)
-    _fsync_dir(output_path.parent)
+    fsync_dir(output_path.parent)
     shutil.rmtree(parts)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_part_summary(parts: Path, index: int) -> dict:
@@ -272,7 +265,7 @@ def run_shard(settings: ServeSettings, input_path: Path, parts: Path, index: int
                 "run_s": summary.run_s, "node": node_name(),
                 "statuses": {str(k): v for k, v in summary.statuses.items()}}))
             os.replace(partial_path(parts, index), part_path(parts, index))
-            _fsync_dir(parts)
+            fsync_dir(parts)
     return read_part_summary(parts, index)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -17,12 +16,7 @@ FLAGS = {"host": "--host", "port": "--port", "grpc_port": "--grpc-port", "device
          "intra_op_threads": "--threads",
          "execution_instances": "--instances",
          "admin_token": "--admin-token", "log_level": "--log-level", "log_format": "--log-format",
-         "access_log": "--access-log", "allow_empty": "--allow-empty"}
-
-
-# the HTTP front ends of `serve`: our own thin ASGI layer, or LitServe's process layout over the
-# same app (serve/api/litserve_frontend.py)
-FRONTENDS = ("native", "litserve")
+         "access_log": "--access-log", "allow_empty": "--allow-empty", "frontend": "--frontend"}
 
 
 def _dest(flag: str) -> str:
@@ -47,12 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"zooserve serve: {refusal}", file=sys.stderr)
         return 2
-    frontend = args.frontend or os.environ.get("ZOOSERVE_FRONTEND") or "native"
-    if frontend not in FRONTENDS:
-        print(f"zooserve serve: ZOOSERVE_FRONTEND={frontend!r} is not valid: expected one of "
-              f"{', '.join(FRONTENDS)}", file=sys.stderr)
-        return 2
-    if frontend == "litserve":          # imported only when chosen: litserve pulls in its own stack
+    if settings.frontend == "litserve":          # imported only when chosen: litserve pulls in its own stack
         from serve.api import litserve_frontend
 
         refusal = litserve_frontend.refusal(settings, given_flags(args))
@@ -62,7 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format)
     if not settings.allow_empty:
         warn_if_empty(settings.registry)
-    if frontend == "litserve":
+    if settings.frontend == "litserve":
         return litserve_frontend.serve(settings)
     from serve.app import create_app    # here: LitServe's processes fork from this one and need none of it
 
@@ -181,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", metavar="PORT", type=int, default=None,
                    help="also serve KServe v2 over gRPC (Triton's GRPCInferenceService; the stock "
                         "tritonclient.grpc works) on this port (default 0: no gRPC)")
-    p.add_argument("--frontend", choices=FRONTENDS, default=None,
+    p.add_argument("--frontend", choices=["native", "litserve"], default=None,
                    help="the HTTP front end: native, our own ASGI layer (the fastest; every option), or "
                         "litserve, the same app and engines behind LitServe's API server and inference worker "
                         "processes (for a LitServe deployment; no gRPC, a port from 1024, host 0.0.0.0, "

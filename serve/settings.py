@@ -84,6 +84,11 @@ class ServeSettings(BaseSettings):
                                                     "while any model the server serves has no READY version; "
                                                     "lenient: 200 once the start-up load has finished, for "
                                                     "registries that hold models unloadable on purpose")
+    # the HTTP front end of `zooserve serve`: our own thin ASGI layer, or LitServe's process layout
+    # over the same app (serve/api/litserve_frontend.py)
+    frontend: Literal["native", "litserve"] = Field("native", description="native: our ASGI layer (every "
+                                                    "option, the fastest); litserve: the same app behind "
+                                                    "LitServe's API server and inference worker")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "text"] = Field("auto", description="auto: text when stderr is a terminal, "
                                                          "else JSON lines")

@@ -41,6 +41,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from model_registry.store import fsync_dir
+
 STATE = "run_state.json"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"   # the run folder's TensorBoard event files, when asked for
@@ -55,17 +57,6 @@ class RunStateError(ValueError):
 
 def _tensors_name(seq: int) -> str:
     return f"run_state.{seq:06d}.safetensors"
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:   # some platforms cannot open a directory; the renames are still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _replace_atomically(tmp: Path, final: Path) -> None:
@@ -198,7 +189,7 @@ class RunState:
         tmp_json = d / f".{STATE}.tmp"
         tmp_json.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
         _replace_atomically(tmp_json, d / STATE)   # the commit point
-        _fsync_dir(d)
+        fsync_dir(d)
         for old in d.glob("run_state.*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)
@@ -469,7 +460,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> P
     tmp = path.parent / f".{path.name}.tmp"
     write(tmp)
     _replace_atomically(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

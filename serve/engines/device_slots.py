@@ -31,10 +31,9 @@ def _to(device: torch.device, array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
 
 
-class TorchKVSlots:
-    """`KVSlots` on a torch device. Per layer i, k[i] and v[i] are (R, KV, C, hd) tensors."""
-
-    bytes_per_row = staticmethod(KVSlots.bytes_per_row)
+class TorchKVSlots(KVSlots):
+    """`KVSlots` on a torch device. Per layer i, k[i] and v[i] are (R, KV, C, hd) tensors. The
+    capacity rule (`_fit`, decided on the host books), `rows` and `bytes_per_row` are KVSlots'."""
 
     def __init__(self, rows: int, layers: int, kv_heads: int, max_len: int, head_dim: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, bucket: int = 64):
@@ -54,10 +53,6 @@ class TorchKVSlots:
         kv_heads, head_dim = self._row_shape
         return torch.zeros((rows, kv_heads, capacity, head_dim), dtype=self.dtype, device=self.device)
 
-    @property
-    def rows(self) -> int:
-        return self.lengths.shape[0]
-
     # ---- per-row verbs -------------------------------------------------------------------------
     def move(self, src: int, dst: int) -> None:
         """Row src's cache and length into row dst (compaction after a departure)."""
@@ -73,14 +68,7 @@ class TorchKVSlots:
         self.lengths[rows] = 0
         self._lengths[_to(self.device, np.asarray(rows, np.int64))] = 0
 
-    # ---- capacity (KVSlots' rule, decided on the host books) -----------------------------------
-    def _fit(self, needed: int) -> None:
-        if needed > self.max_len:
-            raise ValueError(f"a row needs {needed} positions; the cache holds {self.max_len}")
-        target = min(self.max_len, -(-needed // self.bucket) * self.bucket)
-        if target > self.capacity or target <= self.capacity - 2 * self.bucket:
-            self._resize(target)
-
+    # ---- capacity (KVSlots._fit's rule calls this) ---------------------------------------------
     def _resize(self, capacity: int) -> None:
         """New tensors of `capacity` positions holding every row's first min(old, new) positions:
         one strided copy per tensor (free rows come along; their length 0 masks them)."""
@@ -136,10 +124,10 @@ class TorchKVSlots:
         self._lengths[rows] = _to(self.device, np.asarray(lengths, np.int64))
 
 
-class TorchStateSlots:
-    """`StateSlots` on a torch device: one tensor (R, *per_row_shape) per state input of the step."""
-
-    bytes_per_row = staticmethod(StateSlots.bytes_per_row)
+class TorchStateSlots(StateSlots):
+    """`StateSlots` on a torch device: one tensor (R, *per_row_shape) per state input of the step.
+    Every verb but the zero state of fresh rows is StateSlots' own: slicing, row copies, list
+    indexing and assignment from tensors work the same on torch tensors."""
 
     def __init__(self, rows: int, shapes: dict[str, tuple[int, ...]], output_names: dict[str, str],
                  max_len: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -150,34 +138,9 @@ class TorchStateSlots:
         self.output_names = output_names
         self._ones = torch.ones(rows, dtype=torch.int64, device=self.device)
 
-    @property
-    def rows(self) -> int:
-        return self._ones.shape[0]
-
-    def move(self, src: int, dst: int) -> None:
-        for a in self.states.values():
-            a[dst] = a[src]
-
-    def reset_rows(self, rows: list[int]) -> None:
-        index = _to(self.device, np.asarray(rows, np.int64))
-        for a in self.states.values():
-            a[index] = 0
-
-    def decode_feeds(self, n: int) -> dict[str, torch.Tensor]:
-        """n_new 1 and rows 0..n-1's states (contiguous views, no copy)."""
-        return {"n_new": self._ones[:n], **{name: a[:n] for name, a in self.states.items()}}
-
-    def decode_done(self, n: int, outputs: dict[str, torch.Tensor]) -> None:
-        for name, a in self.states.items():
-            a[:n].copy_(outputs[self.output_names[name]])
-
     def prefill_feeds(self, first_row: int, lengths: list[int]) -> dict[str, torch.Tensor]:
         """Fresh rows start from the zero state; n_new tells the step where each prompt ends."""
         p = len(lengths)
         return {"n_new": _to(self.device, np.asarray(lengths, np.int64)),
                 **{name: torch.zeros((p, *a.shape[1:]), dtype=a.dtype, device=self.device)
                    for name, a in self.states.items()}}
-
-    def prefill_done(self, first_row: int, outputs: dict[str, torch.Tensor], lengths: list[int]) -> None:
-        for name, a in self.states.items():
-            a[first_row:first_row + len(lengths)].copy_(outputs[self.output_names[name]])

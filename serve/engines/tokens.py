@@ -93,6 +93,20 @@ def _deliver(deliveries: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
         sink.put_nowait([event])
 
 
+def _decode_ids(plan: StepPlan) -> np.ndarray:
+    """(n, 1): each decoding row's last token."""
+    return np.array([[r.output_ids[-1]] for r in plan.decode], np.int64)
+
+
+def _prefill_ids(plan: StepPlan) -> tuple[np.ndarray, list[int]]:
+    """(p, T) right-padded prompts of the fresh rows, and their lengths."""
+    lengths = [len(r.prompt_ids) for r in plan.prefill]
+    ids = np.zeros((len(lengths), max(lengths)), np.int64)
+    for i, r in enumerate(plan.prefill):
+        ids[i, : lengths[i]] = r.prompt_ids
+    return ids, lengths
+
+
 class TokenRunner:
     """Executes a StepPlan: the model's step over the engine's state (KV slots or recurrent
     state slots, see `serve.engines.base.TokenState`); returns last-position logits.
@@ -119,18 +133,14 @@ class TokenRunner:
         out: dict[str, np.ndarray] = {}
         if plan.decode:
             n = len(plan.decode)
-            ids = np.array([[r.output_ids[-1]] for r in plan.decode], np.int64)     # (n, 1)
-            res = self.runtime.run({"ids": ids, **self.state.decode_feeds(n)})
+            res = self.runtime.run({"ids": _decode_ids(plan), **self.state.decode_feeds(n)})
             self.state.decode_done(n, res)
             logits = res["logits"]                                                  # (n, 1, V)
             for i, r in enumerate(plan.decode):
                 out[r.request_id] = logits[i, 0]
         if plan.prefill:
             first = plan.prefill[0].row
-            lengths = [len(r.prompt_ids) for r in plan.prefill]
-            ids = np.zeros((len(lengths), max(lengths)), np.int64)                  # right-padded prompts
-            for i, r in enumerate(plan.prefill):
-                ids[i, : lengths[i]] = r.prompt_ids
+            ids, lengths = _prefill_ids(plan)
             res = self.runtime.run({"ids": ids, **self.state.prefill_feeds(first, lengths)})
             self.state.prefill_done(first, res, lengths)
             # a step returns logits at every fed position (the decoder) or at each row's last only
@@ -152,16 +162,13 @@ class TokenRunner:
         picked: list[torch.Tensor] = []                     # (rows, V) blocks, decode rows first
         if plan.decode:
             n = len(plan.decode)
-            ids = np.array([[r.output_ids[-1]] for r in plan.decode], np.int64)            # (n, 1)
-            res = run({"ids": torch.from_numpy(ids).to(device, non_blocking=True), **self.state.decode_feeds(n)})
+            ids = torch.from_numpy(_decode_ids(plan)).to(device, non_blocking=True)
+            res = run({"ids": ids, **self.state.decode_feeds(n)})
             self.state.decode_done(n, res)
             picked.append(res["logits"][:, 0])                                             # (n, V)
         if plan.prefill:
             first = plan.prefill[0].row
-            lengths = [len(r.prompt_ids) for r in plan.prefill]
-            ids = np.zeros((len(lengths), max(lengths)), np.int64)                         # right-padded prompts
-            for i, r in enumerate(plan.prefill):
-                ids[i, : lengths[i]] = r.prompt_ids
+            ids, lengths = _prefill_ids(plan)
             res = run({"ids": torch.from_numpy(ids).to(device, non_blocking=True),
                        **self.state.prefill_feeds(first, lengths)})
             self.state.prefill_done(first, res, lengths)
