@@ -184,6 +184,13 @@ class Server:
         fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "; fields[0] is field 3
         return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
+    def main_thread_cpu_seconds(self) -> float:
+        """utime + stime of the server's main thread alone (the event loop's), seconds."""
+        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
     def cpu_seconds(self) -> float:
         """utime + stime of the server process (all threads), seconds."""
         return sum(self.cpu_times())
@@ -288,6 +295,7 @@ class LevelResult:
     other_load_cores: float         # CPU used by everything else on the machine meanwhile (cores)
     mean_batch: float | None
     executions: int
+    loop_cpu_ms_per_req: float | None = None    # the server's main thread (its event loop) alone
     ceiling_batch: int | None = None
     ceiling_rows_per_s: float | None = None
     ratio_to_ceiling: float | None = None
@@ -354,11 +362,13 @@ async def run_level(server: Server, model: str, requests: list[bytes], concurren
         await asyncio.sleep(warmup_s)
         before = await scrape(probe, metrics_raw, model)
         busy0 = machine_busy_seconds()
+        loop0 = server.main_thread_cpu_seconds()
         cpu0, client0, t0 = server.cpu_times(), time.process_time(), time.perf_counter()
         phase["recording"] = True
         await asyncio.sleep(duration_s)
         phase["stop"] = True
         cpu1, client1, t1 = server.cpu_times(), time.process_time(), time.perf_counter()
+        loop1 = server.main_thread_cpu_seconds()
         busy1 = machine_busy_seconds()
         after = await scrape(probe, metrics_raw, model)
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
@@ -385,6 +395,7 @@ async def run_level(server: Server, model: str, requests: list[bytes], concurren
         client_cpu_ms_per_req=(client1 - client0) * 1000 / max(completed, 1),
         other_load_cores=max(0.0, (busy1 - busy0) - (user_s + sys_s) - (client1 - client0)) / seconds,
         mean_batch=rows / executions if executions else None, executions=executions,
+        loop_cpu_ms_per_req=(loop1 - loop0) * 1000 / max(completed, 1),
         errors=errors[:5],
     )
 
