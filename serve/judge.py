@@ -19,6 +19,7 @@ binomial proportion against the floor.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,8 +36,19 @@ def load_tests() -> None:
     """Import scipy.stats now. A server with the rollout controller calls it in a thread beside its
     start-up load, before it is ready: the import holds the GIL for ~1-2 s, which in the middle of a
     rollout's first judgement stalled the event loop (requests routed to a canary just rolled back
-    finished after the rollback), and just after ready stalled the first requests."""
-    from scipy import stats  # noqa: F401
+    finished after the rollback), and just after ready stalled the first requests.
+
+    scipy's import-time array-API checks read `sys.modules["torch"].Tensor`; a torch that the load
+    is importing in its own thread is there half-built, and the import failed with "partially
+    initialized module 'torch' has no attribute 'Tensor'" (CI, test_shadow_server). Then this
+    waits for torch's import to finish (`import torch` takes the module's lock) and imports again."""
+    try:
+        from scipy import stats  # noqa: F401
+    except AttributeError:
+        if "torch" not in sys.modules:
+            raise
+        import torch  # noqa: F401  - returns once the other thread's import of it is done
+        from scipy import stats  # noqa: F401,F811
 
 
 Outcome = Literal["wait", "pass", "fail"]

@@ -185,3 +185,38 @@ def test_bad_canary_usually_fails_over_200_windows(rng):
         canary = arm(rng, 200, errors=int(rng.binomial(200, 0.05)))
         fails += judge(stable, canary, LIMITS).outcome == "fail"
     assert fails / 200 > 0.8
+
+
+
+RACE = """
+import sys, threading, time
+from serve.judge import load_tests
+
+def load_torch():
+    import torch  # noqa: F401  - the start-up load's own import (here a stand-in that takes 2 s)
+
+loader = threading.Thread(target=load_torch)
+loader.start()
+while "torch" not in sys.modules:       # half-built from here until the loader is done
+    time.sleep(0.0005)
+load_tests()                            # scipy.stats' import reads torch.Tensor
+loader.join()
+import scipy.stats, torch
+print("ok", torch.Tensor.__name__)
+"""
+
+
+def test_statistics_import_survives_a_torch_import_running_in_another_thread(tmp_path):
+    """The server imports scipy.stats in a thread beside its start-up load, which may be importing
+    torch at that moment (CI caught the race: 'partially initialized module torch'). A stand-in
+    torch that stays half-built for 2 s makes the race certain."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("import time\ntime.sleep(2)\nclass Tensor:\n    pass\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])}
+    proc = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "ok Tensor"
