@@ -277,10 +277,7 @@ class DynamicBatcher:
                 while self._executing:
                     await asyncio.gather(*list(self._executing))
                 return
-            oldest_wait = time.perf_counter() - self._queue[0].enqueued if self._queue else 0.0
-            wait = time_to_cut(len(self._queue), self._rows_queued, oldest_wait, len(self._executing),
-                               self.instances, self.max_batch_size, self.max_queue_delay_s,
-                               self._last_batch_requests, self._closing, self._smallest_running_rows())
+            wait = self._time_to_cut()
             if wait > 0:
                 await self._sleep(wait)
                 continue
@@ -295,11 +292,16 @@ class DynamicBatcher:
                 # the collector waits for its one instance itself and cuts the next batch in the same
                 # turn, before the answers run: with no instance beside it there is nothing to gain
                 # from a task and a wake-up a batch (the flow docs/reliability.md's figures measured)
-                start = self._start(batch)
-                await self._run(batch, start, asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.run_batch, start[1]))
+                await self._run(batch, *self._submit(batch))
             else:
                 self._launch(batch)
+
+    def _time_to_cut(self) -> float:
+        """`time_to_cut` over this batcher's state now."""
+        oldest_wait = time.perf_counter() - self._queue[0].enqueued if self._queue else 0.0
+        return time_to_cut(len(self._queue), self._rows_queued, oldest_wait, len(self._executing),
+                           self.instances, self.max_batch_size, self.max_queue_delay_s,
+                           self._last_batch_requests, self._closing, self._smallest_running_rows())
 
     def _smallest_running_rows(self) -> int:
         """Rows of the smallest batch now running on an instance; 0 when none runs."""
@@ -341,12 +343,14 @@ class DynamicBatcher:
             return started, batch[0].inputs
         return started, {n: np.concatenate([p.inputs[n] for p in batch]) for n in batch[0].inputs}
 
+    def _submit(self, batch: list[_Pending]) -> tuple[tuple[float, dict[str, np.ndarray]], asyncio.Future]:
+        """Start `batch` on an instance's thread now; returns its start and the run's future."""
+        start = self._start(batch)
+        return start, asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, start[1])
+
     def _launch(self, batch: list[_Pending]) -> None:
         """Run `batch` on a free instance: its thread has it before this returns."""
-        loop = asyncio.get_running_loop()
-        started, joined = self._start(batch)
-        compute = loop.run_in_executor(self._executor, self.run_batch, joined)
-        task = loop.create_task(self._run(batch, (started, joined), compute))
+        task = asyncio.get_running_loop().create_task(self._run(batch, *self._submit(batch)))
         self._executing[task] = sum(item.rows for item in batch)
         task.add_done_callback(self._instance_done)
 
@@ -358,10 +362,7 @@ class DynamicBatcher:
         128 clients: each instance waited for work 14-16 % of the time before, 9 % after)."""
         if self._closing or not self._queue or self._mean_batch_s < self.inline_below_s:
             return
-        oldest_wait = time.perf_counter() - self._queue[0].enqueued
-        if time_to_cut(len(self._queue), self._rows_queued, oldest_wait, len(self._executing), self.instances,
-                       self.max_batch_size, self.max_queue_delay_s, self._last_batch_requests, False,
-                       self._smallest_running_rows()) == 0.0:
+        if self._time_to_cut() == 0.0:
             batch = self._take_batch()
             if batch:
                 self._last_batch_requests = len(batch)

@@ -372,11 +372,15 @@ def _from_json(
     if target.kind in "iu" and arr.dtype != target:
         _check_int_range(name, datatype, arr, target)
     if target.kind == "f" and arr.dtype != target and _may_overflow(arr.dtype, target):
-        # the cast would turn these into inf (with a RuntimeWarning); refuse them instead
-        limit = float(np.finfo(target).max)
-        if arr.max() > limit or arr.min() < -limit:
-            raise _bad(f"input '{name}': values out of range for {datatype}")
+        _check_float_range(name, datatype, float(arr.max()), float(arr.min()), target)
     return arr.astype(target, copy=False).reshape(shape)
+
+
+def _check_float_range(name: str, datatype: str, high: float, low: float, target: np.dtype) -> None:
+    # the cast would turn values past the target's range into inf (with a RuntimeWarning): refuse them
+    limit = float(np.finfo(target).max)
+    if high > limit or low < -limit:
+        raise _bad(f"input '{name}': values out of range for {datatype}")
 
 
 _FLOAT_TYPES = frozenset(("FP16", "FP32", "FP64"))
@@ -399,9 +403,7 @@ def _flat_floats(name: str, datatype: str, data: LazyArray, shape: list[int]) ->
         high, low = float(values.max()), float(values.min())
         if max(high, -low) >= _EXACT_INTEGERS:
             return None
-        limit = float(np.finfo(target).max)
-        if high > limit or low < -limit:
-            raise _bad(f"input '{name}': values out of range for {datatype}")
+        _check_float_range(name, datatype, high, low, target)
     return values.astype(target).reshape(shape)
 
 
