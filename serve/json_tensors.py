@@ -47,6 +47,12 @@ def _brackets(value: Any) -> int:
     return 0
 
 
+def _count_brackets(text: bytes) -> int:
+    """How many '[' `text` holds. `text.count(b"[")` tests byte by byte (~25 µs for 59 KB); a
+    replace finds each '[' with memchr (~2 µs, and a request holds few)."""
+    return len(text) - len(text.replace(b"[", b""))
+
+
 def _unique_keys(obj: Any) -> list[str] | None:
     keys = list(obj.keys())
     return keys if len(set(keys)) == len(keys) else None
@@ -55,7 +61,9 @@ def _unique_keys(obj: Any) -> list[str] | None:
 def load_request(header: bytes) -> dict | None:
     """The request as a dict whose inputs' `data` lists are still simdjson arrays (LazyArray);
     None: let orjson read this body (see the module's docstring)."""
-    if b"\\u" in header:
+    # a byte search for the one-byte b"\\" runs as memchr (~1 µs for 59 KB), where `b"\\u" in header`
+    # reads byte by byte (~55 µs: as long as simdjson's whole parse)
+    if header.find(b"\\") >= 0 and b"\\u" in header:
         return None
     try:
         doc = simdjson.Parser().parse(header)
@@ -88,7 +96,7 @@ def load_request(header: bytes) -> dict | None:
         else:
             request[key] = _plain(value)
     # every '[' in the text is an array or sits in a string; the lazy arrays count 0 in _brackets
-    if header.count(b"[") != _brackets(request) + lazy:
+    if _count_brackets(header) != _brackets(request) + lazy:
         return None     # some input's data holds a nested list
     return request
 
