@@ -200,7 +200,7 @@ def test_a_client_that_retries_at_once_gets_its_next_429_only_when_its_retry_aft
         assert int(first[1]["retry-after"]) >= 1
         assert retry[0] == 429, retry                # the queue was still past its bound when it came
         if hold_s:
-            assert retry[2] > 0.8, retry             # held until the first Retry-After (capped) passed
+            assert retry[2] > 0.7, retry             # held until the first Retry-After (capped, less up to a fifth) passed
         else:
             assert retry[2] < 0.8, retry
         assert other[0] == 429 and other[2] < 0.5, other   # a first refusal on its connection
