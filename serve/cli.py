@@ -53,11 +53,11 @@ def _serve(args: argparse.Namespace) -> int:
         warn_if_empty(settings.registry)
     if settings.frontend == "litserve":
         return litserve_frontend.serve(settings)
-    from serve.api.early_refusal import EarlyRefusalProtocol
+    from serve.api.http_protocol import ZooserveHttpProtocol
     from serve.app import create_app    # here: LitServe's processes fork from this one and need none of it
 
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                            http=EarlyRefusalProtocol,
+                            http=ZooserveHttpProtocol,
                             access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
                             log_level=settings.log_level)
     # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was in place

@@ -1,5 +1,5 @@
-"""A v2 infer request that its queue refuses, answered 429 by the HTTP protocol from its headers,
-before uvicorn makes an ASGI request of it.
+"""A v2 infer request that its queue refuses, answered 429 by the HTTP protocol from its headers
+(serve/api/http_protocol.py), before uvicorn makes an ASGI request of it.
 
 Why: under overload most requests are refused. Through ASGI a refusal still costs a request cycle,
 a task, the app's layers and two `send` calls whose headers uvicorn checks one by one with regular
@@ -21,33 +21,18 @@ from __future__ import annotations
 
 import time
 
-import httptools
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
-
 from serve.api.deps import request_id
 from serve.api.v2 import INFER_PATH, _scope_header
 from serve.errors import QueueFull, engine_refusal, error_body, log_refusal
 
-_PROXY_HEADERS = (b"x-forwarded-for", b"forwarded")
-
-
 class Refusal:
-    """One early 429: what to write, and how long the pacer holds it (serve/api/pacing.py)."""
+    """One early 429: its headers and body, and the Retry-After the pacer holds the next one by
+    (serve/api/pacing.py)."""
 
     __slots__ = ("headers", "body", "retry_after_s")
 
     def __init__(self, headers: list[tuple[bytes, bytes]], body: bytes, retry_after_s: float):
         self.headers, self.body, self.retry_after_s = headers, body, retry_after_s
-
-    def encode(self, default_headers, keep_alive: bool) -> bytes:
-        """The whole HTTP answer: uvicorn's status line and default headers (date, server), then ours."""
-        parts = [STATUS_LINE[429]]
-        for name, value in (*default_headers, *self.headers):
-            parts += (name, b": ", value, b"\r\n")
-        if not keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts += (b"\r\n", self.body)
-        return b"".join(parts)
 
 
 def refusal(state, path: str, headers: list[tuple[bytes, bytes]]) -> Refusal | None:
@@ -76,81 +61,3 @@ def refusal(state, path: str, headers: list[tuple[bytes, bytes]]) -> Refusal | N
     return Refusal([(b"content-type", b"application/json"), (b"x-model-version", version.encode()),
                     (b"retry-after", retry_after.encode()), (b"x-request-id", rid.encode()),
                     (b"content-length", str(len(body)).encode())], body, float(retry_after))
-
-
-class _Answered:
-    """What uvicorn's protocol reads of a request cycle (serve/api/early_refusal.py answers the
-    request itself): complete once the 429 is written, so the body that follows is dropped and a
-    request pipelined behind it waits until then."""
-
-    __slots__ = ("response_complete", "disconnected", "keep_alive", "more_body", "body", "message_event")
-
-    def __init__(self, keep_alive: bool):
-        self.response_complete = False
-        self.disconnected = False
-        self.keep_alive = keep_alive
-        self.more_body = True
-        self.body = _Sink()
-        self.message_event = _NoEvent()
-
-
-class _Sink:
-    """A request body that keeps nothing (`cycle.body += chunk` while a refusal is held)."""
-
-    __slots__ = ()
-
-    def __iadd__(self, chunk: bytes) -> "_Sink":
-        return self
-
-    def __len__(self) -> int:
-        return 0
-
-
-class _NoEvent:
-    __slots__ = ()
-
-    def set(self) -> None:
-        pass
-
-
-class EarlyRefusalProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol; a v2 infer request its queue refuses is answered here."""
-
-    def on_headers_complete(self) -> None:
-        if self._refused_here():
-            return
-        super().on_headers_complete()
-
-    def _refused_here(self) -> bool:
-        front = self.config.app                     # serve.app.InferFastPath
-        if getattr(front, "access_log", True) or self.expect_100_continue:
-            return False
-        if self.cycle is not None and not self.cycle.response_complete:
-            return False                            # pipelined behind an unanswered request
-        if self.parser.get_method() != b"POST" or not self.url.endswith(b"/infer"):
-            return False
-        raw_path = httptools.parse_url(self.url).path
-        if b"%" in raw_path or any(name in _PROXY_HEADERS for name, _ in self.headers):
-            return False
-        answer = refusal(front.state, raw_path.decode("ascii"), self.headers)
-        if answer is None:
-            return False
-        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-        self.cycle = cycle = _Answered(keep_alive)
-        pacer = front.state.pacer
-        hold = pacer.hold_s(self.client)
-        if hold > 0:                                # a client that did not wait its last Retry-After
-            self.loop.call_later(hold, self._write, cycle, answer, pacer)
-        else:
-            self._write(cycle, answer, pacer)
-        return True
-
-    def _write(self, cycle: _Answered, answer: Refusal, pacer) -> None:
-        if cycle.disconnected or self.transport.is_closing():
-            return
-        self.transport.write(answer.encode(self.server_state.default_headers, cycle.keep_alive))
-        cycle.response_complete = True
-        pacer.refused(self.client, answer.retry_after_s)
-        if not cycle.keep_alive:
-            self.transport.close()
-        self.on_response_complete()       # uvicorn's: the keep-alive timer, or the next pipelined request

@@ -494,6 +494,9 @@ def _scope_header(raw_headers: list[tuple[bytes, bytes]]) -> Callable[[str], str
     return header
 
 
+_NO_EXTENSIONS: dict = {}
+# the scope extension of serve/api/http_protocol.py (not imported: that module imports this one)
+ANSWER_EXTENSION = "zooserve.answer"
 INFER_PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 
 
@@ -523,13 +526,18 @@ async def fast_infer(scope, receive, send, state, model: str, version: str | Non
             retry_after_s = float(exc.headers.get("Retry-After", 1))
     headers.append((b"x-request-id", rid.encode()))
     headers.append((b"content-length", str(len(payload)).encode()))
-    messages = ({"type": "http.response.start", "status": status, "headers": headers},
-                {"type": "http.response.body", "body": payload})
     if retry_after_s:
-        await state.pacer.send_refusal(scope, send, messages, retry_after_s)
+        await state.pacer.send_refusal(scope, send, (
+            {"type": "http.response.start", "status": status, "headers": headers},
+            {"type": "http.response.body", "body": payload}), retry_after_s)
+        return
+    # the server's one-write answer where it offers one (serve/api/http_protocol.py), else ASGI's two messages
+    answer = scope.get("extensions", _NO_EXTENSIONS).get(ANSWER_EXTENSION)
+    if answer is not None:
+        await answer(status, headers, payload)
     else:
-        for message in messages:
-            await send(message)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
 
 async def _routed_infer(request: Request, model: str, version: str | None) -> Response:

@@ -1,6 +1,7 @@
-"""A v2 infer request its queue refuses is answered 429 by the HTTP protocol from its headers
-(serve/api/early_refusal.py), with the answer the ASGI route gives, and everything else goes on to
-the app as before.
+"""serve/api/http_protocol.py: a v2 infer request its queue refuses is answered 429 by the HTTP
+protocol from its headers (serve/api/early_refusal.py), with the answer the ASGI route gives, and
+everything else goes on to the app as before; the infer handler's answers go out in one write,
+byte for byte what uvicorn's own `send` writes.
 
 In process: the real app (create_app, its lifespan, a real registry and batcher) behind uvicorn's
 httptools protocol and ours, each fed raw HTTP bytes through a transport that keeps what is
@@ -21,7 +22,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from model_registry import Registry
-from serve.api.early_refusal import EarlyRefusalProtocol
+from serve.api.http_protocol import ZooserveHttpProtocol
 from serve.app import create_app
 from serve.errors import ServeError
 from serve.settings import ServeSettings
@@ -42,10 +43,12 @@ class Transport(asyncio.Transport):
     def __init__(self):
         super().__init__()
         self.written = bytearray()
+        self.writes = 0
         self.closed = False
 
     def write(self, data) -> None:
         self.written += data
+        self.writes += 1
 
     def is_closing(self) -> bool:
         return self.closed
@@ -83,7 +86,7 @@ class Harness:
         self.app, self.settings = app, settings
         self.state = ServerState()
 
-    def connect(self, protocol_class=EarlyRefusalProtocol):
+    def connect(self, protocol_class=ZooserveHttpProtocol):
         config = Config(self.app, http=protocol_class, access_log=False, log_config=None)
         config.load()
         protocol = protocol_class(config=config, server_state=self.state, app_state={})
@@ -250,4 +253,44 @@ def test_an_admitted_request_and_a_connection_close_refusal(one_place_registry):
             assert status == 429 and headers["connection"] == "close" and closing_transport.closed
         finally:
             await stopped(lifespan, inbox)
+    asyncio.run(run())
+
+
+def test_answers_go_out_in_one_write_byte_for_byte_as_uvicorn_writes_them(registry_copy):
+    bad = json.dumps({"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                  "data": [1.0]}]}).encode()
+
+    async def run():
+        harness, lifespan, inbox = await started(registry_copy)
+        try:
+            ours, ours_transport = harness.connect()
+            theirs, theirs_transport = harness.connect(HttpToolsProtocol)
+            for body in (BODY, bad):
+                for protocol in (ours, theirs):
+                    protocol.data_received(request(body))
+            # and two requests pipelined in one segment: answered in order
+            ours.data_received(request(bad) + request(BODY))
+            theirs.data_received(request(bad) + request(BODY))
+            await settle(ours_transport, 4)
+            await settle(theirs_transport, 4)
+        finally:
+            await stopped(lifespan, inbox)
+        assert [a[0] for a in answers(ours_transport.written)] == [200, 400, 400, 200]
+        assert bytes(ours_transport.written) == bytes(theirs_transport.written)
+        assert ours_transport.writes == 4 and theirs_transport.writes == 8     # one write an answer, not two
+        assert not ours_transport.closed
+    asyncio.run(run())
+
+
+def test_a_connection_close_request_is_answered_and_closed(registry_copy):
+    async def run():
+        harness, lifespan, inbox = await started(registry_copy)
+        try:
+            protocol, transport = harness.connect()
+            protocol.data_received(request(extra=b"Connection: close\r\n"))
+            await settle(transport, 1)
+        finally:
+            await stopped(lifespan, inbox)
+        (status, headers, _), = answers(transport.written)
+        assert status == 200 and headers["connection"] == "close" and transport.closed
     asyncio.run(run())

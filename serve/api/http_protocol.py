@@ -1,0 +1,151 @@
+"""uvicorn's httptools protocol with two shortcuts for the infer route, the one request that comes by
+thousands a second.
+
+1. **Refusals from the headers** (serve/api/early_refusal.py): a v2 infer request that its queue
+   refuses is answered 429 when its headers are parsed, without an ASGI request cycle, task or app
+   layers, in one socket write; its body is dropped as it arrives.
+2. **A whole answer in one write**: the ASGI scope carries the extension `zooserve.answer`, an
+   awaitable `(status, headers, body)` that writes status line, headers and body at once. Through
+   ASGI's two `send` messages uvicorn checks every header against two regular expressions and
+   writes twice; the infer handler's headers are its own (the client's x-request-id is used only
+   when sane), so neither check can fail. uvicorn's `send` was ~9 % of the event loop's samples
+   under load (py-spy, bench/overload.py). A server without the extension (LitServe's) gets the
+   two messages.
+
+Both keep uvicorn's bookkeeping (the cycle's states, keep-alive, pipelining, flow control) by
+setting what its own `send` sets; uvicorn is pinned below its next minor release for that reason
+(pyproject.toml), and tests/serve/test_http_protocol.py checks the answers byte for byte against
+uvicorn's own path.
+"""
+
+from __future__ import annotations
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+
+from serve.api.early_refusal import Refusal, refusal
+from serve.api.v2 import ANSWER_EXTENSION
+# the client the app sees comes from these when uvicorn trusts the proxy; the pacer keys on it
+_PROXY_HEADERS = (b"x-forwarded-for", b"forwarded")
+
+
+def encode_answer(status: int, default_headers, headers, body: bytes, keep_alive: bool) -> bytes:
+    """A whole HTTP/1.1 answer: uvicorn's status line and default headers (date, server), then
+    `headers` (which hold content-length), and `body`."""
+    parts = [STATUS_LINE[status]]
+    for name, value in default_headers:
+        parts += (name, b": ", value, b"\r\n")
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts += (b"\r\n", body)
+    return b"".join(parts)
+
+
+class ZooserveHttpProtocol(HttpToolsProtocol):
+    """The protocol `zooserve serve` runs uvicorn with (serve/cli.py)."""
+
+    def on_headers_complete(self) -> None:
+        if self._refused_here():
+            return
+        super().on_headers_complete()
+        if self.cycle is not None and self.cycle.scope is self.scope and not self.cycle.access_log:
+            cycle = self.cycle
+            default_headers = self.server_state.default_headers
+
+            async def answer(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+                await answer_whole(cycle, default_headers, status, headers, body)
+            self.scope["extensions"] = {ANSWER_EXTENSION: answer}
+
+    # ---- 1. refusals from the headers ----------------------------------------------------------
+    def _refused_here(self) -> bool:
+        front = self.config.app                     # serve.app.InferFastPath
+        if getattr(front, "access_log", True) or self.expect_100_continue:
+            return False
+        if self.cycle is not None and not self.cycle.response_complete:
+            return False                            # pipelined behind an unanswered request
+        if self.parser.get_method() != b"POST" or not self.url.endswith(b"/infer"):
+            return False
+        raw_path = httptools.parse_url(self.url).path
+        if b"%" in raw_path or any(name in _PROXY_HEADERS for name, _ in self.headers):
+            return False
+        answer = refusal(front.state, raw_path.decode("ascii"), self.headers)
+        if answer is None:
+            return False
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        self.cycle = cycle = _Answered(keep_alive)
+        pacer = front.state.pacer
+        hold = pacer.hold_s(self.client)
+        if hold > 0:                                # a client that did not wait its last Retry-After
+            self.loop.call_later(hold, self._write_refusal, cycle, answer, pacer)
+        else:
+            self._write_refusal(cycle, answer, pacer)
+        return True
+
+    def _write_refusal(self, cycle: "_Answered", answer: Refusal, pacer) -> None:
+        if cycle.disconnected or self.transport.is_closing():
+            return
+        self.transport.write(encode_answer(429, self.server_state.default_headers, answer.headers, answer.body,
+                                           cycle.keep_alive))
+        cycle.response_complete = True
+        pacer.refused(self.client, answer.retry_after_s)
+        if not cycle.keep_alive:
+            self.transport.close()
+        self.on_response_complete()       # uvicorn's: the keep-alive timer, or the next pipelined request
+
+
+# ---- 2. a whole answer in one write -----------------------------------------------------------
+async def answer_whole(cycle: RequestResponseCycle, default_headers, status: int,
+                       headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """What uvicorn's `send` does for a start message and a last body message with content-length,
+    in one write (httptools_impl.RequestResponseCycle.send)."""
+    if cycle.flow.write_paused and not cycle.disconnected:
+        await cycle.flow.drain()
+    if cycle.disconnected:
+        return
+    if cycle.response_started:
+        raise RuntimeError("the answer was already started")
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    cycle.transport.write(encode_answer(status, default_headers, headers, body, cycle.keep_alive))
+    cycle.response_complete = True
+    cycle.message_event.set()
+    if not cycle.keep_alive:
+        cycle.transport.close()
+    cycle.on_response()
+
+
+class _Answered:
+    """What uvicorn's protocol reads of a request cycle, for a request answered by
+    `_refused_here`: complete once the 429 is written, so the body that follows is dropped and a
+    request pipelined behind it waits until then."""
+
+    __slots__ = ("response_complete", "disconnected", "keep_alive", "more_body", "body", "message_event")
+
+    def __init__(self, keep_alive: bool):
+        self.response_complete = False
+        self.disconnected = False
+        self.keep_alive = keep_alive
+        self.more_body = True
+        self.body = _Sink()
+        self.message_event = _NoEvent()
+
+
+class _Sink:
+    """A request body that keeps nothing (`cycle.body += chunk` while a refusal is held)."""
+
+    __slots__ = ()
+
+    def __iadd__(self, chunk: bytes) -> "_Sink":
+        return self
+
+    def __len__(self) -> int:
+        return 0
+
+
+class _NoEvent:
+    __slots__ = ()
+
+    def set(self) -> None:
+        pass
