@@ -5,7 +5,7 @@ thousands a second.
    refuses is answered 429 when its headers are parsed, without an ASGI request cycle, task or app
    layers, in one socket write; its body is dropped as it arrives.
 2. **A whole answer in one write**: the ASGI scope carries the extension `zooserve.answer`, an
-   awaitable `(status, headers, body)` that writes status line, headers and body at once. Through
+   awaitable `(send, status, headers, body)` that writes status line, headers and body at once. Through
    ASGI's two `send` messages uvicorn checks every header against two regular expressions and
    writes twice; the infer handler's headers are its own (the client's x-request-id is used only
    when sane), so neither check can fail. uvicorn's `send` was ~9 % of the event loop's samples
@@ -50,13 +50,10 @@ class ZooserveHttpProtocol(HttpToolsProtocol):
         if self._refused_here():
             return
         super().on_headers_complete()
-        if self.cycle is not None and self.cycle.scope is self.scope and not self.cycle.access_log:
-            cycle = self.cycle
-            default_headers = self.server_state.default_headers
-
-            async def answer(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-                await answer_whole(cycle, default_headers, status, headers, body)
-            self.scope["extensions"] = {ANSWER_EXTENSION: answer}
+        if self.cycle is not None and self.cycle.scope is self.scope:
+            # no closure over the cycle here: cycle -> scope -> closure -> cycle would leave every
+            # request's objects to the cyclic collector (measured: worse p99 under 1024 clients)
+            self.scope["extensions"] = {ANSWER_EXTENSION: answer_whole}
 
     # ---- 1. refusals from the headers ----------------------------------------------------------
     def _refused_here(self) -> bool:
@@ -96,10 +93,16 @@ class ZooserveHttpProtocol(HttpToolsProtocol):
 
 
 # ---- 2. a whole answer in one write -----------------------------------------------------------
-async def answer_whole(cycle: RequestResponseCycle, default_headers, status: int,
-                       headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    """What uvicorn's `send` does for a start message and a last body message with content-length,
-    in one write (httptools_impl.RequestResponseCycle.send)."""
+async def answer_whole(send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """The ASGI `send` the app was given, told to answer (status, headers with content-length, body)
+    in one write: what uvicorn's `send` does for a start message and a last body message
+    (httptools_impl.RequestResponseCycle.send). A `send` that is not uvicorn's own (wrapped by a
+    middleware: the access log's) gets the two messages."""
+    cycle = getattr(send, "__self__", None)
+    if type(cycle) is not RequestResponseCycle or cycle.access_log:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return
     if cycle.flow.write_paused and not cycle.disconnected:
         await cycle.flow.drain()
     if cycle.disconnected:
@@ -108,7 +111,7 @@ async def answer_whole(cycle: RequestResponseCycle, default_headers, status: int
         raise RuntimeError("the answer was already started")
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
-    cycle.transport.write(encode_answer(status, default_headers, headers, body, cycle.keep_alive))
+    cycle.transport.write(encode_answer(status, cycle.default_headers, headers, body, cycle.keep_alive))
     cycle.response_complete = True
     cycle.message_event.set()
     if not cycle.keep_alive:

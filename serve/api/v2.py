@@ -534,7 +534,7 @@ async def fast_infer(scope, receive, send, state, model: str, version: str | Non
     # the server's one-write answer where it offers one (serve/api/http_protocol.py), else ASGI's two messages
     answer = scope.get("extensions", _NO_EXTENSIONS).get(ANSWER_EXTENSION)
     if answer is not None:
-        await answer(status, headers, payload)
+        await answer(send, status, headers, payload)
     else:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
