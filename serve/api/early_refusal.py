@@ -22,8 +22,8 @@ from __future__ import annotations
 import time
 
 from serve.api.deps import request_id
-from serve.api.v2 import INFER_PATH, _scope_header
-from serve.errors import QueueFull, engine_refusal, error_body, log_refusal
+from serve.api.v2 import INFER_PATH, _scope_header, error_answer
+from serve.errors import QueueFull, engine_refusal, log_refusal
 
 class Refusal:
     """One early 429: its headers and body, and the Retry-After the pacer holds the next one by
@@ -54,10 +54,8 @@ def refusal(state, path: str, headers: list[tuple[bytes, bytes]]) -> Refusal | N
     given = next((value for name, value in headers if name == b"x-request-id"), None)
     rid = request_id(given)
     version = str(lv.version)
-    retry_after = error.headers["Retry-After"]
-    body = error_body(error.message)
+    error.headers = {"x-model-version": version, **error.headers}    # as the route's RequestOutcome names it
+    body, answer_headers = error_answer(error, rid)
     lv.engine.metrics.request_done(429, time.perf_counter() - started)
     log_refusal("POST", path, 429, error.message, model, version, rid)
-    return Refusal([(b"content-type", b"application/json"), (b"x-model-version", version.encode()),
-                    (b"retry-after", retry_after.encode()), (b"x-request-id", rid.encode()),
-                    (b"content-length", str(len(body)).encode())], body, float(retry_after))
+    return Refusal(answer_headers, body, float(error.headers["Retry-After"]))

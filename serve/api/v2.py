@@ -502,8 +502,9 @@ INFER_PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^
 
 async def fast_infer(scope, receive, send, state, model: str, version: str | None) -> None:
     """The infer handler as a bare ASGI call (see serve.app.InferFastPath): headers read from the
-    scope, body from `receive`, the answer sent as two ASGI messages; errors as JSON, and logged.
-    Every answer carries its x-request-id (the client's, or a new one)."""
+    scope, body from `receive`, the answer written at once where the server offers it (else two ASGI
+    messages); errors as JSON, and logged. Every answer carries its x-request-id (the client's, or a
+    new one)."""
     started = time.perf_counter()
     length, encoding, header_length, given_id = _header_values(scope["headers"])
     retry_after_s = 0.0
@@ -515,17 +516,29 @@ async def fast_infer(scope, receive, send, state, model: str, version: str | Non
             return                  # nobody to answer
         rid = request_id(given_id)
         status, (payload, headers) = 200, result
+        headers.append((b"x-request-id", rid.encode()))
+        headers.append((b"content-length", str(len(payload)).encode()))
     except ServeError as exc:
         rid = request_id(given_id)
         log_refusal("POST", scope["path"], exc.status, exc.message, model,
                     exc.headers.get("x-model-version", version), rid)
-        status, payload = exc.status, error_body(exc.message)
-        headers = [(b"content-type", b"application/json"),
-                   *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
+        status, (payload, headers) = exc.status, error_answer(exc, rid)
         if status == 429:           # shed for overload: paced when the client did not wait (pacing.py)
             retry_after_s = float(exc.headers.get("Retry-After", 1))
-    headers.append((b"x-request-id", rid.encode()))
-    headers.append((b"content-length", str(len(payload)).encode()))
+    await _send_answer(scope, send, state, status, headers, payload, retry_after_s)
+
+
+def error_answer(exc: ServeError, rid: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The body and headers of the infer route's error answer (serve/api/early_refusal.py gives
+    its 429s the same): the JSON error, the error's own headers (x-model-version, Retry-After),
+    the request id and the length."""
+    payload = error_body(exc.message)
+    return payload, [(b"content-type", b"application/json"),
+                     *((k.lower().encode(), v.encode()) for k, v in exc.headers.items()),
+                     (b"x-request-id", rid.encode()), (b"content-length", str(len(payload)).encode())]
+
+
+async def _send_answer(scope, send, state, status: int, headers, payload: bytes, retry_after_s: float) -> None:
     if retry_after_s:
         await state.pacer.send_refusal(scope, send, (
             {"type": "http.response.start", "status": status, "headers": headers},
