@@ -141,6 +141,7 @@ class Level:
     ready_not_200: int
     short_answers: int               # 200 answers that lacked what every answer must hold
     server_cpu_cores: float
+    loop_cpu_cores: float            # the server's main thread: its event loop (the rest: the model's threads)
     client_cpu_cores: float
     other_load_cores: float
     errors: list[str] = field(default_factory=list)
@@ -215,11 +216,13 @@ async def run_level(server: Server, bodies: list[bytes], clients: str, concurren
         await asyncio.sleep(warmup_s)
         busy0, cpu0, client0, t0 = (machine_busy_seconds(), server.cpu_seconds(), time.process_time(),
                                     time.perf_counter())
+        loop0 = server.main_thread_cpu_seconds()
         phase["recording"], phase["t0"] = True, t0
         await asyncio.sleep(duration_s)
         phase["stop"] = True
         busy1, cpu1, client1, t1 = (machine_busy_seconds(), server.cpu_seconds(), time.process_time(),
                                     time.perf_counter())
+        loop1 = server.main_thread_cpu_seconds()
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
     finally:
         for t in tasks:
@@ -233,7 +236,7 @@ async def run_level(server: Server, bodies: list[bytes], clients: str, concurren
         ready_p50_ms=pct(ready_ms, 50), ready_p99_ms=pct(ready_ms, 99),
         ready_max_ms=max(ready_ms) * 1000 if ready_ms else float("nan"), ready_not_200=ready_bad[0],
         short_answers=short[0],
-        server_cpu_cores=(cpu1 - cpu0) / seconds, client_cpu_cores=(client1 - client0) / seconds,
+        server_cpu_cores=(cpu1 - cpu0) / seconds, loop_cpu_cores=(loop1 - loop0) / seconds, client_cpu_cores=(client1 - client0) / seconds,
         other_load_cores=max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (client1 - client0)) / seconds,
         errors=errors[:5])
 
@@ -265,14 +268,15 @@ def targets(levels: list[Level]) -> list[tuple[str, float, float, bool]]:
 def print_report(levels: list[Level]) -> None:
     print()
     print("| clients | concurrency | goodput req/s | p50 ms | p99 ms | 429 | other | ready p50 / p99 / max ms "
-          "| server cores | client cores | other load cores |")
-    print("|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|")
+          "| server cores | of which the event loop | client cores | other load cores |")
+    print("|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|")
     for lv in levels:
         other = ", ".join([*(f"{k}: {v}" for k, v in lv.other.items()),
                            *([f"short 200: {lv.short_answers}"] if lv.short_answers else [])]) or "-"
         print(f"| {lv.clients} | {lv.concurrency} | {lv.goodput_rps:,.0f} | {lv.p50_ms:.1f} | {lv.p99_ms:.1f} | "
               f"{lv.refused:,} | {other} | {lv.ready_p50_ms:.1f} / {lv.ready_p99_ms:.1f} / {lv.ready_max_ms:.1f} | "
-              f"{lv.server_cpu_cores:.2f} | {lv.client_cpu_cores:.2f} | {lv.other_load_cores:.2f} |")
+              f"{lv.server_cpu_cores:.2f} | {lv.loop_cpu_cores:.2f} | {lv.client_cpu_cores:.2f} | "
+              f"{lv.other_load_cores:.2f} |")
     print()
     for what, measured, bound, met in targets(levels):
         print(f"  {what}: {measured:.3g} (target {'>=' if 'goodput' in what else '<='} {bound:g}): "
