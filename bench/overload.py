@@ -236,7 +236,8 @@ async def run_level(server: Server, bodies: list[bytes], clients: str, concurren
         ready_p50_ms=pct(ready_ms, 50), ready_p99_ms=pct(ready_ms, 99),
         ready_max_ms=max(ready_ms) * 1000 if ready_ms else float("nan"), ready_not_200=ready_bad[0],
         short_answers=short[0],
-        server_cpu_cores=(cpu1 - cpu0) / seconds, loop_cpu_cores=(loop1 - loop0) / seconds, client_cpu_cores=(client1 - client0) / seconds,
+        server_cpu_cores=(cpu1 - cpu0) / seconds, loop_cpu_cores=(loop1 - loop0) / seconds,
+        client_cpu_cores=(client1 - client0) / seconds,
         other_load_cores=max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (client1 - client0)) / seconds,
         errors=errors[:5])
 

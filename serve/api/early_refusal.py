@@ -25,6 +25,7 @@ from serve.api.deps import request_id
 from serve.api.v2 import INFER_PATH, _scope_header, error_answer
 from serve.errors import QueueFull, engine_refusal, log_refusal
 
+
 class Refusal:
     """One early 429: its headers and body, and the Retry-After the pacer holds the next one by
     (serve/api/pacing.py)."""

@@ -25,6 +25,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from serve.api.early_refusal import Refusal, refusal
 from serve.api.v2 import ANSWER_EXTENSION
+
 # the client the app sees comes from these when uvicorn trusts the proxy; the pacer keys on it
 _PROXY_HEADERS = (b"x-forwarded-for", b"forwarded")
 
@@ -33,9 +34,7 @@ def encode_answer(status: int, default_headers, headers, body: bytes, keep_alive
     """A whole HTTP/1.1 answer: uvicorn's status line and default headers (date, server), then
     `headers` (which hold content-length), and `body`."""
     parts = [STATUS_LINE[status]]
-    for name, value in default_headers:
-        parts += (name, b": ", value, b"\r\n")
-    for name, value in headers:
+    for name, value in (*default_headers, *headers):
         parts += (name, b": ", value, b"\r\n")
     if not keep_alive:
         parts.append(b"connection: close\r\n")
