@@ -177,19 +177,39 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError(f"server not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
-    def cpu_times(self) -> tuple[float, float]:
-        """(utime, stime) of the server process (all threads), seconds."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            stat = f.read()
+    def pids(self) -> list[int]:
+        """The server process and its descendants (a server of several workers is a supervisor and
+        its worker processes)."""
+        found, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            try:
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children") as f:
+                        todo.extend(int(child) for child in f.read().split())
+            except OSError:            # it exited meanwhile
+                continue
+        return found
+
+    @staticmethod
+    def _stat_times(path: str) -> tuple[float, float]:
+        try:
+            with open(path) as f:
+                stat = f.read()
+        except OSError:
+            return 0.0, 0.0
         fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "; fields[0] is field 3
         return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
+    def cpu_times(self) -> tuple[float, float]:
+        """(utime, stime) of the server's processes (all threads), seconds."""
+        times = [self._stat_times(f"/proc/{pid}/stat") for pid in self.pids()]
+        return sum(u for u, _ in times), sum(s for _, s in times)
+
     def main_thread_cpu_seconds(self) -> float:
-        """utime + stime of the server's main thread alone (the event loop's), seconds."""
-        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat") as f:
-            stat = f.read()
-        fields = stat[stat.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        """utime + stime of the server's main threads alone (the event loops'), seconds."""
+        return sum(sum(self._stat_times(f"/proc/{pid}/task/{pid}/stat")) for pid in self.pids())
 
     def cpu_seconds(self) -> float:
         """utime + stime of the server process (all threads), seconds."""

@@ -5,7 +5,7 @@ One run (`--family cnn`, the default; `--family tokens` does the same for a toke
      the peers' `cnn.onnx` in research/reliability-anchors.md), exports it to ONNX and publishes it
      with `zooserve registry import`, as a user would; model.json's batching: batches of up to 32,
      a 5 ms batch window (the peers' setting) and `--max-queue-wait-ms`;
-  2. starts `zooserve serve --threads 1` on a free loopback port;
+  2. starts `zooserve serve --threads 1` (and `--workers N` with `--workers`) on a free loopback port;
   3. runs closed-loop levels, each client on its own keep-alive connection with a random image:
      - "plain" at each `--peak` concurrency (default 32 and 64): the peak goodput, and the p99 at 32
        that the accepted p99 under overload is compared with;
@@ -16,8 +16,8 @@ One run (`--family cnn`, the default; `--family tokens` does the same for a toke
   4. prints one row per level (goodput = 200 answers/s, accepted p50/p99, refusals, readiness p99)
      and the four targets of the issue as ratios measured in this one run.
 
-    .venv/bin/python bench/overload.py [--family cnn|tokens] [--duration 15] [--max-queue-wait-ms MS]
-                                       [--out FILE.json]
+    .venv/bin/python bench/overload.py [--family cnn|tokens] [--workers N] [--duration 15]
+                                       [--max-queue-wait-ms MS] [--out FILE.json]
 
 `--family tokens`: bench/tokens.py's random-weight `small` decoder (its own tokenizer, ONNX export
 with parity, published), `max_num_seqs` 16 rows, and non-streamed `/v1/completions` of a fixed
@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="model.json batching.max_queue_wait_ms of the served model (default: 50 for the "
                         "CNN, 300 for tokens: about two sequences' time)")
     p.add_argument("--threads", type=int, default=1, help="server intra-op threads")
+    p.add_argument("--workers", type=int, default=1, help="server processes on the one port (zooserve serve --workers)")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs the clients send")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here (default: printed only)")
     p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="load generator loop")
@@ -333,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             print("[overload] building the CNN and importing it ...", flush=True)
             build_cnn(workdir, registry, wait_ms)
             expect = None
-        server = Server(registry, args.threads, workdir / "server.log")
+        server = Server(registry, args.threads, workdir / "server.log",
+                        ["--workers", str(args.workers)] if args.workers > 1 else None)
         print(f"[overload] server ready in {server.wait_ready():.1f} s on {server.url}", flush=True)
         bodies = (completion_requests(server.host, server.port, model, prompts) if tokens
                   else request_bodies(server.host, server.port, 256, args.seed))
@@ -351,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "command": " ".join([Path(sys.executable).name, *sys.argv]),
                 "environment": {**environment(), "client_loop": loop_name},
-                "family": args.family, "max_queue_wait_ms": wait_ms, "levels": [asdict(lv) for lv in levels],
+                "family": args.family, "workers": args.workers, "max_queue_wait_ms": wait_ms,
+                "levels": [asdict(lv) for lv in levels],
                 "targets": [{"what": w, "measured": m, "bound": b, "met": ok} for w, m, b, ok in targets(levels)],
                 "server_exit_code": code}, indent=2))
             print(f"[overload] wrote {args.out}")

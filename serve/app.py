@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import orjson
 from fastapi import FastAPI, Request
@@ -40,13 +41,15 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return Response(error_body(message), status_code=status, media_type="application/json", headers=headers)
 
 
-def create_app(settings: ServeSettings | None = None) -> FastAPI:
-    """The server for `settings.registry`; models load in the background after start-up."""
+def create_app(settings: ServeSettings | None = None, shared_folder: Path | None = None) -> FastAPI:
+    """The server for `settings.registry`; models load in the background after start-up. A worker of
+    several (`shared_folder`: where the workers' metrics meet, serve/workers.py) loads before it
+    starts: it listens only once it can answer, while the other workers serve."""
     settings = settings or ServeSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        metrics = Metrics()
+        metrics = Metrics(shared_folder)
         repository = ModelRepository(Registry(settings.registry), settings, metrics)
         app.state.settings, app.state.metrics, app.state.repository = settings, metrics, repository
         app.state.draining = False
@@ -54,9 +57,16 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         app.state.pacer = RefusalPacer(settings.max_refusal_hold_s)
         watcher = RegistryWatcher(repository, settings.watch_interval_s)
         app.state.watcher = watcher
+        loaded = asyncio.Event()
         loading = asyncio.create_task(_load_then_watch(repository, watcher, time.monotonic(),
-                                                       settings.rollout_controller))
+                                                       settings.rollout_controller, loaded))
         loading.add_done_callback(_log_load_failure)
+        publishing = None
+        if metrics.shared is not None:
+            waiting = asyncio.create_task(loaded.wait())
+            await asyncio.wait([loading, waiting], return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            publishing = asyncio.create_task(_publish_metrics(metrics))
         stop_rollouts = asyncio.Event()
         rollouts = asyncio.create_task(_embedded_rollouts(settings, metrics, stop_rollouts)) \
             if settings.rollout_controller else None
@@ -77,6 +87,9 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                 await rollouts
             await app.state.shadow.close()
             await repository.close()
+            if publishing is not None:       # the last counts stay in the sum after this worker exits
+                publishing.cancel()
+                metrics.shared.publish()
 
     app = FastAPI(title="zooserve", version=__version__, lifespan=lifespan,
                   description="One server for every model family: KServe v2 and (for token models) OpenAI.",
@@ -219,7 +232,7 @@ _NO_TELEMETRY = ({"telemetry": {"tracing": False, "metrics": False, "logs": Fals
 
 
 async def _load_then_watch(repository: ModelRepository, watcher: RegistryWatcher, started: float,
-                           rollouts: bool) -> None:
+                           rollouts: bool, loaded: asyncio.Event) -> None:
     """Load every model (and say so), then move everything allocated so far out of the garbage
     collector's sight (imports leave ~200k tracked objects, and each full collection of them
     stalled the event loop for ~100 ms under load: bench/classify.py, p99), then follow the registry.
@@ -230,6 +243,7 @@ async def _load_then_watch(repository: ModelRepository, watcher: RegistryWatcher
     statistics = asyncio.create_task(asyncio.to_thread(load_tests)) if rollouts else None
     await repository.load_all(also=statistics)
     log.info("%s", _ready_line(repository, time.monotonic() - started))
+    loaded.set()
     gc.collect()
     gc.freeze()
     if watcher.interval_s > 0:
@@ -252,6 +266,16 @@ async def _embedded_rollouts(settings: ServeSettings, metrics: Metrics, stop: as
     controller = RolloutController(Registry(settings.registry), InProcessSource(metrics), owner,
                                    models=settings.models, events=metrics.rollout_events)
     await run_rollouts(controller, stop, settings.rollout_period_s)
+
+
+async def _publish_metrics(metrics: Metrics) -> None:
+    """A worker of several: its counts to the shared folder every PUBLISH_EVERY_S (other workers'
+    scrapes read them from there)."""
+    from serve.worker_metrics import PUBLISH_EVERY_S
+
+    while True:
+        metrics.shared.publish()
+        await asyncio.sleep(PUBLISH_EVERY_S)
 
 
 def _log_load_failure(task: asyncio.Task) -> None:

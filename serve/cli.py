@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ FLAGS = {"host": "--host", "port": "--port", "grpc_port": "--grpc-port", "device
          "intra_op_threads": "--threads",
          "execution_instances": "--instances",
          "admin_token": "--admin-token", "log_level": "--log-level", "log_format": "--log-format",
-         "access_log": "--access-log", "allow_empty": "--allow-empty", "frontend": "--frontend"}
+         "access_log": "--access-log", "allow_empty": "--allow-empty", "frontend": "--frontend",
+         "workers": "--workers"}
 
 
 def _dest(flag: str) -> str:
@@ -29,8 +31,6 @@ def given_flags(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from model_registry.cli import resolve_root
     from serve import logs
     from serve.settings import ServeSettings
@@ -53,11 +53,24 @@ def _serve(args: argparse.Namespace) -> int:
         warn_if_empty(settings.registry)
     if settings.frontend == "litserve":
         return litserve_frontend.serve(settings)
+    if settings.workers > 1:
+        from serve.workers import Supervisor
+
+        return Supervisor(settings).run()
+    return run_server(settings)
+
+
+def run_server(settings, shared_folder: Path | None = None, sockets: list | None = None) -> int:
+    """One server process (uvicorn, our HTTP protocol, the app) until SIGTERM; exit status 0, or 3
+    when it could not start. A worker of several passes its SO_REUSEPORT socket and the folder the
+    workers share their metrics through (serve/workers.py)."""
+    import uvicorn
+
     from serve.api.http_protocol import ZooserveHttpProtocol
     from serve.app import create_app    # here: LitServe's processes fork from this one and need none of it
 
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                            http=ZooserveHttpProtocol,
+    config = uvicorn.Config(create_app(settings, shared_folder), host=settings.host, port=settings.port,
+                            log_config=None, http=ZooserveHttpProtocol,
                             access_log=False, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
                             log_level=settings.log_level)
     # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was in place
@@ -65,7 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
     # drain. A no-op handler there makes a drained shutdown exit 0, as supervisors expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server = uvicorn.Server(config)
-    server.run()
+    server.run(sockets=sockets)
     # a start-up that failed (a gRPC port already taken) has been logged; say so in the exit status
     return 0 if server.started else 3
 
@@ -177,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "litserve, the same app and engines behind LitServe's API server and inference worker "
                         "processes (for a LitServe deployment; no gRPC, a port from 1024, host 0.0.0.0, "
                         "127.0.0.1 or ::) (default native; ZOOSERVE_FRONTEND)")
+    p.add_argument("--workers", metavar="N", type=int, default=None,
+                   help="server processes on the one port, each a whole server with its own engines (the "
+                        "kernel spreads connections; /metrics sums them; a stateful sequence must keep to "
+                        "one connection; repository load/unload are refused) (default 1; ZOOSERVE_WORKERS)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="where models run (default auto: CUDA when present, else CPU; cuda refuses a version "
                         "whose runtime cannot run on the GPU)")

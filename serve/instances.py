@@ -55,14 +55,18 @@ class Instances:
     chosen: str          # where `count` came from: "model.json", "server setting" or "auto: ..."
 
 
-def choose(group: InstanceGroup, server_instances: int | None, server_threads: int, cores: int) -> Instances:
+def choose(group: InstanceGroup, server_instances: int | None, server_threads: int, cores: int,
+           workers: int = 1) -> Instances:
     """model.json's instance_group first, then the server's settings, then one instance per
-    `intra_op_threads` cores of those the event loop leaves (cores - 1; at least one)."""
+    `intra_op_threads` cores of those the event loops leave (cores - one per worker), shared among
+    the server's worker processes (each loads the model; at least one instance each)."""
     threads = group.intra_op_threads or server_threads
     if group.count is not None:
         return Instances(group.count, threads, "model.json")
     if server_instances is not None:
         return Instances(server_instances, threads, "server setting")
-    count = max(1, (cores - 1) // threads)
-    return Instances(count, threads, f"auto: ({cores} usable cores - 1 for the event loop) / {threads} "
-                                     f"intra-op thread{'s' if threads > 1 else ''}")
+    count = max(1, (cores - workers) // (threads * workers))
+    loops = "1 for the event loop" if workers == 1 else f"{workers} for the workers' event loops"
+    per = "" if workers == 1 else f" / {workers} workers"
+    return Instances(count, threads, f"auto: ({cores} usable cores - {loops}) / {threads} "
+                                     f"intra-op thread{'s' if threads > 1 else ''}{per}")

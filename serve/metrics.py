@@ -1,4 +1,5 @@
-"""Prometheus metrics: the only module that imports prometheus_client.
+"""Prometheus metrics: with serve/worker_metrics.py (one /metrics over several worker processes),
+the only module that imports prometheus_client.
 
 The hot path records into plain Python accumulators (`ModelMetrics`, one per (model, version),
 labels bound once); a collector turns them into Prometheus families when /metrics is scraped.
@@ -16,7 +17,8 @@ import threading
 import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the /metrics route)
@@ -163,9 +165,15 @@ def rollout_events_counter(collector_registry: CollectorRegistry) -> Counter:
 class Metrics:
     """Every zooserve_* family, collected from the live `ModelMetrics` on one registry per server."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared_folder: Path | None = None) -> None:
         self.registry = CollectorRegistry()
         self._series: dict[tuple[str, str], ModelMetrics] = {}
+        # a worker of several (`zooserve serve --workers N`): /metrics and the embedded rollout
+        # controller see every worker's counts through this folder (serve/worker_metrics.py)
+        self.shared = None
+        if shared_folder is not None:
+            from serve.worker_metrics import SharedMetrics
+            self.shared = SharedMetrics(shared_folder, self.registry)
         self.registry.register(self)
         # routing families: rare events (a shadow copy, a rollout decision), so prometheus_client's own
         self.shadow_results = Counter("zooserve_shadow_requests", "Shadow copies by outcome (agree, disagree, "
@@ -199,8 +207,12 @@ class Metrics:
             del self._series[series.labels]
 
     def exposition(self) -> bytes:
-        """Prometheus text format of every metric."""
-        return generate_latest(self.registry)
+        """Prometheus text format of every metric (of every worker, in a server of several)."""
+        return generate_latest(self.registry) if self.shared is None else self.shared.exposition()
+
+    def families(self) -> Iterable[Metric]:
+        """Every family as /metrics shows it (of every worker, in a server of several)."""
+        return self.registry.collect() if self.shared is None else self.shared.families()
 
     def collect(self) -> Iterator[Metric]:
         """prometheus_client's collector protocol: one family per metric, one sample set per series."""

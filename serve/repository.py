@@ -346,7 +346,8 @@ class ModelRepository:
 
     def _sequence_store(self, name: str) -> SequenceStore:
         return self.sequence_stores.setdefault(name, SequenceStore(self.settings.sequence_idle_timeout_s,
-                                                                   self.settings.max_sequences))
+                                                                   self.settings.max_sequences,
+                                                                   workers=self.settings.workers))
 
     async def _close_version(self, lv: LoadedVersion) -> None:
         if lv.engine is None:

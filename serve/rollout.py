@@ -207,7 +207,8 @@ def _regex_escape(text: str) -> str:
 
 
 class InProcessSource:
-    """Reads one server's own `serve.metrics.Metrics` (for a controller embedded in that server).
+    """Reads one server's own `serve.metrics.Metrics` (for a controller embedded in that server; in
+    a server of several worker processes, every worker's counts, merged as /metrics shows them).
 
     It collects every collector on the server's registry, so families that other features
     register there (the shadow comparisons) are seen too."""
@@ -216,7 +217,7 @@ class InProcessSource:
         self.metrics = metrics
 
     def snapshot(self, model: str, versions: Mapping[int, str]) -> dict[int, ArmCounters]:
-        return counters_from_families(self.metrics.registry.collect(), model, versions)
+        return counters_from_families(self.metrics.families(), model, versions)
 
 
 # ---- decisions (pure) ----------------------------------------------------------------------

@@ -62,8 +62,13 @@ class LiveSequence:
 class SequenceStore:
     """id -> LiveSequence for one model, with idle expiry and per-version counts."""
 
-    def __init__(self, idle_timeout_s: float, max_sequences: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, idle_timeout_s: float, max_sequences: int, clock: Callable[[], float] = time.monotonic,
+                 workers: int = 1):
         self.idle_timeout_s, self.max_sequences, self.clock = idle_timeout_s, max_sequences, clock
+        # in a server of several worker processes this store is one worker's (serve/workers.py)
+        self._elsewhere = "" if workers <= 1 else (
+            f" here (this server runs {workers} worker processes, and a sequence's state lives in the one that "
+            "started it: send all of a sequence's requests over one keep-alive connection)")
         self._live: dict[SequenceId, LiveSequence] = {}
         self._counts: dict[int, list[int]] = {}      # version -> [live sequences, state bytes, expired so far]
 
@@ -91,7 +96,7 @@ class SequenceStore:
         """The live sequence with this id; UnknownSequence if there is none (an idle one expires here)."""
         seq = self._live.get(sequence_id)
         if seq is None:
-            raise UnknownSequence(sequence_id, "not live (never started, ended or expired)")
+            raise UnknownSequence(sequence_id, "not live (never started, ended or expired)" + self._elsewhere)
         if self.clock() - seq.last_used > self.idle_timeout_s and not seq.lock.locked():
             self._forget(seq, expired=True)
             raise UnknownSequence(sequence_id, f"expired after {self.idle_timeout_s:g} s idle")

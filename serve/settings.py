@@ -22,6 +22,11 @@ class ServeSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     grpc_port: int = Field(0, ge=0, le=65535, description="KServe v2 over gRPC (Triton's GRPCInferenceService) "
                            "on this port, beside HTTP, same host; 0 = no gRPC")
+    # several event loops: one process parses, decodes and answers HTTP, and on 2 cores it is the
+    # bound under load (bench/overload.py); each worker is a whole server on the same port
+    workers: int = Field(1, ge=1, le=64, description="server processes on the one port (SO_REUSEPORT: the "
+                         "kernel spreads connections), each with its own engines; /metrics sums them. "
+                         "A stateful sequence lives in one worker: keep its requests on one connection")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU")
     # one intra-op thread per session: on small shared CPUs more threads are slower, not faster
     intra_op_threads: int = Field(1, ge=1)

@@ -204,6 +204,7 @@ class InferenceService(GRPCInferenceServiceServicer):
                 raise _one_repository(request.repository_name)
             v2.check_load_parameters({key: parameter_value(key, "parameter", value)
                                       for key, value in request.parameters.items()})
+            v2.check_one_worker(self.state.settings)
         except ServeError as exc:
             await self._refuse(context, method, exc, rid, request.model_name or None)
         return rid
@@ -327,8 +328,9 @@ async def start(state, settings) -> grpc.aio.Server:
     """The gRPC server on `settings.host:grpc_port`, serving `state` (the app's), started."""
     options = [("grpc.max_receive_message_length", settings.max_body_bytes),
                ("grpc.max_send_message_length", -1),
-               # one process per port, as uvicorn's: two servers must not share a port by accident
-               ("grpc.so_reuseport", 0)]
+               # one process per port, as uvicorn's: two servers must not share a port by accident;
+               # the workers of one server do (the supervisor holds the port against others)
+               ("grpc.so_reuseport", int(settings.workers > 1))]
     server = grpc.aio.server(options=options)
     add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

@@ -92,6 +92,9 @@ def refusal(settings: ServeSettings, flags: dict[str, str]) -> str | None:
     if settings.grpc_port:
         return (f"{given('grpc_port')}: gRPC is served beside the native HTTP front end only; drop it or use "
                 "--frontend native")
+    if settings.workers > 1:
+        return (f"{given('workers')}: several server processes are the native front end's; LitServe runs one "
+                "inference worker over the app. Drop it or use --frontend native")
     return None
 
 

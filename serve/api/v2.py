@@ -604,6 +604,7 @@ async def repository_index(request: Request) -> Response:
 
 
 async def _load_body(request: Request) -> None:
+    check_one_worker(settings_of(request))
     body = await read_body(request, settings_of(request).max_body_bytes)
     if not body.strip():
         return
@@ -615,6 +616,15 @@ async def _load_body(request: Request) -> None:
     if not isinstance(params, dict):
         raise ServeError(400, "body must be a JSON object with an optional 'parameters' object")
     check_load_parameters(params)
+
+
+def check_one_worker(settings) -> None:
+    """Load/unload act on the process that answers: in a server of several workers that would be
+    one of them, chosen by the kernel, so they are refused there (HTTP and gRPC)."""
+    if settings.workers > 1:
+        raise ServeError(409, f"this server runs {settings.workers} worker processes and a load or unload would "
+                              "reach one of them: publish to the registry (every worker's watch loads it) or "
+                              "restart the server")
 
 
 def check_load_parameters(params) -> None:

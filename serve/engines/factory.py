@@ -64,7 +64,7 @@ def _runtime(manifest: Manifest, vdir: Path, settings: ServeSettings, threads: i
 
 def _stateless(version: int, manifest: Manifest, vdir: Path, ctx: BuildContext) -> Built:
     instances = choose(ctx.cfg.instance_group, ctx.settings.execution_instances, ctx.settings.intra_op_threads,
-                       usable_cores())
+                       usable_cores(), ctx.settings.workers)
     if manifest.format != "onnx" and instances.intra_op_threads != ctx.settings.intra_op_threads:
         # torch has one intra-op pool per process: the server's --threads holds for every TorchScript model
         runtime_log.warning("%s/%s: instance_group.intra_op_threads %d is for ONNX Runtime; this %s version runs with the "

@@ -246,6 +246,14 @@ def test_choice_order_model_json_then_server_setting_then_the_cores():
     assert choose(InstanceGroup(), None, 4, cores=2).count == 1          # never fewer than one
 
 
+def test_workers_share_the_cores_their_loops_leave():
+    # 16 cores, 4 worker processes: 12 left to the models, 3 instances in each worker
+    assert choose(InstanceGroup(), None, 1, cores=16, workers=4).count == 3
+    assert "4 workers" in choose(InstanceGroup(), None, 1, cores=16, workers=4).chosen
+    assert choose(InstanceGroup(), None, 1, cores=2, workers=2).count == 1      # at least one each
+    assert choose(InstanceGroup(count=2), None, 1, cores=2, workers=2).count == 2   # model.json still wins
+
+
 def test_usable_cores_follows_the_cgroup_quota(tmp_path):
     affinity = usable_cores(tmp_path / "absent")
     quota = tmp_path / "cpu.max"

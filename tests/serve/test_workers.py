@@ -1,0 +1,202 @@
+"""`zooserve serve --workers 2`: two whole servers on one port, kept by a supervisor (serve/workers.py).
+Real processes, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sklearn.datasets import load_digits
+
+from model_registry import Registry
+from tests.conftest import ROOT, free_port, running_server
+from tests.faulty_models import build_slow_canary
+from training.import_model import import_model
+
+TOKEN = "test-admin-token"
+
+
+@pytest.fixture(scope="module")
+def two_workers(demo_registry):
+    grpc_port = free_port()
+    with running_server(demo_registry, ["--workers", "2", "--admin-token", TOKEN,
+                                        "--grpc-port", str(grpc_port)]) as server:
+        server.grpc = f"127.0.0.1:{grpc_port}"
+        yield server
+
+
+def infer_body() -> dict:
+    digits = load_digits()
+    image = (digits.images[0] / 16.0).astype(np.float32)
+    return {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": image.ravel().tolist()}]}
+
+
+def worker_pids(supervisor_pid: int) -> list[int]:
+    """The supervisor's worker processes (not multiprocessing's resource tracker)."""
+    pids = []
+    for task in os.listdir(f"/proc/{supervisor_pid}/task"):
+        with open(f"/proc/{supervisor_pid}/task/{task}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def merged(url: str) -> dict[tuple, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def ok_count(url: str) -> float:
+    return merged(url).get(("zooserve_requests_total", (("model", "mlp-digits"), ("status", "200"),
+                                                        ("version", "1"))), 0.0)
+
+
+def wait_for(check, timeout_s: float = 30.0, what: str = ""):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+def fresh_connection_requests(url: str, n: int) -> list[httpx.Response]:
+    """n requests, each on a new connection (the kernel picks a worker per connection); a connection
+    refused while a worker's socket closes is tried again, an answer never is."""
+    answers, body = [], infer_body()
+    for _ in range(n):
+        for attempt in range(20):
+            try:
+                answers.append(httpx.post(f"{url}/v2/models/mlp-digits/infer", json=body, timeout=30))
+                break
+            except httpx.ConnectError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError("no connection in 20 tries")
+    return answers
+
+
+def test_both_workers_answer_and_metrics_count_them_all(two_workers):
+    assert len(worker_pids(two_workers.proc.pid)) == 2
+    before = ok_count(two_workers.url)
+    answers = fresh_connection_requests(two_workers.url, 60)
+    assert [r.status_code for r in answers] == [200] * 60
+    # a request id made by the server starts with its process's random prefix: both workers answered
+    assert len({r.headers["x-request-id"][:16] for r in answers}) == 2
+    # whichever worker answers /metrics shows both workers' counts (each publishes within a second)
+    wait_for(lambda: ok_count(two_workers.url) == before + 60, 10, "the merged count")
+    assert merged(two_workers.url)[("zooserve_workers", ())] == 2
+
+
+def test_repository_load_and_unload_are_refused_naming_the_workers(two_workers):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for verb in ("load", "unload"):
+        r = httpx.post(f"{two_workers.url}/v2/repository/models/mlp-digits/{verb}", headers=auth, timeout=10)
+        assert r.status_code == 409, r.text
+        assert "2 worker processes" in r.json()["error"] and "publish to the registry" in r.json()["error"]
+    # the token is still checked first: a caller without it learns nothing
+    assert httpx.post(f"{two_workers.url}/v2/repository/models/mlp-digits/load", timeout=10).status_code == 401
+
+
+def test_grpc_is_served_by_both_workers_on_its_one_port(two_workers):
+    import tritonclient.grpc as tgrpc
+    from tritonclient.utils import InferenceServerException
+
+    image = np.asarray(infer_body()["inputs"][0]["data"], np.float32).reshape(1, 1, 8, 8)
+    before = ok_count(two_workers.url)
+    for _ in range(12):                  # a new channel each time: the kernel picks a worker per connection
+        with tgrpc.InferenceServerClient(two_workers.grpc) as client:
+            inp = tgrpc.InferInput("image", [1, 1, 8, 8], "FP32")
+            inp.set_data_from_numpy(image)
+            assert client.infer("mlp-digits", [inp]).as_numpy("logits").shape == (1, 10)
+    wait_for(lambda: ok_count(two_workers.url) == before + 12, 10, "gRPC requests in the merged count")
+    with tgrpc.InferenceServerClient(two_workers.grpc) as client:
+        with pytest.raises(InferenceServerException, match="2 worker processes"):
+            client.load_model("mlp-digits", headers={"authorization": f"Bearer {TOKEN}"})
+
+
+def test_a_killed_worker_is_replaced_its_counts_kept_and_no_request_meets_a_loading_worker(two_workers):
+    pids = worker_pids(two_workers.proc.pid)
+    wait_for(lambda: ok_count(two_workers.url) > 0, 10, "a count")
+    before = ok_count(two_workers.url)
+    os.kill(pids[0], signal.SIGKILL)
+    # the survivor serves while the replacement loads; the replacement listens only once loaded,
+    # so not one of these meets a worker that would answer 503
+    answers = fresh_connection_requests(two_workers.url, 100)
+    assert [r.status_code for r in answers] == [200] * 100
+    replaced = wait_for(lambda: (lambda now: len(now) == 2 and pids[0] not in now and now)(
+        worker_pids(two_workers.proc.pid)), 30, "a replacement worker")
+    assert pids[1] in replaced
+    wait_for(lambda: merged(two_workers.url)[("zooserve_workers", ())] == 2, 60, "two live workers")
+    # the dead worker's requests stay counted: the total never goes down
+    wait_for(lambda: ok_count(two_workers.url) >= before + 100, 10, "the counts")
+    assert "exited with status -9" in two_workers.logs()
+
+
+@pytest.fixture
+def slow_registry(registry_copy, tmp_path):
+    """mlp-digits plus slow-digits: ~50 ms a request, one at a time in each worker."""
+    reg = Registry(registry_copy)
+    ts = next(p for p in (registry_copy / "mlp-digits" / "1").iterdir() if p.suffix in (".pt", ".ts"))
+    import_model(reg, "slow-digits", build_slow_canary(ts, tmp_path / "slow.pt"), input_shape="1,1,8,8",
+                 input_name="image", output_name="logits")
+    cfg = reg.model_config("slow-digits")
+    cfg.batching.max_batch_size, cfg.batching.max_queue_delay_ms, cfg.batching.max_queue_wait_ms = 1, 0, 5000
+    cfg.instance_group.count = 1
+    reg.write_model_config(cfg)
+    return registry_copy
+
+
+def test_sigterm_drains_every_worker_and_exits_0(slow_registry):
+    with running_server(slow_registry, ["--workers", "2"]) as server:
+        body = infer_body()
+
+        async def across_sigterm() -> tuple[list, float]:
+            # one connection per client, so the kernel spreads them over both workers; ~400 ms of
+            # work in all, most of it still queued when the signal comes
+            clients = [httpx.AsyncClient(timeout=60) for _ in range(8)]
+            try:
+                async def one(client):
+                    r = await client.post(f"{server.url}/v2/models/slow-digits/infer", json=body)
+                    return r.status_code, time.monotonic()
+                work = [asyncio.ensure_future(one(c)) for c in clients]
+                await asyncio.sleep(0.05)
+                signalled = time.monotonic()
+                server.proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*work, return_exceptions=True), signalled
+            finally:
+                for c in clients:
+                    await c.aclose()
+
+        answers, signalled = asyncio.run(across_sigterm())
+        assert server.proc.wait(60) == 0, server.logs()
+    assert all(not isinstance(a, Exception) for a in answers), answers
+    assert [status for status, _ in answers] == [200] * 8
+    assert sum(t > signalled for _, t in answers) >= 4        # these were in flight at the signal
+
+
+def test_a_taken_port_is_refused_and_litserve_does_not_take_workers(demo_registry, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "serve.cli", "serve", "--registry", str(demo_registry),
+                              "--port", str(port), "--workers", "2"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)
+    assert run.returncode == 3, run.stderr
+    assert "cannot bind" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "serve.cli", "serve", "--registry", str(demo_registry),
+                          "--port", str(free_port()), "--workers", "2", "--frontend", "litserve"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--workers 2" in run.stderr, run.stderr
