@@ -100,6 +100,17 @@ def registry_copy(demo_registry, tmp_path) -> Path:
     return dst
 
 
+def wait_for(check, timeout: float = 5.0, what: str = "condition"):
+    """Poll `check()` until it returns something truthy, and return that; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not seen within {timeout} s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -108,6 +108,23 @@ def build_slow_canary(mlp_torchscript_path: str | Path, out_path: str | Path, ex
     return _save(SlowAnswer(stable, _iterations_for(stable, extra_ms)), out_path)
 
 
+def add_slow_digits(registry_root: Path, work: Path, max_queue_wait_ms: float) -> None:
+    """Import a slow canary of the registry's mlp-digits v1 as `slow-digits`: ~50 ms a request,
+    batches of one, one instance (one batch at a time, whatever the machine's cores)."""
+    from model_registry import Registry
+    from training.import_model import import_model
+
+    reg = Registry(registry_root)
+    ts = next(p for p in (Path(registry_root) / "mlp-digits" / "1").iterdir() if p.suffix in (".pt", ".ts"))
+    import_model(reg, "slow-digits", build_slow_canary(ts, Path(work) / "slow.pt"), input_shape="1,1,8,8",
+                 input_name="image", output_name="logits")
+    cfg = reg.model_config("slow-digits")
+    cfg.batching.max_batch_size, cfg.batching.max_queue_delay_ms, cfg.batching.max_queue_wait_ms = \
+        1, 0, max_queue_wait_ms
+    cfg.instance_group.count = 1
+    reg.write_model_config(cfg)
+
+
 def _iterations_for(stable: torch.jit.ScriptModule, extra_ms: float) -> int:
     """Spin iterations that take `extra_ms`, from a probe's fastest run: another process busy on the
     shared cores only slows a run, so the fastest is the calm machine's cost, and the canary is at

@@ -28,6 +28,7 @@ from serve.metrics import Metrics
 from serve.runtimes import open_runtime
 from serve.scheduler import TokenScheduler
 from serve.settings import ServeSettings
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -196,15 +197,6 @@ class Traffic:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(10)
-
-
-def wait_for(check, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_registry_root_that_disappears_never_takes_down_a_loaded_version(registry_copy, start_server):

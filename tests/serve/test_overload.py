@@ -15,8 +15,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from model_registry import Registry
-from tests.faulty_models import build_slow_canary
-from training.import_model import import_model
+from tests.faulty_models import add_slow_digits
 
 pytestmark = pytest.mark.slow
 DIGITS = load_digits()
@@ -26,14 +25,7 @@ BODY = {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32",
 
 @pytest.fixture
 def slow_registry(registry_copy, tmp_path):
-    reg = Registry(registry_copy)
-    ts = next(p for p in (registry_copy / "mlp-digits" / "1").iterdir() if p.suffix in (".pt", ".ts"))
-    import_model(reg, "slow-digits", build_slow_canary(ts, tmp_path / "slow.pt"), input_shape="1,1,8,8",
-                 input_name="image", output_name="logits")
-    cfg = reg.model_config("slow-digits")
-    cfg.batching.max_batch_size, cfg.batching.max_queue_delay_ms, cfg.batching.max_queue_wait_ms = 1, 0, 200
-    cfg.instance_group.count = 1            # one batch at a time, whatever the machine's cores
-    reg.write_model_config(cfg)
+    add_slow_digits(registry_copy, tmp_path, max_queue_wait_ms=200)
     return registry_copy
 
 

@@ -13,23 +13,13 @@ import pytest
 from sklearn.datasets import load_digits
 
 from model_registry import Registry
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
 
 DIGITS = load_digits()
 BODY = {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32",
                     "data": DIGITS.images[0].astype(np.float32).flatten().tolist()}]}
-
-
-def wait_for(check, timeout: float = 5.0, what: str = "condition"):
-    """Poll `check()` until it returns something truthy; the watch interval is 0.5 s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not seen within {timeout} s")
 
 
 def index_versions(url: str, model: str) -> dict[str, str]:

@@ -18,10 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_digits
 
-from model_registry import Registry
-from tests.conftest import ROOT, free_port, running_server
-from tests.faulty_models import build_slow_canary
-from training.import_model import import_model
+from tests.conftest import ROOT, free_port, running_server, wait_for
+from tests.faulty_models import add_slow_digits
 
 TOKEN = "test-admin-token"
 
@@ -59,16 +57,6 @@ def merged(url: str) -> dict[tuple, float]:
 def ok_count(url: str) -> float:
     return merged(url).get(("zooserve_requests_total", (("model", "mlp-digits"), ("status", "200"),
                                                         ("version", "1"))), 0.0)
-
-
-def wait_for(check, timeout_s: float = 30.0, what: str = ""):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
 
 
 def fresh_connection_requests(url: str, n: int) -> list[httpx.Response]:
@@ -147,14 +135,7 @@ def test_a_killed_worker_is_replaced_its_counts_kept_and_no_request_meets_a_load
 @pytest.fixture
 def slow_registry(registry_copy, tmp_path):
     """mlp-digits plus slow-digits: ~50 ms a request, one at a time in each worker."""
-    reg = Registry(registry_copy)
-    ts = next(p for p in (registry_copy / "mlp-digits" / "1").iterdir() if p.suffix in (".pt", ".ts"))
-    import_model(reg, "slow-digits", build_slow_canary(ts, tmp_path / "slow.pt"), input_shape="1,1,8,8",
-                 input_name="image", output_name="logits")
-    cfg = reg.model_config("slow-digits")
-    cfg.batching.max_batch_size, cfg.batching.max_queue_delay_ms, cfg.batching.max_queue_wait_ms = 1, 0, 5000
-    cfg.instance_group.count = 1
-    reg.write_model_config(cfg)
+    add_slow_digits(registry_copy, tmp_path, max_queue_wait_ms=5000)
     return registry_copy
 
 
