@@ -1,8 +1,8 @@
 """The token engine: continuous (iteration-level) batching for autoregressive models.
 
     plan = scheduler.schedule()          # books: who prefills, who decodes, which rows move or free
-    logits = runner.execute(plan)        # the model's step function over the state slots (KV cache or recurrent state)
-    tokens = each request's sampler      # per-request generator: same seed, same text, any batch
+    tokens = runner.sample(plan, samplers)   # the model's step over the state slots (KV cache or recurrent
+                                             # state), then each request's sampler: same seed, same text, any batch
     finished = scheduler.update_from_output(plan, tokens)
 
 The loop runs on the engine's own thread (ONNX Runtime releases the GIL); requests arrive
@@ -126,10 +126,24 @@ class TokenRunner:
         if plan.freed_rows:
             self.state.reset_rows(plan.freed_rows)
 
-    def execute(self, plan: StepPlan) -> dict[str, np.ndarray]:
-        """request id -> logits (V,) of its last fed position."""
+    def sample(self, plan: StepPlan, samplers: list[Sampler]) -> dict[str, Sampled]:
+        """request id -> its next token, drawn by its own sampler (`samplers` in the plan's order,
+        decode rows first). With device-resident state the logits stay on the device and are
+        sampled there (serve/engines/device_sampling.py): only the ids and the asked
+        log-probabilities come back."""
+        rows = (*plan.decode, *plan.prefill)
         if self.device is not None:
-            return self._execute_on_device(plan)
+            from serve.engines.device_sampling import sample_rows
+
+            return {r.request_id: s for r, s in zip(rows, sample_rows(self._device_logits(plan), samplers))}
+        logits = self.execute(plan)
+        return {r.request_id: sampler.sample(logits[r.request_id]) for r, sampler in zip(rows, samplers)}
+
+    def execute(self, plan: StepPlan) -> dict[str, np.ndarray]:
+        """request id -> logits (V,) of its last fed position, on the host."""
+        if self.device is not None:
+            host = self._device_logits(plan).cpu().numpy()                         # one copy back
+            return {r.request_id: host[i] for i, r in enumerate((*plan.decode, *plan.prefill))}
         out: dict[str, np.ndarray] = {}
         if plan.decode:
             n = len(plan.decode)
@@ -150,12 +164,10 @@ class TokenRunner:
                 out[r.request_id] = res["logits"][i, lengths[i] - 1 if every else 0]
         return out
 
-    def _execute_on_device(self, plan: StepPlan) -> dict[str, np.ndarray]:
-        """`execute` over device-resident state: the fed ids go to the device, the step and the
-        state writes run there, and the rows' last-position logits come back to the host in one
-        (n, V) copy per step for the per-request samplers.
-        TODO(issue 18, next step): sample on the device (per-request generators, top-k/top-p,
-        logprobs) so that only the chosen ids and their logprobs cross to the host."""
+    def _device_logits(self, plan: StepPlan):
+        """The step over device-resident state: the fed ids go to the device, the step and the
+        state writes run there; returns the rows' last-position logits (n, V) on the device,
+        decode rows first."""
         import torch
 
         device, run = self.device, self.runtime.run_tensors
@@ -178,8 +190,7 @@ class TokenRunner:
                 picked.append(logits[torch.arange(len(lengths), device=device), last])
             else:                                         # the recurrent families: (p, 1, V) already
                 picked.append(logits[:, 0])
-        host = (picked[0] if len(picked) == 1 else torch.cat(picked)).cpu().numpy()      # the one copy back
-        return {r.request_id: host[i] for i, r in enumerate((*plan.decode, *plan.prefill))}
+        return picked[0] if len(picked) == 1 else torch.cat(picked)
 
 
 class TokenEngine(StepLoop):
@@ -307,10 +318,7 @@ class TokenEngine(StepLoop):
         if plan.empty:
             return
         started = time.perf_counter()
-        logits = self.runner.execute(plan)
-        sampled: dict[str, Sampled] = {}
-        for request in (*plan.decode, *plan.prefill):
-            sampled[request.request_id] = request.payload.sampler.sample(logits[request.request_id])
+        sampled = self.runner.sample(plan, [r.payload.sampler for r in (*plan.decode, *plan.prefill)])
         self.scheduler.update_from_output(plan, {i: s.token for i, s in sampled.items()})
         now = time.perf_counter()
         self.metrics.step_done(len(plan.decode) + len(plan.prefill), now - started)

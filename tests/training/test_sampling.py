@@ -23,6 +23,14 @@ def test_top_k_keeps_only_the_k_best():
     assert set(draws(SamplingParams(temperature=1.0, top_k=2, seed=1))) == {1, 3}
 
 
+def test_top_k_walks_its_candidates_largest_first_equal_values_by_id():
+    # four equal logits, top-2: the candidates are tokens 0 and 1, in that order, so the draw's
+    # number picks 0 below one half and 1 above it (the device sampler walks the same order)
+    u = np.random.default_rng(0).random()
+    token = Sampler(SamplingParams(top_k=2, seed=0)).sample(np.ones(4, np.float32)).token
+    assert token == (0 if u < 0.5 else 1)
+
+
 def test_top_p_keeps_the_smallest_nucleus():
     probs = np.exp(log_softmax(LOGITS.astype(np.float64)))   # 3: .64, 1: .24, 2: .09, ...
     assert probs[3] < 0.7 < probs[3] + probs[1]
