@@ -13,8 +13,9 @@ and the kernel spreads new connections over the sockets that listen.
   way) bound with SO_REUSEPORT but not listening (the kernel hands connections to listening sockets
   only): between restarts nothing else can take the port, and a second `zooserve serve` on it is
   refused by the plain bind tried first.
-- A worker that exits is started again, unless it failed to start (exit 3: a bad gRPC port, the
-  address taken): then every worker is stopped and the supervisor exits 3, as a single server would.
+- A worker that exits is started again (at once after one that served 30 s, else after 1, 2, 4 ...
+  up to 30 s), unless it failed to start (exit 3: a bad gRPC port, the address taken): then every
+  worker is stopped and the supervisor exits 3, as a single server would.
 - SIGTERM or SIGINT: every worker drains (as one server does: answers what it accepted, exits 0);
   the supervisor exits 0 when all of them did.
 - Metrics: each worker writes its counts to a folder the supervisor made and removes
@@ -47,6 +48,17 @@ log = logging.getLogger("zooserve.workers")
 
 STARTUP_FAILURE = 3            # a server that could not start exits 3 (serve/cli.py)
 POLL_S = 0.5
+STABLE_S = 30.0                # a worker that lived this long is replaced at once
+MAX_DELAY_S = 30.0
+
+
+def next_delay(lived_s: float, previous_s: float) -> float:
+    """Seconds before a dead worker's replacement starts: none after a worker that served a while,
+    then 1, 2, 4 ... up to MAX_DELAY_S while replacements keep dying young (a model whose load
+    crashes the process would otherwise start an interpreter twice a second, for ever)."""
+    if lived_s >= STABLE_S:
+        return 0.0
+    return min(MAX_DELAY_S, max(1.0, 2.0 * previous_s))
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -97,6 +109,8 @@ class Supervisor:
         self._spawn = multiprocessing.get_context("spawn")   # a fresh interpreter: no inherited threads or loop
         self._stop = threading.Event()
         self._processes: list = []
+        self._due: dict[int, float] = {}       # worker index -> when its replacement may start
+        self._delay: dict[int, float] = {}     # worker index -> the last wait before a replacement
         self.failed_to_start = False
 
     def run(self) -> int:
@@ -146,9 +160,16 @@ class Supervisor:
                 self.failed_to_start = True
                 self._stop.set()
                 return
-            log.error("worker %d (pid %d) exited with status %s after %.1f s; starting another", index + 1,
-                      process.pid, process.exitcode, time.monotonic() - process.started_at)
-            self._processes[index] = self._start(index, folder)
+            now = time.monotonic()
+            if index not in self._due:
+                lived = now - process.started_at
+                self._delay[index] = next_delay(lived, self._delay.get(index, 0.0))
+                self._due[index] = now + self._delay[index]
+                log.error("worker %d (pid %d) exited with status %s after %.1f s; starting another in %.0f s",
+                          index + 1, process.pid, process.exitcode, lived, self._delay[index])
+            if now >= self._due[index]:
+                del self._due[index]
+                self._processes[index] = self._start(index, folder)
 
     def _stop_all(self) -> int:
         for process in self._processes:

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serve.metrics import Metrics
 from serve.sequence_store import SequenceStore, UnknownSequence
 from serve.worker_metrics import SharedMetrics, merge
+from serve.workers import MAX_DELAY_S, next_delay
 
 
 def worker_text(ok: int, queue: int, ready: int, slots: float, latency_sum: float) -> str:
@@ -91,3 +92,12 @@ def test_an_unknown_sequence_in_a_server_of_workers_says_where_its_state_lives()
     with pytest.raises(UnknownSequence) as lone:
         SequenceStore(60, 8).get("s")
     assert "worker" not in str(lone.value)
+
+
+def test_a_worker_that_keeps_dying_young_is_restarted_ever_more_slowly():
+    assert next_delay(lived_s=3600, previous_s=8) == 0            # served a while: at once
+    delays, previous = [], 0.0
+    for _ in range(8):
+        previous = next_delay(lived_s=2, previous_s=previous)
+        delays.append(previous)
+    assert delays == [1, 2, 4, 8, 16, MAX_DELAY_S, MAX_DELAY_S, MAX_DELAY_S]
