@@ -255,8 +255,81 @@ class PinnedTorchRuntime:
         return {n: h.numpy().copy() for n, h in zip(self.output_names, hosts)}
 
 
-def with_pinned_buffers(runtime: Runtime) -> Runtime:
-    """`runtime` behind PinnedTorchRuntime where it is TorchScript on CUDA; otherwise as it is."""
+class BoundOnnxRuntime:
+    """An ONNX Runtime session run through I/O binding (the classify path where ONNX Runtime runs on
+    CUDA, `onnxruntime-gpu`): each batch's arrays are copied into input OrtValues that live on the
+    device, the outputs are written by the session into OrtValues there too, and each comes back
+    with one copy. The OrtValues are kept per calling thread (execution instances run batches side
+    by side) and per shape, so a load of a few batch sizes allocates device memory a few times and
+    then never; ONNX Runtime's own `run` makes new input and output buffers for every batch.
+
+    The same code binds on the CPU (`device="cpu"`), which is how its tests hold it to `run` on a
+    machine without CUDA."""
+
+    def __init__(self, inner: OnnxRuntime, device: str | None = None):
+        import threading
+
+        import onnxruntime as ort
+
+        self._ort, self.inner, self.session = ort, inner, inner.session
+        self.format, self.device, self.output_names = inner.format, inner.device, inner.output_names
+        self.bind_device = device or inner.device
+        # non-batch dims of each output; None where one is symbolic (then ONNX Runtime allocates it)
+        self._rest = {o.name: (tuple(o.shape[1:]) if all(isinstance(d, int) for d in o.shape[1:]) else None)
+                      for o in self.session.get_outputs()}
+        self._out_types = {o.name: o.type for o in self.session.get_outputs()}
+        self._local = threading.local()
+        self.allocations = 0                   # OrtValues made so far, all threads (the reuse is tested by it)
+
+    def _values(self) -> tuple:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = self._local.state = (self.session.io_binding(), {})
+        return state
+
+    def _value(self, values: dict, key, shape: tuple[int, ...], dtype) -> "object":
+        value = values.get(key)
+        if value is None:
+            if len(values) >= MAX_BOUND_VALUES:       # shapes without end (not a classify load): start over
+                values.clear()
+            value = values[key] = self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype,
+                                                                                  self.bind_device, 0)
+            self.allocations += 1
+        return value
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        binding, values = self._values()
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        rows = None
+        for name, array in inputs.items():
+            array = np.ascontiguousarray(array)
+            rows = array.shape[0] if array.ndim and rows is None else rows
+            value = self._value(values, ("in", name, array.shape, array.dtype.str), array.shape, array.dtype)
+            value.update_inplace(array)                           # host -> the value's memory, one copy
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            rest, dtype = self._rest.get(name), _NUMPY_OF_ORT.get(self._out_types.get(name))
+            if rest is None or dtype is None or rows is None:
+                binding.bind_output(name, self.bind_device)          # ONNX Runtime allocates it
+                continue
+            shape = (rows, *rest)
+            binding.bind_ortvalue_output(name, self._value(values, ("out", name, shape), shape, dtype))
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
+
+MAX_BOUND_VALUES = 256
+_NUMPY_OF_ORT = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+                 "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
+                 "tensor(bool)": np.bool_}
+
+
+def with_device_io(runtime: Runtime) -> Runtime:
+    """`runtime` with its batches' device copies managed, where it runs on CUDA: TorchScript behind
+    PinnedTorchRuntime, ONNX Runtime behind BoundOnnxRuntime; otherwise as it is."""
     if isinstance(runtime, TorchScriptRuntime) and runtime.device == "cuda":
         return PinnedTorchRuntime(runtime)
+    if isinstance(runtime, OnnxRuntime) and runtime.device == "cuda":
+        return BoundOnnxRuntime(runtime)
     return runtime

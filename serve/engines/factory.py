@@ -21,7 +21,7 @@ from serve.engines.tokens import TokenEngine
 from serve.golden import check_golden
 from serve.instances import choose, usable_cores
 from serve.metrics import Metrics, TokenMetrics
-from serve.runtimes import Runtime, open_runtime, with_pinned_buffers, with_split_prefill
+from serve.runtimes import Runtime, open_runtime, with_device_io, with_split_prefill
 from serve.sequence_store import SequenceStore
 from serve.settings import ServeSettings
 
@@ -72,7 +72,7 @@ def _stateless(version: int, manifest: Manifest, vdir: Path, ctx: BuildContext) 
                     ctx.settings.intra_op_threads)
         instances = replace(instances, intra_op_threads=ctx.settings.intra_op_threads)
     # TorchScript on CUDA: batches through reusable pinned host buffers, non-blocking copies
-    runtime = with_pinned_buffers(_runtime(manifest, vdir, ctx.settings, instances.intra_op_threads))
+    runtime = with_device_io(_runtime(manifest, vdir, ctx.settings, instances.intra_op_threads))
     error = check_golden(manifest, runtime, vdir)
     name = ctx.cfg.name
     engine = StatelessEngine(name, version, manifest, runtime, ctx.cfg.batching, ctx.metrics.for_model(name, version),

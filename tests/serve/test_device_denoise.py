@@ -27,7 +27,7 @@ from serve.engines.denoise import HostLoop, choose_loop, runtime_denoiser
 from serve.engines.denoise_device import DeviceLoop
 from serve.engines.sample import make_generative_engine, open_parts
 from serve.metrics import Metrics
-from serve.runtimes import PinnedTorchRuntime, StagingBuffers, TorchScriptRuntime, with_pinned_buffers
+from serve.runtimes import PinnedTorchRuntime, StagingBuffers, TorchScriptRuntime, with_device_io
 from serve.sample_request import sample_request
 from serve.settings import ServeSettings
 
@@ -312,7 +312,7 @@ def classifier(tmp_path):
 
 
 def test_pinned_runtime_answers_as_the_plain_one_and_reuses_its_buffers(classifier):
-    assert with_pinned_buffers(classifier) is classifier             # on the CPU the classify path is as before
+    assert with_device_io(classifier) is classifier             # on the CPU the classify path is as before
     pinned = PinnedTorchRuntime(classifier, pin=False)
     assert pinned.device == "cpu" and pinned.format == "torchscript"
     rng = np.random.default_rng(0)
@@ -378,7 +378,7 @@ def test_cuda_device_loop_gives_the_cpu_loops_images(ts_registry, engines):
 @_marks
 def test_cuda_pinned_runtime_answers_as_the_cpu_one(classifier, tmp_path):
     cuda = TorchScriptRuntime(tmp_path / "model.ts", ["image"], ["logits"], threads=1, device="cuda")
-    pinned = with_pinned_buffers(cuda)
+    pinned = with_device_io(cuda)
     assert isinstance(pinned, PinnedTorchRuntime) and pinned.pin
     rng = np.random.default_rng(0)
     for rows in (3, 8, 5, 32):
