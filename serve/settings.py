@@ -64,6 +64,9 @@ class ServeSettings(BaseSettings):
                                                    "step in the version's runtime; device: torch tensors on the "
                                                    "server's device with a torch step (what a TorchScript version "
                                                    "on CUDA gets anyway; on the CPU, ONNX Runtime is faster)")
+    cuda_graphs: bool = Field(True, description="device-resident token engines on CUDA capture their decode "
+                              "step once per batch bucket as a CUDA graph and replay it (serve/engines/"
+                              "decode_graphs.py); false: every step launched eagerly")
     token_step: Literal["auto", "torchscript", "eager"] = Field("auto", description="the torch step of device "
                                                                 "token state: auto = the package's TorchScript, "
                                                                 "else the family's eager step")

@@ -127,8 +127,13 @@ def _device_tokens(version: int, manifest: Manifest, vdir: Path, ctx: BuildConte
     engine = make_token_engine(name, version, manifest, runtime, vdir, ctx.settings,
                                ctx.metrics.for_token_model(name, version), device=device)
     engine.reconfigure(ctx.cfg.batching)
+    if device.type == "cuda" and ctx.settings.cuda_graphs:
+        from serve.engines.decode_graphs import DecodeGraphs
+
+        engine.runner.decode_graphs = DecodeGraphs(runtime.run_tensors, engine.scheduler.max_rows, capture=True)
     prefill = f"whole step: {runtime.format} on {runtime.device} (device-resident state)" if manifest.prefill else ""
-    log.info("%s/%s: token state on %s, step %s", name, version, device, runtime.format)
+    log.info("%s/%s: token state on %s, step %s%s", name, version, device, runtime.format,
+             ", decode as CUDA graphs" if engine.runner.decode_graphs is not None else "")
     return Built(engine, error, runtime.device, prefill)
 
 

@@ -119,6 +119,9 @@ class TokenRunner:
     def __init__(self, runtime: Runtime, state: TokenState):
         self.runtime, self.state = runtime, state
         self.device = getattr(state, "device", None)     # a torch.device: the state lives there
+        # device-resident state: decode at bucketed batch sizes, as CUDA graphs on a GPU
+        # (serve/engines/decode_graphs.py; set by the factory); None: the plain step
+        self.decode_graphs = None
 
     def apply_moves(self, plan: StepPlan) -> None:
         for src, dst in plan.moves:
@@ -175,7 +178,10 @@ class TokenRunner:
         if plan.decode:
             n = len(plan.decode)
             ids = torch.from_numpy(_decode_ids(plan)).to(device, non_blocking=True)
-            res = run({"ids": ids, **self.state.decode_feeds(n)})
+            if self.decode_graphs is not None:
+                res, _ = self.decode_graphs.step(ids, self.state.decode_feeds)
+            else:
+                res = run({"ids": ids, **self.state.decode_feeds(n)})
             self.state.decode_done(n, res)
             picked.append(res["logits"][:, 0])                                             # (n, V)
         if plan.prefill:

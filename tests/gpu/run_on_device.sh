@@ -3,8 +3,8 @@
 # not the server's web stack): run from the repository root with the wheels folder `.whl` carried.
 #   bash tests/gpu/run_on_device.sh
 # Installs .whl/*.whl into /tmp/site (PYTHONPATH; the project is not pip-installed), prints the
-# machine, runs tests/gpu (training for a few seconds, two servers: --device cuda and --device cpu)
-# and writes the whole log to $OUT/gpu-tests.log, the servers' logs to $OUT/server-logs/.
+# machine, runs tests/gpu (training for a few seconds, two servers: --device cuda and --device cpu),
+# then the `gpu`-marked tests of tests/serve (they train the token registry first) and writes the whole log to $OUT/gpu-tests.log, the servers' logs to $OUT/server-logs/.
 # The wheels (the machine has torch, numpy, onnxruntime, transformers, httpx, pytest but not the web
 # stack; cp312, no network there), fetched where pip works, into .whl/ (ignored by git):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -44,7 +44,14 @@ EOF
     -W default::DeprecationWarning -W default::UserWarning -W default::FutureWarning
   rc=$?
   [ "$rc" = 124 ] && echo "== pytest timed out (330 s)"
-  echo "== done: pytest exit $rc after $(( $(date +%s) - started )) s"
+  echo "== the gpu-marked tests of tests/serve (device tokens and sampling, CUDA graphs, denoise, pinned and bound I/O)"
+  timeout -k 10 240 python3 -m pytest tests/serve/test_device_tokens.py tests/serve/test_device_sampling.py \
+    tests/serve/test_device_denoise.py tests/serve/test_ort_binding.py -m gpu -v -s -p no:cacheprovider \
+    --basetemp="$BASETEMP-serve" -W default::DeprecationWarning -W default::UserWarning -W default::FutureWarning
+  rc2=$?
+  [ "$rc2" = 124 ] && echo "== pytest (tests/serve, gpu) timed out (240 s)"
+  echo "== done: pytest exit $rc and $rc2 after $(( $(date +%s) - started )) s"
+  [ "$rc" = 0 ] && exit $rc2
   exit $rc
 } 2>&1 | tee "$OUT/gpu-tests.log"
 rc=$?

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from model_registry import Registry
+from serve.engines.decode_graphs import DecodeGraphs, bucket_for
 from serve.engines.device_runtime import open_step
 from serve.engines.device_slots import TorchKVSlots, TorchStateSlots
 from serve.engines.factory import make_token_engine
@@ -268,22 +269,50 @@ def test_device_engine_gives_todays_greedy_tokens_and_logits_in_one_batch(token_
         assert dev.runner.state.resizes >= 1 and dev.runner.state.capacity == host.runner.state.capacity
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["decoder-tiny", "mamba-tiny", "decoder-moe-tiny"])
+def test_decode_at_bucketed_batch_sizes_gives_the_same_tokens_and_logits(token_registry, name, one_torch_thread):
+    """The static-shape decode the CUDA graphs replay, run eagerly on the CPU: rows padded up to a
+    bucket are computed and dropped, and nothing of them reaches the state or the answers."""
+    host, dev = host_engine(token_registry, name), device_engine(token_registry, name)
+    dev.runner.decode_graphs = DecodeGraphs(dev.runner.runtime.run_tensors, dev.scheduler.max_rows, capture=False)
+    ids = prompts(host)
+    want_tokens, want_logits, _ = greedy(host, ids, [12, 6, 10, 3, 8])
+    got_tokens, got_logits, _ = greedy(dev, ids, [12, 6, 10, 3, 8])
+    assert dev.runner.decode_graphs.padded_rows > 0          # 3 decode rows ran as 4, 5 as 8, ...
+    assert got_tokens == want_tokens
+    for want, got in zip(want_logits, got_logits, strict=True):
+        assert float(np.abs(got - want).max()) <= LOGITS_TOLERANCE
+
+
+def test_a_decode_bucket_is_the_smallest_that_holds_the_rows():
+    assert [bucket_for(n, rows=64) for n in (1, 2, 3, 5, 17, 33, 64)] == [1, 2, 4, 8, 24, 48, 64]
+    assert bucket_for(5, rows=6) == 6 and bucket_for(300, rows=300) == 300
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("name, kind", [("decoder-tiny", "torchscript"), ("mamba-tiny", "torchscript"),
                                         ("decoder-tiny", "eager"), ("mamba-tiny", "eager")])
-def test_on_cuda_the_device_engine_gives_todays_greedy_tokens(token_registry, name, kind, one_torch_thread):
-    """The same comparison with the state and the step on the GPU (across devices: 1e-4)."""
+def test_on_cuda_the_device_engine_gives_todays_greedy_tokens(token_registry, name, kind, graphs, one_torch_thread):
+    """The same comparison with the state and the step on the GPU (across devices: 1e-4), with the
+    decode steps launched eagerly and replayed as CUDA graphs."""
     host, dev = host_engine(token_registry, name), device_engine(token_registry, name, kind, torch.device("cuda"))
     assert dev.runner.state.device.type == "cuda" and dev.runner.runtime.device == "cuda"
+    if graphs:
+        dev.runner.decode_graphs = DecodeGraphs(dev.runner.runtime.run_tensors, dev.scheduler.max_rows, capture=True)
     ids = prompts(host)
     want_tokens, want_logits, _ = greedy(host, ids, [12, 6, 10, 3, 8])
     got_tokens, got_logits, _ = greedy(dev, ids, [12, 6, 10, 3, 8])
     assert got_tokens == want_tokens
     worst = max(float(np.abs(g - w).max()) for g, w in zip(got_logits, want_logits, strict=True))
-    print(f"\n[device-tokens] {name} {kind} on cuda: max |logit - ONNX CPU| {worst:.2e}")
+    print(f"\n[device-tokens] {name} {kind} on cuda, graphs {graphs}: max |logit - ONNX CPU| {worst:.2e}")
     assert worst <= 1e-4
+    if graphs:
+        g = dev.runner.decode_graphs
+        assert g.failed is None and g.captures >= 1 and g.replays > g.captures
 
 
 def serve_requests(engine: TokenEngine, batches: list[list[GenerationRequest]]) -> list[list[tuple]]:
