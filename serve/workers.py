@@ -16,8 +16,10 @@ and the kernel spreads new connections over the sockets that listen.
 - A worker that exits is started again (at once after one that served 30 s, else after 1, 2, 4 ...
   up to 30 s), unless it failed to start (exit 3: a bad gRPC port, the address taken): then every
   worker is stopped and the supervisor exits 3, as a single server would.
-- SIGTERM or SIGINT: every worker drains (as one server does: answers what it accepted, exits 0);
-  the supervisor exits 0 when all of them did.
+- SIGTERM, SIGINT or SIGHUP: every worker drains (as one server does: answers what it accepted,
+  exits 0); the supervisor exits 0 when all of them did. A supervisor killed outright takes its
+  workers with it: each asked Linux for a SIGTERM when its parent dies (PR_SET_PDEATHSIG), and
+  drains.
 - Metrics: each worker writes its counts to a folder the supervisor made and removes
   (serve/worker_metrics.py), so /metrics, answered by whichever worker, shows all of them.
 
@@ -88,13 +90,28 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return reuseport_socket(host, port)
 
 
-def run_worker(settings: ServeSettings, index: int, folder: str) -> None:
+def _stop_with_the_supervisor(supervisor_pid: int) -> None:
+    """Ask Linux for a SIGTERM when the supervisor dies (even by SIGKILL), so that a worker drains
+    and exits instead of serving on as an orphan nobody restarts or stops."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))        # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):             # not Linux: the supervisor's own stop is all there is
+        return
+    if os.getppid() != supervisor_pid:            # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_worker(settings: ServeSettings, index: int, folder: str, supervisor_pid: int) -> None:
     """A worker process: one whole server on its own SO_REUSEPORT socket."""
     import sys
 
     from serve import logs
     from serve.cli import run_server
 
+    _stop_with_the_supervisor(supervisor_pid)
     logs.configure(settings.log_level, settings.log_format)
     log.info("worker %d of %d (pid %d) loading, then serving on %s:%d", index + 1, settings.workers, os.getpid(),
              settings.host, settings.port)
@@ -129,7 +146,7 @@ class Supervisor:
         settings = self.settings = settings.model_copy(update={"port": held[0].getsockname()[1]})
         folder = tempfile.mkdtemp(prefix="zooserve-workers-")
         previous = {sig: signal.signal(sig, lambda signum, frame: self._stop.set())
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
+                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             log.info("%d workers on %s:%d (supervisor pid %d)", settings.workers, settings.host, settings.port,
                      os.getpid())
@@ -145,7 +162,7 @@ class Supervisor:
             shutil.rmtree(folder, ignore_errors=True)
 
     def _start(self, index: int, folder: str):
-        process = self._spawn.Process(target=run_worker, args=(self.settings, index, folder),
+        process = self._spawn.Process(target=run_worker, args=(self.settings, index, folder, os.getpid()),
                                       name=f"zooserve-worker-{index + 1}")
         process.start()
         process.started_at = time.monotonic()

@@ -167,6 +167,28 @@ def test_sigterm_drains_every_worker_and_exits_0(slow_registry):
     assert sum(t > signalled for _, t in answers) >= 4        # these were in flight at the signal
 
 
+def test_workers_do_not_outlive_a_supervisor_killed_outright(demo_registry):
+    with running_server(demo_registry, ["--workers", "2"]) as server:
+        workers = worker_pids(server.proc.pid)
+        assert len(workers) == 2
+        server.proc.kill()                      # SIGKILL: no drain of its own, no signal forwarded
+        server.proc.wait(10)
+
+        def gone() -> bool:
+            return all(not Path(f"/proc/{pid}").exists() or b"zombie" in _state(pid) for pid in workers)
+        wait_for(gone, 30, "the orphaned workers to drain and exit")
+        with socket.socket() as probe:          # and the port is free again
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", server.port))
+
+
+def _state(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/status").read_bytes()
+    except OSError:
+        return b"zombie"
+
+
 def test_a_taken_port_is_refused_and_litserve_does_not_take_workers(demo_registry, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
