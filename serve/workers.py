@@ -79,7 +79,8 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 def reserve_port(host: str, port: int) -> socket.socket:
     """The port held for the workers: first a plain bind, which fails if any socket holds the port
     (another server, with SO_REUSEPORT or not); then a SO_REUSEPORT bind that the workers' sockets
-    can join and nobody else's can. Port 0 picks a free one."""
+    join. Another `zooserve serve` on the port then fails at its plain bind (only a program of the
+    same user that sets SO_REUSEPORT itself could join). Port 0 picks a free one."""
     probe = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # a port in TIME_WAIT is free
