@@ -63,6 +63,8 @@ def create_app(settings: ServeSettings | None = None, shared_folder: Path | None
         loading.add_done_callback(_log_load_failure)
         publishing = None
         if metrics.shared is not None:
+            metrics.shared.stats_source = lambda: [v2.stats_of(lv) for table in repository.tables.values()
+                                                   for lv in table.values() if lv.engine is not None]
             waiting = asyncio.create_task(loaded.wait())
             await asyncio.wait([loading, waiting], return_when=asyncio.FIRST_COMPLETED)
             waiting.cancel()

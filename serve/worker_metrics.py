@@ -12,6 +12,10 @@ controller and a user see one server, named as a one-process server names it:
   version) and `zooserve_state_slots_used_ratio` (the mean: every worker has the same slots);
 - `zooserve_workers` is the number of live workers.
 
+The Triton statistics routes (`/v2/models/.../stats`) are merged the same way from a
+`<pid>.stats.json` beside each exposition: counts and nanoseconds summed (a dead worker's too),
+`last_inference` the latest, batch sizes matched by size.
+
 A scrape therefore reads another worker's counts as they were up to a second ago (PUBLISH_EVERY_S),
 well inside any scrape interval. Why files and not prometheus_client's multiprocess mode: that mode
 replaces each metric's value with an mmap'd one, and the hot path records into plain accumulators
@@ -26,12 +30,15 @@ from pathlib import Path
 from statistics import fmean
 from typing import Callable, Iterable, Iterator
 
+import orjson
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 PUBLISH_EVERY_S = 1.0
 SUFFIX = ".prom"
+STATS_SUFFIX = ".stats.json"
 GAUGE_MERGE: dict[str, Callable[[list[float]], float]] = {
     "zooserve_model_ready": min,
     "zooserve_state_slots_used_ratio": fmean,
@@ -76,19 +83,64 @@ def merge(texts: Iterable[tuple[str, bool]]) -> list[Metric]:
     return merged
 
 
+def merge_stats(workers: Iterable[list[dict]]) -> list[dict]:
+    """Triton statistics rows of several workers, one row per (name, version), in first-seen order."""
+    merged: dict[tuple[str, str], dict] = {}
+    for rows in workers:
+        for row in rows:
+            key = (row["name"], row["version"])
+            merged[key] = _add_stats(merged[key], row) if key in merged else row
+    return list(merged.values())
+
+
+def _add_stats(a: dict, b: dict) -> dict:
+    out = {}
+    for key, value in a.items():
+        other = b.get(key)
+        if key == "last_inference":
+            out[key] = max(value, other or 0)
+        elif key == "batch_stats":
+            by_size = {row["batch_size"]: row for row in value}
+            for row in other or []:
+                size = row["batch_size"]
+                by_size[size] = _add_stats(by_size[size], row) if size in by_size else row
+            out[key] = [by_size[size] for size in sorted(by_size)]
+        elif key == "batch_size" or isinstance(value, str):
+            out[key] = value
+        elif isinstance(value, dict):
+            out[key] = _add_stats(value, other or {})
+        else:
+            out[key] = value + (other or 0)
+    return out
+
+
 class SharedMetrics:
-    """One worker's side of the folder: publish its own text, read everyone's."""
+    """One worker's side of the folder: publish its own text (and statistics), read everyone's."""
 
     def __init__(self, folder: Path, own: CollectorRegistry, pid: int | None = None):
         self.folder, self.own = Path(folder), own
         self.pid = os.getpid() if pid is None else pid
         self.path = self.folder / f"{self.pid}{SUFFIX}"
+        self.stats_path = self.folder / f"{self.pid}{STATS_SUFFIX}"
+        # this worker's Triton statistics rows (set by the app: it knows the loaded versions)
+        self.stats_source: Callable[[], list[dict]] | None = None
 
     def publish(self) -> None:
-        """Write this worker's exposition (atomically: a reader never sees half of it)."""
-        partial = self.path.with_suffix(".partial")
-        partial.write_bytes(generate_latest(self.own))
-        os.replace(partial, self.path)
+        """Write this worker's exposition and statistics (atomically: a reader never sees half)."""
+        _write(self.path, generate_latest(self.own))
+        if self.stats_source is not None:
+            _write(self.stats_path, orjson.dumps(self.stats_source()))
+
+    def stats(self) -> list[dict]:
+        """Every worker's statistics rows merged, this worker's as of now."""
+        self.publish()
+        workers = []
+        for path in sorted(self.folder.glob(f"*{STATS_SUFFIX}")):
+            try:
+                workers.append(orjson.loads(path.read_bytes()))
+            except FileNotFoundError:
+                continue
+        return merge_stats(workers)
 
     def families(self) -> list[Metric]:
         """Every worker's families merged, this worker's as of now."""
@@ -106,6 +158,12 @@ class SharedMetrics:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Fixed(self.families()))
         return generate_latest(registry)
+
+
+def _write(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
 
 
 class _Fixed:

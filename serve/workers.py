@@ -21,14 +21,14 @@ and the kernel spreads new connections over the sockets that listen.
   workers with it: each asked Linux for a SIGTERM when its parent dies (PR_SET_PDEATHSIG), and
   drains.
 - Metrics: each worker writes its counts to a folder the supervisor made and removes
-  (serve/worker_metrics.py), so /metrics, answered by whichever worker, shows all of them.
+  (serve/worker_metrics.py), so /metrics and the statistics routes, answered by whichever worker,
+  show all of them.
 
 What stays per worker, as it does per replica of a fleet (DESIGN section 9): a stateful sequence
 (its state lives in the worker that started it: keep its requests on one keep-alive connection),
-the Triton statistics routes (one worker's counts; /metrics has them all), the pacing of refused
-clients (per connection anyway), and the repository's load/unload, which would reach one worker
-and so are refused (409) in a server of several: the registry watch of every worker follows a
-publish, and a restart applies the rest.
+the pacing of refused clients (per connection anyway), and the repository's load/unload, which
+would reach one worker and so are refused (409) in a server of several: the registry watch of
+every worker follows a publish, and a restart applies the rest.
 """
 
 from __future__ import annotations

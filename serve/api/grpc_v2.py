@@ -175,9 +175,11 @@ class InferenceService(GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request, context):
         repo = self.state.repository
         if request.name:
-            rows = [v2.stats_of(await self._resolved(context, "ModelStatistics", request.name, request.version))]
+            lv = await self._resolved(context, "ModelStatistics", request.name, request.version)
+            rows = v2.stats_rows(self.state.metrics, [lv])
         else:               # Triton: no name, every model
-            rows = [v2.stats_of(lv) for table in repo.tables.values() for lv in table.values() if lv.engine]
+            loaded = [lv for table in repo.tables.values() for lv in table.values() if lv.engine]
+            rows = v2.stats_rows(self.state.metrics, loaded)
         return pb.ModelStatisticsResponse(model_stats=[json_format.ParseDict(r, pb.ModelStatistics()) for r in rows])
 
     # ---- repository ----------------------------------------------------------------------------

@@ -188,8 +188,8 @@ def metadata_of(repo, lv: LoadedVersion, versioned: bool) -> dict:
 async def all_stats(request: Request) -> Response:
     repo = repository_of(request)
     # declared before /v2/models/{model} so that "stats" is not taken for a model name
-    rows = [stats_of(lv) for t in repo.tables.values() for lv in t.values() if lv.engine is not None]
-    return _json({"model_stats": rows})
+    loaded = [lv for t in repo.tables.values() for lv in t.values() if lv.engine is not None]
+    return _json({"model_stats": stats_rows(request.app.state.metrics, loaded)})
 
 
 @router.get("/v2/models/{model}", summary="Model metadata (default version)")
@@ -308,14 +308,26 @@ def stats_of(lv: LoadedVersion) -> dict:
     }
 
 
+def stats_rows(metrics, versions: list[LoadedVersion]) -> list[dict]:
+    """The statistics of `versions`: this server's, or in a server of several workers every
+    worker's summed (`metrics.shared`, serve/worker_metrics.py). HTTP and gRPC."""
+    shared = metrics.shared
+    if shared is None:
+        return [stats_of(lv) for lv in versions]
+    merged = {(row["name"], row["version"]): row for row in shared.stats()}
+    return [merged.get((lv.name, str(lv.version))) or stats_of(lv) for lv in versions]
+
+
 @router.get("/v2/models/{model}/stats", summary="Statistics of a model's default version")
 async def model_stats(request: Request, model: str) -> Response:
-    return _json({"model_stats": [stats_of(repository_of(request).resolve(model, None))]})
+    lv = repository_of(request).resolve(model, None)
+    return _json({"model_stats": stats_rows(request.app.state.metrics, [lv])})
 
 
 @router.get("/v2/models/{model}/versions/{version}/stats", summary="Statistics of one version")
 async def version_stats(request: Request, model: str, version: str) -> Response:
-    return _json({"model_stats": [stats_of(repository_of(request).resolve(model, version))]})
+    lv = repository_of(request).resolve(model, version)
+    return _json({"model_stats": stats_rows(request.app.state.metrics, [lv])})
 
 
 # ---- inference (the hot path) ---------------------------------------------------------------

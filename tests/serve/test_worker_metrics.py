@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serve.metrics import Metrics
 from serve.sequence_store import SequenceStore, UnknownSequence
-from serve.worker_metrics import SharedMetrics, merge
+from serve.worker_metrics import SharedMetrics, merge, merge_stats
 from serve.workers import MAX_DELAY_S, next_delay
 
 
@@ -101,3 +101,21 @@ def test_a_worker_that_keeps_dying_young_is_restarted_ever_more_slowly():
         previous = next_delay(lived_s=2, previous_s=previous)
         delays.append(previous)
     assert delays == [1, 2, 4, 8, 16, MAX_DELAY_S, MAX_DELAY_S, MAX_DELAY_S]
+
+
+def stats_row(success: int, last: int, batches: dict[int, int]) -> dict:
+    return {"name": "m", "version": "1", "last_inference": last, "inference_count": success,
+            "inference_stats": {"success": {"count": success, "ns": 1000 * success}},
+            "batch_stats": [{"batch_size": size, "compute_infer": {"count": n, "ns": 10 * n}}
+                            for size, n in batches.items()]}
+
+
+def test_statistics_of_workers_are_summed_the_latest_inference_kept():
+    merged = merge_stats([[stats_row(3, 100, {1: 3})], [stats_row(5, 250, {1: 1, 4: 1})],
+                          [{**stats_row(2, 50, {2: 1}), "version": "2"}]])
+    assert [(r["name"], r["version"]) for r in merged] == [("m", "1"), ("m", "2")]
+    one = merged[0]
+    assert one["inference_count"] == 8 and one["last_inference"] == 250
+    assert one["inference_stats"]["success"] == {"count": 8, "ns": 8000}
+    assert one["batch_stats"] == [{"batch_size": 1, "compute_infer": {"count": 4, "ns": 40}},
+                                  {"batch_size": 4, "compute_infer": {"count": 1, "ns": 10}}]

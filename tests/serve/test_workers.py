@@ -59,6 +59,11 @@ def ok_count(url: str) -> float:
                                                         ("version", "1"))), 0.0)
 
 
+def success_count(url: str) -> int:
+    row, = httpx.get(f"{url}/v2/models/mlp-digits/stats", timeout=10).json()["model_stats"]
+    return row["inference_stats"]["success"]["count"]
+
+
 def fresh_connection_requests(url: str, n: int) -> list[httpx.Response]:
     """n requests, each on a new connection (the kernel picks a worker per connection); a connection
     refused while a worker's socket closes is tried again, an answer never is."""
@@ -77,7 +82,7 @@ def fresh_connection_requests(url: str, n: int) -> list[httpx.Response]:
 
 def test_both_workers_answer_and_metrics_count_them_all(two_workers):
     assert len(worker_pids(two_workers.proc.pid)) == 2
-    before = ok_count(two_workers.url)
+    before, stats_before = ok_count(two_workers.url), success_count(two_workers.url)
     answers = fresh_connection_requests(two_workers.url, 60)
     assert [r.status_code for r in answers] == [200] * 60
     # a request id made by the server starts with its process's random prefix: both workers answered
@@ -85,6 +90,8 @@ def test_both_workers_answer_and_metrics_count_them_all(two_workers):
     # whichever worker answers /metrics shows both workers' counts (each publishes within a second)
     wait_for(lambda: ok_count(two_workers.url) == before + 60, 10, "the merged count")
     assert merged(two_workers.url)[("zooserve_workers", ())] == 2
+    # and so do the Triton statistics routes
+    assert success_count(two_workers.url) == stats_before + 60
 
 
 def test_repository_load_and_unload_are_refused_naming_the_workers(two_workers):
@@ -109,6 +116,9 @@ def test_grpc_is_served_by_both_workers_on_its_one_port(two_workers):
             inp.set_data_from_numpy(image)
             assert client.infer("mlp-digits", [inp]).as_numpy("logits").shape == (1, 10)
     wait_for(lambda: ok_count(two_workers.url) == before + 12, 10, "gRPC requests in the merged count")
+    with tgrpc.InferenceServerClient(two_workers.grpc) as client:
+        row, = client.get_inference_statistics("mlp-digits", as_json=True)["model_stats"]
+    assert int(row["inference_stats"]["success"]["count"]) == success_count(two_workers.url)
     with tgrpc.InferenceServerClient(two_workers.grpc) as client:
         with pytest.raises(InferenceServerException, match="2 worker processes"):
             client.load_model("mlp-digits", headers={"authorization": f"Bearer {TOKEN}"})
