@@ -128,12 +128,15 @@ class SharedMetrics:
     def publish(self) -> None:
         """Write this worker's exposition and statistics (atomically: a reader never sees half)."""
         _write(self.path, generate_latest(self.own))
+        self._publish_stats()
+
+    def _publish_stats(self) -> None:
         if self.stats_source is not None:
             _write(self.stats_path, orjson.dumps(self.stats_source()))
 
     def stats(self) -> list[dict]:
         """Every worker's statistics rows merged, this worker's as of now."""
-        self.publish()
+        self._publish_stats()
         workers = []
         for path in sorted(self.folder.glob(f"*{STATS_SUFFIX}")):
             try:

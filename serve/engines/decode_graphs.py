@@ -60,9 +60,9 @@ class DecodeGraphs:
         self.padded_rows = 0                    # rows computed and dropped to reach a bucket, so far
         self.failed: str | None = None          # why capturing was given up, if it was
 
-    def step(self, ids: torch.Tensor, feeds_for: Callable[[int], Feeds]) -> tuple[Feeds, int]:
+    def step(self, ids: torch.Tensor, feeds_for: Callable[[int], Feeds]) -> Feeds:
         """One decode step of the n = len(ids) rows 0..n-1: `feeds_for(b)` gives the state's feeds
-        for rows 0..b-1. Returns the outputs of rows 0..n-1 (views of b-row outputs) and b."""
+        for rows 0..b-1. Returns the outputs of rows 0..n-1 (views of b-row outputs)."""
         n = ids.shape[0]
         b = bucket_for(n, self.rows)
         self.padded_rows += b - n
@@ -70,7 +70,7 @@ class DecodeGraphs:
             ids = torch.cat([ids, ids.new_zeros((b - n, *ids.shape[1:]))])     # (b, 1): rows past n feed token 0
         inputs = {"ids": ids, **feeds_for(b)}
         outputs = self._replay(b, inputs) if self.capture and self.failed is None else self.run(inputs)
-        return {name: t[:n] for name, t in outputs.items()}, b
+        return {name: t[:n] for name, t in outputs.items()}
 
     def _replay(self, b: int, inputs: Feeds) -> Feeds:
         key = (b, tuple((name, t.data_ptr(), tuple(t.shape)) for name, t in inputs.items() if t._base is not None))

@@ -31,20 +31,25 @@ def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler]) -> list[Sampl
     params = [s.params for s in samplers]
     x = logits.to(torch.float64)                                                  # (B, V)
 
+    if all(p.greedy for p in params):          # no draw: no sort, no sums (a greedy batch's step)
+        return _answers(x, x.argmax(dim=1), params)
+
     def per_row(values, dtype=torch.float64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=device)
 
     greedy = per_row([p.greedy for p in params], torch.bool)                      # (B,)
     cut_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    has_cut = per_row([k < vocab or p.top_p < 1.0 for k, p in zip(cut_k, params)], torch.bool)
+    cuts = [k < vocab or p.top_p < 1.0 for k, p in zip(cut_k, params)]
     temperature = per_row([1.0 if p.greedy else p.temperature for p in params])
     top_p = per_row([p.top_p for p in params])
     uniform = per_row([0.0 if p.greedy else s.uniform() for s, p in zip(samplers, params)])
 
-    scaled = x / temperature[:, None]                                             # (B, V)
     positions = torch.arange(vocab, device=device)
-    order = torch.sort(scaled, dim=1, descending=True, stable=True).indices       # (B, V) canonical
-    walk = torch.where(has_cut[:, None], order, positions.expand(rows, vocab))    # candidates in draw order
+    scaled = x / temperature[:, None]                                             # (B, V)
+    walk = positions.expand(rows, vocab)                                          # candidates in draw order
+    if any(cuts):
+        order = torch.sort(scaled, dim=1, descending=True, stable=True).indices   # (B, V) canonical
+        walk = torch.where(per_row(cuts, torch.bool)[:, None], order, walk)
     weights = torch.exp(scaled.gather(1, walk) - scaled.max(dim=1, keepdim=True).values)
     keep = positions[None, :] < per_row(cut_k, torch.int64)[:, None]              # top-k
     running = torch.cumsum(weights * keep, dim=1)
@@ -56,7 +61,11 @@ def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler]) -> list[Sampl
     index = torch.minimum(index, keep.sum(dim=1) - 1)
     drawn = walk.gather(1, index[:, None]).squeeze(1)
     tokens = torch.where(greedy, x.argmax(dim=1), drawn)                          # (B,)
+    return _answers(x, tokens, params)
 
+
+def _answers(x: torch.Tensor, tokens: torch.Tensor, params) -> list[Sampled]:
+    """Sampled per row: the token, and where asked its logprob and the n best (one copy back)."""
     asked = [p.logprobs for p in params]
     top_n = max((n for n in asked if n is not None), default=None)
     if top_n is None:

@@ -179,7 +179,7 @@ class TokenRunner:
             n = len(plan.decode)
             ids = torch.from_numpy(_decode_ids(plan)).to(device, non_blocking=True)
             if self.decode_graphs is not None:
-                res, _ = self.decode_graphs.step(ids, self.state.decode_feeds)
+                res = self.decode_graphs.step(ids, self.state.decode_feeds)
             else:
                 res = run({"ids": ids, **self.state.decode_feeds(n)})
             self.state.decode_done(n, res)
