@@ -21,14 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def demo_registry(tmp_path_factory) -> Path:
-    """`zooserve demo` into a session folder (trains mlp-digits and resnet-digits, ~30 s). Read-only for tests."""
-    import torch
+    """`zooserve demo`'s mlp-digits and resnet-digits in a session folder (~20 s). Read-only for tests."""
+    from tests.fixture_builds import publish_demo_model, run_two_at_a_time
 
-    from training.cli import demo
-
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("demo") / "registry"
-    demo(root, threads=1, progress=False, only=["mlp-digits", "resnet-digits"])
+    # the two at once (a process each; the registry locks per model), as `zooserve demo` would publish them
+    run_two_at_a_time((publish_demo_model, (root, name)) for name in ("resnet-digits", "mlp-digits"))
     return root
 
 
@@ -36,31 +34,25 @@ def demo_registry(tmp_path_factory) -> Path:
 def token_registry(tmp_path_factory, demo_registry) -> Path:
     """decoder-tiny, decoder-moe-tiny, mamba-tiny and lstm-charlm, briefly trained on the real corpus (a real
     tokenizer, real export and parity), plus mlp-digits; aliases `stable` -> 1. Read-only for tests."""
-    import torch
-
     from model_registry import Registry
-    from training import export
-    from training.lm import train_token_family
 
-    from training.models import mamba
+    from tests.fixture_builds import build_token_model, run_two_at_a_time
 
-    torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("tokens")
     registry = Registry(work / "registry")
-    # mamba-tiny with 2 layers, not the preset's 4: its ONNX export (torch.export tracing a cond per
-    # layer) is ~17 s a layer, and two layers exercise the same per-layer states and prefill segments
-    two_layer_mamba = mamba.Config(**{**mamba.PRESETS["tiny"], "n_layer": 2}, vocab_size=2048, block_size=128)
-    # decoder-tiny trains long enough (~25 s) to beat the unigram baseline clearly; the MoE only runs;
-    # the character LSTM tokenizes bytes without merges (vocab 260)
-    for name, family, preset, steps, vocab, model_config in (
-            ("decoder-tiny", "decoder", "tiny", 150, 2048, None),
-            ("decoder-moe-tiny", "decoder", "tiny-moe", 30, 2048, None),
-            ("mamba-tiny", "mamba", "tiny", 40, 2048, two_layer_mamba),
-            ("lstm-charlm", "rnn_lm", "tiny", 30, 260, None)):
-        train_token_family(family, preset, work / name / "checkpoint", steps=steps, progress=False, block_size=128,
-                           vocab_size=vocab, model_config=model_config)
-        export.package(work / name / "checkpoint", work / name / "package")
-        registry.set_alias(name, "stable", registry.publish(name, work / name / "package"))
+    # decoder-tiny trains long enough (~25 s) to beat the unigram baseline clearly (its final score
+    # over every held-out window: tests/serve/test_openai.py reads it); the others only run, scored on
+    # 4 batches. mamba-tiny has 2 layers, not the preset's 4: its ONNX export (torch.export tracing a
+    # cond per layer) is ~17 s a layer, and two layers exercise the same per-layer states and prefill
+    # segments. The character LSTM tokenizes bytes without merges (vocab 260). Longest first.
+    brief = {"final_eval_batches": 4}
+    builds = (("mamba-tiny", "mamba", "tiny", 40, 2048, brief, {"n_layer": 2}),
+              ("decoder-tiny", "decoder", "tiny", 150, 2048, {}, {}),
+              ("decoder-moe-tiny", "decoder", "tiny-moe", 30, 2048, brief, {}),
+              ("lstm-charlm", "rnn_lm", "tiny", 30, 260, brief, {}))
+    packages = run_two_at_a_time((build_token_model, (work, *build)) for build in builds)
+    for (name, *_), package in zip(builds, packages):
+        registry.set_alias(name, "stable", registry.publish(name, package))
     registry.publish("mlp-digits", demo_registry / "mlp-digits" / "1")
     return registry.root
 

@@ -1,0 +1,51 @@
+"""What a session fixture builds in a child process: conftest runs independent models two at a time
+(a spawned process each, one torch thread), so the 2-core machine trains and exports two at once
+instead of leaving a core idle while the session's fixtures are set up."""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+
+def build_token_model(work: Path, name: str, family: str, preset: str, steps: int, vocab_size: int,
+                      train_overrides: dict[str, Any], config_overrides: dict[str, Any]) -> Path:
+    """Train `family` at `preset` on the bundled corpus and package it (export and parity) into
+    work/name/package; returns that folder."""
+    import importlib
+
+    import torch
+
+    from training import export
+    from training.lm import train_token_family
+
+    torch.set_num_threads(1)
+    model_config = None
+    if config_overrides:
+        module = importlib.import_module(f"training.models.{family}")
+        model_config = module.Config(**{**module.PRESETS[preset], **config_overrides},
+                                     vocab_size=vocab_size, block_size=128)
+    train_token_family(family, preset, work / name / "checkpoint", steps=steps, progress=False, block_size=128,
+                       vocab_size=vocab_size, model_config=model_config, **train_overrides)
+    export.package(work / name / "checkpoint", work / name / "package")
+    return work / name / "package"
+
+
+def publish_demo_model(registry_root: Path, name: str) -> int:
+    """`zooserve demo`'s recipe for one model, with one torch thread; returns its version."""
+    import torch
+
+    from training.cli import publish_demo_model
+
+    torch.set_num_threads(1)
+    return publish_demo_model(registry_root, name)[0]
+
+
+def run_two_at_a_time(calls: Iterable[tuple[Callable[..., Any], tuple]]) -> list[Any]:
+    """Each (function, args) in a spawned process, two at once; their results in order. Give the
+    longest first: they start in the order given."""
+    with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(function, *args) for function, args in calls]
+        return [future.result() for future in futures]
