@@ -31,6 +31,7 @@ from serve.judge import load_tests
 from serve.rollout import InProcessSource, RolloutController
 from serve.rollout import run as run_rollouts
 from serve.shadow import ShadowTraffic
+from serve.worker_control import WorkerControl
 from serve.repository import ModelRepository, State
 from serve.settings import ServeSettings
 
@@ -53,6 +54,7 @@ def create_app(settings: ServeSettings | None = None, shared_folder: Path | None
         repository = ModelRepository(Registry(settings.registry), settings, metrics)
         app.state.settings, app.state.metrics, app.state.repository = settings, metrics, repository
         app.state.draining = False
+        app.state.worker_control = None       # a worker of several: serve/worker_control.py
         app.state.shadow = ShadowTraffic(metrics, settings.shadow_max_in_flight)
         app.state.pacer = RefusalPacer(settings.max_refusal_hold_s)
         watcher = RegistryWatcher(repository, settings.watch_interval_s)
@@ -69,6 +71,9 @@ def create_app(settings: ServeSettings | None = None, shared_folder: Path | None
             await asyncio.wait([loading, waiting], return_when=asyncio.FIRST_COMPLETED)
             waiting.cancel()
             publishing = asyncio.create_task(_publish_metrics(metrics))
+            # the loads and unloads asked of any worker so far, before this one listens
+            app.state.worker_control = WorkerControl(shared_folder, repository)
+            await app.state.worker_control.start()
         stop_rollouts = asyncio.Event()
         rollouts = asyncio.create_task(_embedded_rollouts(settings, metrics, stop_rollouts)) \
             if settings.rollout_controller else None
@@ -88,6 +93,8 @@ def create_app(settings: ServeSettings | None = None, shared_folder: Path | None
                 stop_rollouts.set()
                 await rollouts
             await app.state.shadow.close()
+            if app.state.worker_control is not None:
+                await app.state.worker_control.stop()
             await repository.close()
             if publishing is not None:       # the last counts stay in the sum after this worker exits
                 publishing.cancel()

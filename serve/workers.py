@@ -24,11 +24,12 @@ and the kernel spreads new connections over the sockets that listen.
   (serve/worker_metrics.py), so /metrics and the statistics routes, answered by whichever worker,
   show all of them.
 
+- Repository load/unload: the worker asked carries it to every worker through a control log in
+  the same folder, and a worker started later replays it (serve/worker_control.py).
+
 What stays per worker, as it does per replica of a fleet (DESIGN section 9): a stateful sequence
-(its state lives in the worker that started it: keep its requests on one keep-alive connection),
-the pacing of refused clients (per connection anyway), and the repository's load/unload, which
-would reach one worker and so are refused (409) in a server of several: the registry watch of
-every worker follows a publish, and a restart applies the rest.
+(its state lives in the worker that started it: keep its requests on one keep-alive connection)
+and the pacing of refused clients (per connection anyway).
 """
 
 from __future__ import annotations

@@ -206,7 +206,6 @@ class InferenceService(GRPCInferenceServiceServicer):
                 raise _one_repository(request.repository_name)
             v2.check_load_parameters({key: parameter_value(key, "parameter", value)
                                       for key, value in request.parameters.items()})
-            v2.check_one_worker(self.state.settings)
         except ServeError as exc:
             await self._refuse(context, method, exc, rid, request.model_name or None)
         return rid
@@ -214,19 +213,20 @@ class InferenceService(GRPCInferenceServiceServicer):
     @_guarded
     async def RepositoryModelLoad(self, request, context):
         rid = await self._admin(context, "RepositoryModelLoad", request)
-        repo = self.state.repository
-        refused = await repo.load_model(request.model_name)
-        if refused:
-            await self._refuse(context, "RepositoryModelLoad",
-                               ServeError(409, repo.refusal_message(request.model_name, refused)), rid,
-                               request.model_name)
+        await self._repository_action(context, "RepositoryModelLoad", "load", request.model_name, rid)
         return pb.RepositoryModelLoadResponse()
 
     @_guarded
     async def RepositoryModelUnload(self, request, context):
-        await self._admin(context, "RepositoryModelUnload", request)
-        await self.state.repository.unload_model(request.model_name)
+        rid = await self._admin(context, "RepositoryModelUnload", request)
+        await self._repository_action(context, "RepositoryModelUnload", "unload", request.model_name, rid)
         return pb.RepositoryModelUnloadResponse()
+
+    async def _repository_action(self, context, method: str, action: str, model: str, rid: str) -> None:
+        try:
+            await v2.repository_action(self.state, action, model)
+        except ServeError as exc:
+            await self._refuse(context, method, exc, rid, model)
 
     # ---- inference -----------------------------------------------------------------------------
 

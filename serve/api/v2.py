@@ -616,7 +616,6 @@ async def repository_index(request: Request) -> Response:
 
 
 async def _load_body(request: Request) -> None:
-    check_one_worker(settings_of(request))
     body = await read_body(request, settings_of(request).max_body_bytes)
     if not body.strip():
         return
@@ -630,13 +629,23 @@ async def _load_body(request: Request) -> None:
     check_load_parameters(params)
 
 
-def check_one_worker(settings) -> None:
-    """Load/unload act on the process that answers: in a server of several workers that would be
-    one of them, chosen by the kernel, so they are refused there (HTTP and gRPC)."""
-    if settings.workers > 1:
-        raise ServeError(409, f"this server runs {settings.workers} worker processes and a load or unload would "
-                              "reach one of them: publish to the registry (every worker's watch loads it) or "
-                              "restart the server")
+async def repository_action(state, action: str, model: str) -> None:
+    """Load or unload `model` (HTTP and gRPC): in this process, or in a server of several workers in
+    every worker (serve/worker_control.py); ServeError for a refusal."""
+    control = getattr(state, "worker_control", None)
+    if control is not None:
+        await control.request(action, model)
+        return
+    repo = state.repository
+    if action == "unload":
+        await repo.unload_model(model)
+        return
+    refused = await repo.load_model(model)
+    if refused:
+        # 409, not 503: the server is not unavailable (what served keeps serving, so neither a load
+        # balancer nor a retry loop may read this as an outage) and loading again changes nothing;
+        # the registry's version conflicts with its own manifest or golden pair until it is fixed
+        raise ServeError(409, repo.refusal_message(model, refused))
 
 
 def check_load_parameters(params) -> None:
@@ -650,13 +659,7 @@ def check_load_parameters(params) -> None:
              dependencies=ADMIN_MODEL_ROUTE, openapi_extra=LOAD_BODY_SCHEMA)
 async def load(request: Request, model: str) -> Response:
     await _load_body(request)
-    repo = repository_of(request)
-    refused = await repo.load_model(model)
-    if refused:
-        # 409, not 503: the server is not unavailable (what served keeps serving, so neither a load
-        # balancer nor a retry loop may read this as an outage) and loading again changes nothing;
-        # the registry's version conflicts with its own manifest or golden pair until it is fixed
-        raise ServeError(409, repo.refusal_message(model, refused))
+    await repository_action(request.app.state, "load", model)
     return _json({})
 
 
@@ -664,5 +667,5 @@ async def load(request: Request, model: str) -> Response:
              dependencies=ADMIN_MODEL_ROUTE, openapi_extra=LOAD_BODY_SCHEMA)
 async def unload(request: Request, model: str) -> Response:
     await _load_body(request)
-    await repository_of(request).unload_model(model)
+    await repository_action(request.app.state, "unload", model)
     return _json({})

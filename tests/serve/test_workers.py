@@ -59,6 +59,17 @@ def ok_count(url: str) -> float:
                                                         ("version", "1"))), 0.0)
 
 
+def settled_ok_count(url: str) -> float:
+    """ok_count once every worker has published what it answered (each does every second)."""
+    previous = ok_count(url)
+    while True:
+        time.sleep(1.2)
+        now = ok_count(url)
+        if now == previous:
+            return now
+        previous = now
+
+
 def success_count(url: str) -> int:
     row, = httpx.get(f"{url}/v2/models/mlp-digits/stats", timeout=10).json()["model_stats"]
     return row["inference_stats"]["success"]["count"]
@@ -80,13 +91,17 @@ def fresh_connection_requests(url: str, n: int) -> list[httpx.Response]:
     return answers
 
 
+def answered_by(answers: list[httpx.Response]) -> set[str]:
+    """The workers that gave these answers: a request id the server made starts with its process's prefix."""
+    return {r.headers["x-request-id"][:16] for r in answers}
+
+
 def test_both_workers_answer_and_metrics_count_them_all(two_workers):
     assert len(worker_pids(two_workers.proc.pid)) == 2
     before, stats_before = ok_count(two_workers.url), success_count(two_workers.url)
     answers = fresh_connection_requests(two_workers.url, 60)
     assert [r.status_code for r in answers] == [200] * 60
-    # a request id made by the server starts with its process's random prefix: both workers answered
-    assert len({r.headers["x-request-id"][:16] for r in answers}) == 2
+    assert len(answered_by(answers)) == 2
     # whichever worker answers /metrics shows both workers' counts (each publishes within a second)
     wait_for(lambda: ok_count(two_workers.url) == before + 60, 10, "the merged count")
     assert merged(two_workers.url)[("zooserve_workers", ())] == 2
@@ -94,22 +109,46 @@ def test_both_workers_answer_and_metrics_count_them_all(two_workers):
     assert success_count(two_workers.url) == stats_before + 60
 
 
-def test_repository_load_and_unload_are_refused_naming_the_workers(two_workers):
+def test_a_load_or_unload_reaches_every_worker_and_a_replacement_keeps_it(two_workers):
+    import tritonclient.grpc as tgrpc
+
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    for verb in ("load", "unload"):
-        r = httpx.post(f"{two_workers.url}/v2/repository/models/mlp-digits/{verb}", headers=auth, timeout=10)
-        assert r.status_code == 409, r.text
-        assert "2 worker processes" in r.json()["error"] and "publish to the registry" in r.json()["error"]
-    # the token is still checked first: a caller without it learns nothing
-    assert httpx.post(f"{two_workers.url}/v2/repository/models/mlp-digits/load", timeout=10).status_code == 401
+    # the token is checked first: a caller without it learns nothing
+    assert httpx.post(f"{two_workers.url}/v2/repository/models/mlp-digits/unload", timeout=10).status_code == 401
+    r = httpx.post(f"{two_workers.url}/v2/repository/models/mlp-digits/unload", headers=auth, timeout=30)
+    assert r.status_code == 200, r.text
+    # answered once every worker has unloaded it: whichever worker a new connection reaches says so
+    answers = fresh_connection_requests(two_workers.url, 24)
+    assert {r.status_code for r in answers} == {404}, [r.text for r in answers if r.status_code != 404]
+    assert all("unloaded" in r.json()["error"] for r in answers)
+    assert len(answered_by(answers)) == 2
+    # an unload of what no worker serves is refused as a one-process server refuses it
+    r = httpx.post(f"{two_workers.url}/v2/repository/models/mlp-digits/unload", headers=auth, timeout=30)
+    assert r.status_code == 404 and "already unloaded" in r.json()["error"], r.text
+
+    # a worker started after the unload (a replacement) replays it before it listens
+    pids = worker_pids(two_workers.proc.pid)
+    os.kill(pids[0], signal.SIGKILL)
+    wait_for(lambda: (lambda now: len(now) == 2 and pids[0] not in now)(worker_pids(two_workers.proc.pid)),
+             30, "a replacement worker")
+    wait_for(lambda: merged(two_workers.url)[("zooserve_workers", ())] == 2, 60, "two live workers")
+    answers = fresh_connection_requests(two_workers.url, 24)
+    assert {r.status_code for r in answers} == {404}
+    assert len(answered_by(answers)) == 2
+
+    # the stock gRPC client's load reaches both, the replacement included
+    with tgrpc.InferenceServerClient(two_workers.grpc) as client:
+        client.load_model("mlp-digits", headers={"authorization": f"Bearer {TOKEN}"})
+    answers = fresh_connection_requests(two_workers.url, 24)
+    assert [r.status_code for r in answers] == [200] * 24
+    assert len(answered_by(answers)) == 2
 
 
 def test_grpc_is_served_by_both_workers_on_its_one_port(two_workers):
     import tritonclient.grpc as tgrpc
-    from tritonclient.utils import InferenceServerException
 
     image = np.asarray(infer_body()["inputs"][0]["data"], np.float32).reshape(1, 1, 8, 8)
-    before = ok_count(two_workers.url)
+    before = settled_ok_count(two_workers.url)
     for _ in range(12):                  # a new channel each time: the kernel picks a worker per connection
         with tgrpc.InferenceServerClient(two_workers.grpc) as client:
             inp = tgrpc.InferInput("image", [1, 1, 8, 8], "FP32")
@@ -119,9 +158,6 @@ def test_grpc_is_served_by_both_workers_on_its_one_port(two_workers):
     with tgrpc.InferenceServerClient(two_workers.grpc) as client:
         row, = client.get_inference_statistics("mlp-digits", as_json=True)["model_stats"]
     assert int(row["inference_stats"]["success"]["count"]) == success_count(two_workers.url)
-    with tgrpc.InferenceServerClient(two_workers.grpc) as client:
-        with pytest.raises(InferenceServerException, match="2 worker processes"):
-            client.load_model("mlp-digits", headers={"authorization": f"Bearer {TOKEN}"})
 
 
 def test_a_killed_worker_is_replaced_its_counts_kept_and_no_request_meets_a_loading_worker(two_workers):
