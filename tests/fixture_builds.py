@@ -43,6 +43,45 @@ def publish_demo_model(registry_root: Path, name: str) -> int:
     return publish_demo_model(registry_root, name)[0]
 
 
+def build_generative_model(work: Path, family: str, train_cfg: Any) -> Path:
+    """Train `family`-digits at the tiny preset for `train_cfg` (no judging) and package it into
+    work/<family>-digits/package; returns that folder."""
+    import torch
+
+    from training import export, generative
+
+    torch.set_num_threads(1)
+    name = f"{family}-digits"
+    generative.train_generative(family, "tiny", work / name / "checkpoint", progress=False, eval_cfg=None,
+                                train_cfg=train_cfg)
+    export.package(work / name / "checkpoint", work / name / "package")
+    return work / name / "package"
+
+
+def train_on_folder(family: str, argv: list[str]) -> int:
+    """`zooserve train family ...argv` with one torch thread; its exit status."""
+    import torch
+
+    from serve.cli import main
+
+    torch.set_num_threads(1)
+    return main(["train", family, *argv])
+
+
+def train_folder_judge(folder: Path) -> tuple[Any, float, tuple[Any, Any]]:
+    """test_user_generative's judge: a resnet trained on the folder's training split (read at 8x8), its
+    test accuracy, and the held-out images in [-1, 1] with their labels."""
+    import torch
+
+    from training import judge, user_data
+    from training.generative import pixels_unit
+
+    torch.set_num_threads(1)
+    split = user_data.read("gan", folder, image_size=8).split
+    model, accuracy = judge.train_folder_judge(split.train, split.val, split.test)
+    return model, accuracy, (pixels_unit(split.test[0]), split.test[1])
+
+
 def run_two_at_a_time(calls: Iterable[tuple[Callable[..., Any], tuple]]) -> list[Any]:
     """Each (function, args) in a spawned process, two at once; their results in order. Give the
     longest first: they start in the order given."""
