@@ -15,8 +15,8 @@ worker has applied it too (each follows the log, checking its size every FOLLOW_
 answers with the first refusal any of them met (its own first), else 200: the same answer a
 one-process server gives, once every worker serves the change. A worker started later (a
 replacement after a crash) replays the log before it listens: the last action per model wins, so
-a model unloaded by an admin stays unloaded in it and one loaded by hand beside `--models` is
-loaded. A worker that dies while it is waited for is not waited for (its replacement replays).
+a model unloaded by an admin stays unloaded in it (unless the model changed in the registry since:
+every running worker's watch reloaded it then) and one loaded by hand beside `--models` is loaded. A worker that dies while it is waited for is not waited for (its replacement replays).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from serve.errors import ServeError
+from serve.registry_watch import model_fingerprint
 from serve.worker_metrics import pid_alive
 
 log = logging.getLogger("zooserve.workers")
@@ -44,8 +45,9 @@ RESULTS_KEPT = 64
 ACTIONS = ("load", "unload")
 
 
-def append(folder: Path, action: str, model: str) -> int:
-    """Append one action to the folder's log; its sequence number (1, 2, ...)."""
+def append(folder: Path, action: str, model: str, registry: Any = None) -> int:
+    """Append one action to the folder's log; its sequence number (1, 2, ...). `registry`: the
+    model's registry fingerprint then (serve/registry_watch.py), JSON-able."""
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}")
     with open(folder / LOCK_FILE, "a") as lock:
@@ -53,7 +55,7 @@ def append(folder: Path, action: str, model: str) -> int:
         try:
             seq = len(read_log(folder)[0]) + 1
             with open(folder / LOG_FILE, "ab") as f:         # one write of a whole line
-                f.write(orjson.dumps({"seq": seq, "action": action, "model": model}) + b"\n")
+                f.write(orjson.dumps({"seq": seq, "action": action, "model": model, "registry": registry}) + b"\n")
             return seq
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -72,12 +74,14 @@ def read_log(folder: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
     return [orjson.loads(line) for line in complete.splitlines() if line.strip()], offset + len(complete)
 
 
-def last_action_per_model(entries: list[dict[str, Any]]) -> dict[str, str]:
-    """model -> its last action in the log (what a worker started later must match)."""
-    last: dict[str, str] = {}
-    for entry in entries:
-        last[entry["model"]] = entry["action"]
-    return last
+def last_action_per_model(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """model -> its last entry in the log (what a worker started later must match)."""
+    return {entry["model"]: entry for entry in entries}
+
+
+def fingerprint(registry_root: Path, model: str) -> Any:
+    """The model's registry fingerprint as the log stores it (JSON's lists for tuples)."""
+    return orjson.loads(orjson.dumps(model_fingerprint(registry_root / model)))
 
 
 class WorkerControl:
@@ -100,10 +104,15 @@ class WorkerControl:
         the start-up load is done and before the worker listens."""
         async with self._applying:
             entries = self._read_new()
-            for model, action in last_action_per_model(entries).items():
+            for model, entry in last_action_per_model(entries).items():
                 loaded = model in self.repository.tables
-                if (action == "unload") == loaded:       # unloaded by hand but loaded now, or the reverse
-                    await self._apply(action, model)
+                if entry["action"] == "load" and not loaded:
+                    await self._apply("load", model)
+                # an unload stands unless the model changed in the registry since: every running
+                # worker's watch reloaded it then, as a one-process server's does
+                elif (entry["action"] == "unload" and loaded
+                      and entry.get("registry") == fingerprint(self.repository.registry.root, model)):
+                    await self._apply("unload", model)
             if entries:
                 self.applied = entries[-1]["seq"]
             self._publish()
@@ -168,7 +177,8 @@ class WorkerControl:
     async def request(self, action: str, model: str) -> None:
         """Append the action, apply it here and wait until every live worker has; raise the first
         refusal (ServeError with its status), this worker's first."""
-        seq = await asyncio.to_thread(append, self.folder, action, model)
+        seq = await asyncio.to_thread(append, self.folder, action, model,
+                                      fingerprint(self.repository.registry.root, model))
         await self.catch_up()
         outcomes = [self._results.get(str(seq)) or {"status": 200, "error": None}]
         outcomes += await self._others(seq, f"{action} of {model!r}")

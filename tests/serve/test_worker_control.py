@@ -8,18 +8,21 @@ import asyncio
 import os
 import subprocess
 import sys
+import types
+from pathlib import Path
 
 import pytest
 
 from serve import worker_control
 from serve.errors import ServeError
-from serve.worker_control import WorkerControl, append, last_action_per_model, read_log
+from serve.worker_control import WorkerControl, append, fingerprint, last_action_per_model, read_log
 
 
 class Repository:
     """What WorkerControl calls of serve.repository.ModelRepository: tables, load_model, unload_model."""
 
-    def __init__(self, models=("a", "b")):
+    def __init__(self, models=("a", "b"), root=None):
+        self.registry = types.SimpleNamespace(root=root or Path("/nonexistent-registry"))
         self.tables = {m: {} for m in models}
         self.calls: list[tuple[str, str]] = []
         self.refuse: dict[str, ServeError] = {}
@@ -53,7 +56,7 @@ def test_the_log_numbers_actions_in_order_and_leaves_a_line_being_written(tmp_pa
     entries, offset = read_log(tmp_path)
     assert [(e["seq"], e["action"], e["model"]) for e in entries] == [(1, "unload", "a"), (2, "load", "a"),
                                                                      (3, "unload", "b")]
-    assert last_action_per_model(entries) == {"a": "load", "b": "unload"}
+    assert {m: e["action"] for m, e in last_action_per_model(entries).items()} == {"a": "load", "b": "unload"}
     with open(tmp_path / worker_control.LOG_FILE, "ab") as f:
         f.write(b'{"seq": 4, "act')                     # another worker's append, half way
     assert read_log(tmp_path, offset) == ([], offset)
@@ -104,17 +107,26 @@ def test_an_action_is_answered_once_every_live_worker_applied_it_with_the_first_
 
 
 def test_a_worker_started_later_matches_the_last_action_per_model_before_it_serves(tmp_path):
-    for action, model in (("unload", "a"), ("load", "a"), ("unload", "b"), ("load", "c")):
-        append(tmp_path, action, model)
+    registry = tmp_path / "registry"
+    for model in ("a", "b", "c", "d"):
+        (registry / model).mkdir(parents=True)
+        (registry / model / "model.json").write_text("{}")
+    log_folder = tmp_path / "workers"
+    log_folder.mkdir()
+    for action, model in (("unload", "a"), ("load", "a"), ("unload", "b"), ("load", "c"), ("unload", "d")):
+        append(log_folder, action, model, fingerprint(registry, model))
+    # d changed in the registry after its unload (a publish): every running worker's watch reloaded it
+    os.utime(registry / "d" / "model.json", ns=(1, 1))
 
     async def scenario():
-        repo = Repository(("a", "b"))          # what its start-up load gave: a and b, not c
-        late = WorkerControl(tmp_path, repo, pid=os.getpid())
+        repo = Repository(("a", "b", "d"), root=registry)    # its start-up load: a, b, d, not c
+        late = WorkerControl(log_folder, repo, pid=os.getpid())
         await late.start()
         await late.stop()
         return repo, late
 
     repo, late = asyncio.run(scenario())
-    # a was unloaded then loaded again: left alone; b unloaded; c loaded by hand beside the start-up set
+    # a was unloaded then loaded again: left alone; b unloaded; c loaded by hand beside the start-up
+    # set; d's unload predates its registry change: left loaded
     assert sorted(repo.calls) == [("load", "c"), ("unload", "b")]
-    assert sorted(repo.tables) == ["a", "c"] and late.applied == 4
+    assert sorted(repo.tables) == ["a", "c", "d"] and late.applied == 5
