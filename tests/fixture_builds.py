@@ -43,21 +43,6 @@ def publish_demo_model(registry_root: Path, name: str) -> int:
     return publish_demo_model(registry_root, name)[0]
 
 
-def build_generative_model(work: Path, family: str, train_cfg: Any) -> Path:
-    """Train `family`-digits at the tiny preset for `train_cfg` (no judging) and package it into
-    work/<family>-digits/package; returns that folder."""
-    import torch
-
-    from training import export, generative
-
-    torch.set_num_threads(1)
-    name = f"{family}-digits"
-    generative.train_generative(family, "tiny", work / name / "checkpoint", progress=False, eval_cfg=None,
-                                train_cfg=train_cfg)
-    export.package(work / name / "checkpoint", work / name / "package")
-    return work / name / "package"
-
-
 def train_on_folder(family: str, argv: list[str]) -> int:
     """`zooserve train family ...argv` with one torch thread; its exit status."""
     import torch
