@@ -16,7 +16,9 @@ answers with the first refusal any of them met (its own first), else 200: the sa
 one-process server gives, once every worker serves the change. A worker started later (a
 replacement after a crash) replays the log before it listens: the last action per model wins, so
 a model unloaded by an admin stays unloaded in it (unless the model changed in the registry since:
-every running worker's watch reloaded it then) and one loaded by hand beside `--models` is loaded. A worker that dies while it is waited for is not waited for (its replacement replays).
+every running worker's watch reloaded it then) and one loaded by hand beside `--models` is loaded.
+A worker that dies while it is waited for is not waited for (its replacement replays): its state
+file goes when the supervisor reaps it, and a pid no longer alive is skipped before that.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from typing import Any
 import orjson
 
 from serve.errors import ServeError
-from serve.registry_watch import model_fingerprint
 from serve.worker_metrics import pid_alive
 
 log = logging.getLogger("zooserve.workers")
@@ -81,7 +82,15 @@ def last_action_per_model(entries: list[dict[str, Any]]) -> dict[str, dict[str, 
 
 def fingerprint(registry_root: Path, model: str) -> Any:
     """The model's registry fingerprint as the log stores it (JSON's lists for tuples)."""
+    from serve.registry_watch import model_fingerprint      # the engines' imports: not in the supervisor
+
     return orjson.loads(orjson.dumps(model_fingerprint(registry_root / model)))
+
+
+def forget(folder: Path, pid: int) -> None:
+    """A worker exited: nobody waits for it any longer (the supervisor calls this when it reaps it,
+    before the pid can be reused by another process)."""
+    (Path(folder) / f"{pid}{STATE_SUFFIX}").unlink(missing_ok=True)
 
 
 class WorkerControl:

@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 from serve.settings import ServeSettings
+from serve.worker_control import forget
 
 log = logging.getLogger("zooserve.workers")
 
@@ -181,6 +182,7 @@ class Supervisor:
                 return
             now = time.monotonic()
             if index not in self._due:
+                forget(folder, process.pid)         # reaped now: its pid may be another process's soon
                 lived = now - process.started_at
                 self._delay[index] = next_delay(lived, self._delay.get(index, 0.0))
                 self._due[index] = now + self._delay[index]

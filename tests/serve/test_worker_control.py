@@ -95,6 +95,11 @@ def test_an_action_is_answered_once_every_live_worker_applied_it_with_the_first_
             assert "disk on fire" in crashed.value.message
             # a dead worker's state is not waited for (its replacement replays the log)
             (tmp_path / f"{dead_pid()}{worker_control.STATE_SUFFIX}").write_text('{"applied": 0, "results": {}}')
+            # and one the supervisor reaped is forgotten, even if its pid came back as another process's
+            reaped = tmp_path / f"{os.getppid()}{worker_control.STATE_SUFFIX}"
+            worker_control.forget(tmp_path, os.getppid())
+            assert not reaped.exists()
+            b._publish()
             del repo_b.refuse["b"]
             await a.request("load", "b")
             assert "b" in repo_a.tables and "b" in repo_b.tables
