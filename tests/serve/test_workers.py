@@ -198,7 +198,11 @@ def test_sigterm_drains_every_worker_and_exits_0(slow_registry):
                     r = await client.post(f"{server.url}/v2/models/slow-digits/infer", json=body)
                     return r.status_code, time.monotonic()
                 work = [asyncio.ensure_future(one(c)) for c in clients]
-                await asyncio.sleep(0.05)
+                # the signal once the first answer is back, not after a fixed 50 ms, which on a busy
+                # machine came before the workers had accepted every connection (one still queued in a
+                # listening socket is refused at the drain); each worker runs one ~50 ms request at a
+                # time, so most are still in flight then
+                await asyncio.wait(work, return_when=asyncio.FIRST_COMPLETED)
                 signalled = time.monotonic()
                 server.proc.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*work, return_exceptions=True), signalled
