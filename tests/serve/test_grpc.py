@@ -343,6 +343,9 @@ def test_index_load_and_unload_with_the_admin_token(server, client):
         assert (index[("mlp-digits", "1")].state, index[("mlp-digits", "1")].reason) == ("UNAVAILABLE", "unloaded")
         error = grpc_error(lambda: client.infer("mlp-digits", [grpc_input("image", digits(1))]))
         assert error.status() == "StatusCode.NOT_FOUND" and "unloaded" in error.message()
+        # an unload of what is not loaded is HTTP's 404, not an internal error
+        error = grpc_error(lambda: client.unload_model("mlp-digits", headers=admin))
+        assert error.status() == "StatusCode.NOT_FOUND" and "already unloaded" in error.message()
     finally:
         client.load_model("mlp-digits", headers=admin)
     assert client.is_model_ready("mlp-digits")
