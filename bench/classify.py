@@ -150,14 +150,17 @@ def served_version(registry: Path, model: str) -> tuple[int, Path]:
 class Server:
     """`zooserve serve` as a subprocess on a free loopback port."""
 
-    def __init__(self, registry: Path, threads: int, log_path: Path, extra_args: list[str] | None = None):
+    def __init__(self, registry: Path, threads: int, log_path: Path, extra_args: list[str] | None = None,
+                 cpus: set[int] | None = None):
+        """`cpus`: the cores the server (and any worker process it starts) may run on; all by default."""
         self.host, self.port = "127.0.0.1", free_port()
         self.log_path = log_path
         self._log = open(log_path, "wb")
         cmd = [*zooserve_cmd(), "serve", "--registry", str(registry), "--host", self.host,
                "--port", str(self.port), "--threads", str(threads), "--log-level", "warning", *(extra_args or [])]
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=None if cpus is None else (lambda: os.sched_setaffinity(0, cpus)))
 
     @property
     def url(self) -> str:

@@ -18,6 +18,7 @@ One run (`--family cnn`, the default; `--family tokens` does the same for a toke
 
     .venv/bin/python bench/overload.py [--family cnn|tokens] [--workers N] [--duration 15]
                                        [--max-queue-wait-ms MS] [--out FILE.json]
+                                       [--server-cpus 0-1 --client-cpus 2-3]
 
 `--family tokens`: bench/tokens.py's random-weight `small` decoder (its own tokenizer, ONNX export
 with parity, published), `max_num_seqs` 16 rows, and non-streamed `/v1/completions` of a fixed
@@ -300,6 +301,15 @@ async def drive(server: Server, bodies: list[bytes], plan: list[tuple[str, int]]
     return levels
 
 
+def cpu_list(text: str) -> set[int]:
+    """'0-1,4' -> {0, 1, 4} (taskset's list form)."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--duration", type=float, default=15.0, help="measured seconds per level")
@@ -316,7 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs the clients send")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here (default: printed only)")
     p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="load generator loop")
+    p.add_argument("--server-cpus", type=cpu_list, default=None,
+                   help="cores for the server, e.g. 0-1 (default: all); with --client-cpus on a machine of more "
+                        "cores, the load generator's CPU stays off the server's (here they share 2)")
+    p.add_argument("--client-cpus", type=cpu_list, default=None, help="cores for the load generator, e.g. 2-3")
     args = p.parse_args(argv)
+    if args.client_cpus is not None:
+        os.sched_setaffinity(0, args.client_cpus)
 
     workdir = Path(tempfile.mkdtemp(prefix="zooserve-overload-"))
     server = None
@@ -335,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             build_cnn(workdir, registry, wait_ms)
             expect = None
         server = Server(registry, args.threads, workdir / "server.log",
-                        ["--workers", str(args.workers)] if args.workers > 1 else None)
+                        ["--workers", str(args.workers)] if args.workers > 1 else None, cpus=args.server_cpus)
         print(f"[overload] server ready in {server.wait_ready():.1f} s on {server.url}", flush=True)
         bodies = (completion_requests(server.host, server.port, model, prompts) if tokens
                   else request_bodies(server.host, server.port, 256, args.seed))
@@ -354,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                 "command": " ".join([Path(sys.executable).name, *sys.argv]),
                 "environment": {**environment(), "client_loop": loop_name},
                 "family": args.family, "workers": args.workers, "max_queue_wait_ms": wait_ms,
+                "server_cpus": sorted(args.server_cpus or []), "client_cpus": sorted(args.client_cpus or []),
                 "levels": [asdict(lv) for lv in levels],
                 "targets": [{"what": w, "measured": m, "bound": b, "met": ok} for w, m, b, ok in targets(levels)],
                 "server_exit_code": code}, indent=2))
