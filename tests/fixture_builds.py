@@ -1,13 +1,17 @@
-"""What a session fixture builds in a child process: conftest runs independent models two at a time
-(a spawned process each, one torch thread), so the 2-core machine trains and exports two at once
-instead of leaving a core idle while the session's fixtures are set up."""
+"""Work the tests run two at a time on the 2-core machine instead of leaving a core idle: models a
+session or module fixture builds in spawned processes (`run_two_at_a_time`, one torch thread
+each), and a reference training run in the background of the run it is compared with
+(`in_background`)."""
 
 from __future__ import annotations
 
+import subprocess
+import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 
 def build_token_model(work: Path, name: str, family: str, preset: str, steps: int, vocab_size: int,
@@ -73,3 +77,27 @@ def run_two_at_a_time(calls: Iterable[tuple[Callable[..., Any], tuple]]) -> list
     with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(function, *args) for function, args in calls]
         return [future.result() for future in futures]
+
+
+@contextmanager
+def in_background(argv: list[str], log: Path, timeout: float, **popen_kwargs: Any) -> Iterator[Callable[[], None]]:
+    """Start `argv` (stdout and stderr to `log`) and run the with-block alongside it; yields `finish()`,
+    which waits for it (at most `timeout` s from its start) and fails, with its output's tail, unless it
+    exited 0. Killed if the block leaves before it ends."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, **popen_kwargs)
+        deadline = time.monotonic() + timeout
+
+        def finish() -> None:
+            try:
+                rc = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                rc = f"still running after {timeout} s"
+            assert rc == 0, f"background run {argv}: {rc}\n{log.read_text()[-3000:]}"
+
+        try:
+            yield finish
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from serve.cli import main
+from tests.fixture_builds import in_background
 
 ZOOSERVE = [sys.executable, "-m", "serve.cli"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,26 +78,28 @@ def test_a_run_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_ru
             "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     whole = tmp_path / "whole"
-    subprocess.run([*ZOOSERVE, *args, "--out", str(whole)], check=True, capture_output=True, env=env, cwd=ROOT,
-                   timeout=600)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([*ZOOSERVE, *args, "--out", str(killed)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
-    state = killed / "run" / "run_state.json"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if json.loads(state.read_text())["position"]["step"] >= 60:   # a few epochs in, far from the end (~760 steps)
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=30) == -signal.SIGKILL
-    assert not (killed / "model.safetensors").exists()       # killed before it finished
-    done = subprocess.run([*ZOOSERVE, *args, "--out", str(killed), "--resume"], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stderr
+    # the uninterrupted reference trains alongside the killed run (one thread each, 2 cores)
+    with in_background([*ZOOSERVE, *args, "--out", str(whole)], tmp_path / "whole.log", timeout=600, env=env,
+                       cwd=ROOT) as whole_done:
+        killed = tmp_path / "killed"
+        proc = subprocess.Popen([*ZOOSERVE, *args, "--out", str(killed)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+        state = killed / "run" / "run_state.json"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads(state.read_text())["position"]["step"] >= 60:   # a few epochs in, far from the end (~760 steps)
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        assert not (killed / "model.safetensors").exists()       # killed before it finished
+        done = subprocess.run([*ZOOSERVE, *args, "--out", str(killed), "--resume"], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=600)
+        assert done.returncode == 0, done.stderr
+        whole_done()
     assert (killed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
     assert (killed / "run" / "metrics.jsonl").read_bytes() == (whole / "run" / "metrics.jsonl").read_bytes()
 

@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file
 
 from serve.cli import main
+from tests.fixture_builds import in_background
 from training import checkpoint, judge, run_state, user_data
 from training.models import gan
 
@@ -322,12 +323,17 @@ RESUMES = {
 }
 
 
-def _cli(family: str, folder: Path, out: Path, budget: list[str], kill_after: int = -1, resume: bool = False) -> int:
+def _command(family: str, folder: Path, out: Path, budget: list[str], kill_after: int = -1,
+             resume: bool = False) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     argv = ["train", family, "--data", str(folder), "--image-size", "8", "--out", str(out), *budget,
             *(["--resume"] if resume else [])]
-    done = subprocess.run([sys.executable, "-c", KILLER, family, str(kill_after), *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return [sys.executable, "-c", KILLER, family, str(kill_after), *argv], env
+
+
+def _cli(family: str, folder: Path, out: Path, budget: list[str], kill_after: int = -1, resume: bool = False) -> int:
+    command, env = _command(family, folder, out, budget, kill_after, resume)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode in (0, -signal.SIGKILL), done.stderr[-3000:]
     return done.returncode
 
@@ -337,14 +343,17 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(family, small_folde
     folder = small_folder
     budget, kill_after, checkpoint_step = RESUMES[family]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    assert _cli(family, folder, reference, budget) == 0
-    assert _cli(family, folder, killed, budget, kill_after=kill_after) == -signal.SIGKILL
-    assert not (killed / "model.safetensors").exists()
-    state = run_state.RunState.load(killed / "run")
-    assert not state.finished and state.step == checkpoint_step
-    logged = [r["step"] for r in run_state.read_metrics(killed / "run") if "val_loss" not in r]
-    assert logged[-1] == kill_after                      # logged past its checkpoint ...
-    assert _cli(family, folder, killed, budget, resume=True) == 0
+    # the reference trains alongside the killed run (one thread each, 2 cores; the kill is step-counted)
+    command, env = _command(family, folder, reference, budget)
+    with in_background(command, tmp_path / "reference.log", timeout=300, cwd=ROOT, env=env) as reference_done:
+        assert _cli(family, folder, killed, budget, kill_after=kill_after) == -signal.SIGKILL
+        assert not (killed / "model.safetensors").exists()
+        state = run_state.RunState.load(killed / "run")
+        assert not state.finished and state.step == checkpoint_step
+        logged = [r["step"] for r in run_state.read_metrics(killed / "run") if "val_loss" not in r]
+        assert logged[-1] == kill_after                      # logged past its checkpoint ...
+        assert _cli(family, folder, killed, budget, resume=True) == 0
+        reference_done()
     want, got = load_file(str(reference / "model.safetensors")), load_file(str(killed / "model.safetensors"))
     assert want.keys() == got.keys()
     for name in want:
