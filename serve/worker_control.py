@@ -4,9 +4,9 @@ A load or unload reaches the one worker the kernel gave the connection to, but e
 own engines, so the action must reach all of them. The workers share a folder (the supervisor's,
 serve/workers.py); in it:
 
-- `control.jsonl`: every load and unload, one line each `{"seq", "action", "model"}`, appended
-  under an exclusive lock (`control.lock`), so the sequence numbers are one order every worker
-  applies them in;
+- `control.jsonl`: every load and unload, one line each `{"seq", "action", "model", "registry"}`
+  (the last, the model's registry fingerprint then), appended under an exclusive lock
+  (`control.lock`), so the sequence numbers are one order every worker applies them in;
 - `<pid>.control.json`: what a worker has applied (`applied`, the last seq) and the outcome of each
   (`results`: seq -> `{"status", "error"}`, the last RESULTS_KEPT of them).
 
@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from serve.errors import ServeError
-from serve.worker_metrics import pid_alive
+from serve.worker_metrics import pid_alive, write_whole
 
 log = logging.getLogger("zooserve.workers")
 
@@ -177,10 +177,8 @@ class WorkerControl:
         return 200, None
 
     def _publish(self) -> None:
-        path = self.folder / f"{self.pid}{STATE_SUFFIX}"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps({"applied": self.applied, "results": self._results}))
-        os.replace(tmp, path)
+        write_whole(self.folder / f"{self.pid}{STATE_SUFFIX}",
+                    orjson.dumps({"applied": self.applied, "results": self._results}))
 
     # ---- a load or unload asked of this worker ---------------------------------------------------
     async def request(self, action: str, model: str) -> None:

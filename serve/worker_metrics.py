@@ -127,12 +127,12 @@ class SharedMetrics:
 
     def publish(self) -> None:
         """Write this worker's exposition and statistics (atomically: a reader never sees half)."""
-        _write(self.path, generate_latest(self.own))
+        write_whole(self.path, generate_latest(self.own))
         self._publish_stats()
 
     def _publish_stats(self) -> None:
         if self.stats_source is not None:
-            _write(self.stats_path, orjson.dumps(self.stats_source()))
+            write_whole(self.stats_path, orjson.dumps(self.stats_source()))
 
     def stats(self) -> list[dict]:
         """Every worker's statistics rows merged, this worker's as of now."""
@@ -163,7 +163,8 @@ class SharedMetrics:
         return generate_latest(registry)
 
 
-def _write(path: Path, data: bytes) -> None:
+def write_whole(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically: a reader in another worker never sees half."""
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(data)
     os.replace(partial, path)
