@@ -14,6 +14,10 @@ not sure of goes back to that path, which gives the answer or the error:
   spell a '[' the count would miss, goes to orjson too);
 - data holding anything but numbers (booleans, strings, nulls: `as_buffer` refuses them), or none.
 Both parsers round decimal text to the nearest double, so the arrays are equal bit for bit.
+
+Below `SIMDJSON_FROM_BYTES`, or with no `"data"` key at all (the binary extension's ~200-byte
+header), orjson reads the request at once: simdjson's parse and the checks above cost a fixed
+~15 µs that only a few hundred numbers repay (orjson reads such a header in ~1.5 µs).
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ import simdjson
 
 LazyArray = simdjson.Array
 _Object = simdjson.Object
+
+# the size from which simdjson reads a request faster than orjson and numpy do (measured:
+# docs/benchmarks.md, "Every core busy")
+SIMDJSON_FROM_BYTES = 2048
 
 
 def _plain(value: Any) -> Any:
@@ -61,6 +69,8 @@ def _unique_keys(obj: Any) -> list[str] | None:
 def load_request(header: bytes) -> dict | None:
     """The request as a dict whose inputs' `data` lists are still simdjson arrays (LazyArray);
     None: let orjson read this body (see the module's docstring)."""
+    if len(header) < SIMDJSON_FROM_BYTES or header.find(b'"data"') < 0:
+        return None
     # a byte search for the one-byte b"\\" runs as memchr (~1 µs for 59 KB), where `b"\\u" in header`
     # reads byte by byte (~55 µs: as long as simdjson's whole parse)
     if header.find(b"\\") >= 0 and b"\\u" in header:

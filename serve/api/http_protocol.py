@@ -3,7 +3,10 @@ thousands a second.
 
 1. **Refusals from the headers** (serve/api/early_refusal.py): a v2 infer request that its queue
    refuses is answered 429 when its headers are parsed, without an ASGI request cycle, task or app
-   layers, in one socket write; its body is dropped as it arrives.
+   layers, in one socket write; its body is dropped as it arrives. Judged only within a second of
+   the server's last 429 for overload (the pacer's `refusing`): the first refusal after a quiet
+   spell comes from the app, the same answer; with nothing refused, the check was ~6 % of the
+   event loop for nothing (py-spy, bench/instances.py's CNN, binary tensors at 32 clients).
 2. **A whole answer in one write**: the ASGI scope carries the extension `zooserve.answer`, an
    awaitable `(send, status, headers, body)` that writes status line, headers and body at once. Through
    ASGI's two `send` messages uvicorn checks every header against two regular expressions and
@@ -59,6 +62,8 @@ class ZooserveHttpProtocol(HttpToolsProtocol):
         front = self.config.app                     # serve.app.InferFastPath
         if getattr(front, "access_log", True) or self.expect_100_continue:
             return False
+        if not front.state.pacer.refusing():
+            return False                            # nothing refused lately: the app admits, or refuses and arms this
         if self.cycle is not None and not self.cycle.response_complete:
             return False                            # pipelined behind an unanswered request
         if self.parser.get_method() != b"POST" or not self.url.endswith(b"/infer"):

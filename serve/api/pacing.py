@@ -19,6 +19,7 @@ connection has its 429 held too; `max_hold_s` 0 turns holding off.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from itertools import islice
@@ -30,6 +31,8 @@ from itertools import islice
 # accepted p99 at 4.7-6.0x the p99 at 32 clients, the spread at 3.1-3.4x (bench/overload.py,
 # docs/reliability.md).
 HOLD_SPREAD = 0.2
+# how long a refusal keeps the HTTP protocol judging refusals from the headers (`refusing`)
+REFUSING_WITHIN_S = 1.0
 
 
 class RefusalPacer:
@@ -42,6 +45,13 @@ class RefusalPacer:
         # order of refusal (a connection refused again moves to the end), so the expired ones are
         # at the front and are dropped there, a few at each refusal
         self._held: dict[object, tuple[float, float]] = {}
+        self.last_refusal_s = -math.inf      # time.monotonic() of the last 429 for overload sent
+
+    def refusing(self, within_s: float = REFUSING_WITHIN_S, now: float | None = None) -> bool:
+        """Whether a 429 for overload went out in the last `within_s` seconds. The HTTP protocol
+        judges refusals from the headers only then (serve/api/http_protocol.py): a server that
+        refused nothing lately has room, and the check would cost every request for nothing."""
+        return (time.monotonic() if now is None else now) - self.last_refusal_s < within_s
 
     def hold_s(self, client, now: float | None = None) -> float:
         """Seconds to hold a refusal for `client` (the scope's `client`) before sending it: the time
@@ -54,9 +64,10 @@ class RefusalPacer:
 
     def refused(self, client, retry_after_s: float, now: float | None = None) -> None:
         """`client` was just sent a 429 with this Retry-After."""
+        now = time.monotonic() if now is None else now
+        self.last_refusal_s = now
         if client is None or self.max_hold_s <= 0:
             return
-        now = time.monotonic() if now is None else now
         self._held.pop(client, None)
         hold = min(retry_after_s, self.max_hold_s) * (1.0 - self.spread * self._draw())
         self._held[client] = (now, now + hold)

@@ -40,8 +40,9 @@ def request(body: bytes = BODY, extra: bytes = b"", path: bytes = b"/v2/models/m
 class Transport(asyncio.Transport):
     """A socket's write side that keeps what was written (the answers), for one connection."""
 
-    def __init__(self):
+    def __init__(self, port: int = 40000):
         super().__init__()
+        self.port = port                # the client's: the pacer knows a connection by it
         self.written = bytearray()
         self.writes = 0
         self.closed = False
@@ -57,7 +58,7 @@ class Transport(asyncio.Transport):
         self.closed = True
 
     def get_extra_info(self, name, default=None):
-        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+        return {"peername": ("127.0.0.1", self.port), "sockname": ("127.0.0.1", 8000)}.get(name, default)
 
     def pause_reading(self) -> None:
         pass
@@ -86,11 +87,11 @@ class Harness:
         self.app, self.settings = app, settings
         self.state = ServerState()
 
-    def connect(self, protocol_class=ZooserveHttpProtocol):
+    def connect(self, protocol_class=ZooserveHttpProtocol, port: int = 40000):
         config = Config(self.app, http=protocol_class, access_log=False, log_config=None)
         config.load()
         protocol = protocol_class(config=config, server_state=self.state, app_state={})
-        transport = Transport()
+        transport = Transport(port)
         protocol.connection_made(transport)
         return protocol, transport
 
@@ -136,6 +137,17 @@ def refusals_counted(harness: Harness) -> float:
         "zooserve_requests_total", {"model": MODEL, "version": version, "status": "429"}) or 0.0
 
 
+async def refused_by_the_app(harness: Harness) -> None:
+    """A 429 from the app, on a connection of its own (the queue must be full): the server has
+    refused lately, so the protocol judges refusals from the headers from now on (the pacer's
+    `refusing`)."""
+    plain, transport = harness.connect(HttpToolsProtocol, port=40999)
+    plain.data_received(request())
+    assert harness.state.tasks                          # the app answers it
+    await settle(transport, 1)
+    assert answers(transport.written)[0][0] == 429
+
+
 async def settle(transport: Transport, count: int) -> None:
     for _ in range(400):
         if len(answers(transport.written)) >= count:
@@ -149,15 +161,15 @@ def test_a_refused_request_is_answered_from_its_headers_as_the_route_answers_it(
         harness, lifespan, inbox = await started(one_place_registry)
         try:
             with harness.engine().admit(None):                  # the queue's one place, held
+                plain, plain_transport = harness.connect(HttpToolsProtocol, port=40001)
+                plain.data_received(request())
+                assert harness.state.tasks                      # the route's answer comes from a task
+                await settle(plain_transport, 1)
                 early, early_transport = harness.connect()
                 early.data_received(request())
                 # answered inside data_received: no ASGI task was made for it
                 assert not harness.state.tasks
                 assert len(answers(early_transport.written)) == 1
-                plain, plain_transport = harness.connect(HttpToolsProtocol)
-                plain.data_received(request())
-                assert harness.state.tasks                      # the route's answer comes from a task
-                await settle(plain_transport, 1)
             (status, headers, body), = answers(early_transport.written)
             (route_status, route_headers, route_body), = answers(plain_transport.written)
             assert status == route_status == 429
@@ -183,6 +195,7 @@ def test_the_body_of_a_refused_request_is_dropped_as_it_arrives(one_place_regist
         try:
             protocol, transport = harness.connect()
             with harness.engine().admit(None):
+                await refused_by_the_app(harness)
                 raw = request()
                 head, body = raw.split(b"\r\n\r\n", 1)
                 protocol.data_received(head + b"\r\n\r\n")      # the headers alone: refused at once
@@ -205,6 +218,7 @@ def test_a_retry_at_once_is_held_and_a_request_pipelined_behind_it_waits_its_tur
         try:
             protocol, transport = harness.connect()
             place = harness.engine().admit(None)
+            await refused_by_the_app(harness)
             protocol.data_received(request())
             assert answers(transport.written)[0][0] == 429               # a first 429: at once
             # a retry at once and a request pipelined behind it, in one segment
@@ -228,6 +242,7 @@ def test_requests_this_path_does_not_judge_go_to_the_app(one_place_registry, ext
         try:
             protocol, transport = harness.connect()
             with harness.engine().admit(None):
+                await refused_by_the_app(harness)           # judged from the headers, were the request plain
                 protocol.data_received(request(extra=extra))
                 assert harness.state.tasks                      # the app answers it
                 await settle(transport, 1)
@@ -248,9 +263,33 @@ def test_an_admitted_request_and_a_connection_close_refusal(one_place_registry):
             assert answers(transport.written)[0][0] == 200
             closing, closing_transport = harness.connect()
             with harness.engine().admit(None):
+                await refused_by_the_app(harness)
                 closing.data_received(request(extra=b"Connection: close\r\n"))
             (status, headers, _), = answers(closing_transport.written)
             assert status == 429 and headers["connection"] == "close" and closing_transport.closed
+        finally:
+            await stopped(lifespan, inbox)
+    asyncio.run(run())
+
+
+def test_refusals_are_judged_from_the_headers_only_within_a_second_of_the_last_one(one_place_registry):
+    async def run():
+        harness, lifespan, inbox = await started(one_place_registry, max_refusal_hold_s=0)
+        try:
+            pacer = harness.app.state.pacer
+            protocol, transport = harness.connect()
+            with harness.engine().admit(None):
+                protocol.data_received(request())       # nothing refused yet: the app refuses it
+                assert harness.state.tasks
+                await settle(transport, 1)
+                protocol.data_received(request())       # refused lately: answered from the headers
+                assert len(answers(transport.written)) == 2
+                pacer.last_refusal_s -= 1.5             # as if the last 429 were 1.5 s old
+                protocol.data_received(request())
+                assert len(answers(transport.written)) == 2   # the app's again, from a task
+                await settle(transport, 3)
+            assert [a[0] for a in answers(transport.written)] == [429] * 3
+            assert refusals_counted(harness) == 3
         finally:
             await stopped(lifespan, inbox)
     asyncio.run(run())
@@ -314,6 +353,9 @@ def test_a_request_leaves_nothing_for_the_cyclic_collector(one_place_registry):
                 await settle(transport, len(answers(transport.written)) + 1)
             found = {}
             for kind in ("accepted", "refused early", "bad request"):
+                if kind == "refused early":
+                    with harness.engine().admit(None):
+                        await refused_by_the_app(harness)       # what makes the next ones early
                 gc.collect()
                 gc.disable()
                 try:

@@ -23,6 +23,13 @@ SPECS = {
 OUT = [TensorSpec(name="y", datatype="FP32", shape=[-1, 4])]
 
 
+@pytest.fixture(autouse=True)
+def simdjson_for_every_size(monkeypatch):
+    """These bodies are small: without this, orjson alone would read them and fast == slow could
+    not fail (the size rule has its own test below)."""
+    monkeypatch.setattr(json_tensors, "SIMDJSON_FROM_BYTES", 0)
+
+
 def _decode(body: bytes, datatype: str):
     try:
         request = decode_infer_request(body, None, SPECS[datatype], OUT, max_batch_size=8)
@@ -127,3 +134,17 @@ def test_the_fast_path_keeps_no_parser_between_requests():
     second = json_tensors.load_request(_body([1.5] * 6))
     assert json_tensors.flat_numbers(first["inputs"][0]["data"]).tolist() == [0.5] * 6
     assert json_tensors.flat_numbers(second["inputs"][0]["data"]).tolist() == [1.5] * 6
+
+
+def test_small_requests_and_binary_headers_are_left_to_orjson(monkeypatch):
+    monkeypatch.setattr(json_tensors, "SIMDJSON_FROM_BYTES", 2048)
+    small = _body([0.5] * 6)
+    binary_header = json.dumps({"inputs": [{"name": "x", "shape": [1, 2, 3], "datatype": "FP32",
+                                            "parameters": {"binary_data_size": 24}}],
+                                "parameters": {"pad": "p" * 4000}}).encode()
+    large = _body([0.123456] * 600, shape=(100, 2, 3))
+    assert len(small) < 2048 and len(binary_header) > 2048 and len(large) > 2048
+    assert json_tensors.load_request(small) is None
+    assert json_tensors.load_request(binary_header) is None        # no "data" to read lazily
+    lazy = json_tensors.load_request(large)["inputs"][0]["data"]
+    assert type(lazy) is json_tensors.LazyArray and json_tensors.flat_numbers(lazy).size == 600

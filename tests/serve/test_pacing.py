@@ -55,3 +55,13 @@ def test_holds_of_connections_refused_together_end_spread_over_the_last_fifth():
     half = RefusalPacer(max_hold_s=1.0, draw=lambda: 0.5)
     half.refused(A, retry_after_s=0.5, now=0.0)
     assert half.hold_s(A, now=0.0) == pytest.approx(0.45)   # a Retry-After under the cap, a tenth off
+
+
+def test_refusing_says_whether_a_429_went_out_within_the_last_second_holding_or_not():
+    for max_hold_s in (1.0, 0.0):                           # holding off still counts the refusal
+        pacer = RefusalPacer(max_hold_s=max_hold_s)
+        assert not pacer.refusing(now=100.0)
+        pacer.refused(None, retry_after_s=1.0, now=100.0)   # an unknown client too
+        assert pacer.refusing(now=100.5)
+        assert not pacer.refusing(now=101.0)
+        assert pacer.refusing(within_s=2.0, now=101.0)
