@@ -19,6 +19,33 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _one_tls_context_for_every_httpx_client() -> None:
+    """Every httpx client (each `httpx.get`/`post` makes one, and so does every OpenAI client)
+    loads certifi's CA bundle into a new TLS context: ~45-75 ms of CPU on these machines, for
+    requests that all go to loopback HTTP. The suite makes thousands (893 in test_routing_server and
+    test_readiness alone: 70 s), so the default context is made once and shared; a client that
+    asks for another (`verify=False`, its own context, a certificate) still gets its own. Only the
+    tests' process: the servers under test keep httpx as it is. Skipped if httpx moves the name."""
+    import httpx._transports.default as transport
+
+    make = getattr(transport, "create_ssl_context", None)
+    if make is None:
+        return
+    shared: dict[bool, object] = {}
+
+    def shared_default(verify=True, cert=None, trust_env=True):
+        if verify is not True or cert is not None:
+            return make(verify=verify, cert=cert, trust_env=trust_env)
+        if trust_env not in shared:
+            shared[trust_env] = make(verify=verify, cert=cert, trust_env=trust_env)
+        return shared[trust_env]
+
+    transport.create_ssl_context = shared_default
+
+
+_one_tls_context_for_every_httpx_client()
+
+
 @pytest.fixture(scope="session")
 def demo_registry(tmp_path_factory) -> Path:
     """`zooserve demo`'s mlp-digits and resnet-digits in a session folder (~20 s). Read-only for tests."""

@@ -34,24 +34,14 @@ pytestmark = pytest.mark.slow
 
 SETTINGS = ServeSettings(max_num_seqs=2, max_model_len=4096)     # 2 rows: a third request waits
 ANSWERED_WITHIN_S = 1.0
+CHAR_LM = "lstm-charlm"            # the token registry's character LSTM
 
 
 @pytest.fixture(scope="module")
-def char_lm(tmp_path_factory):
-    """A character LSTM (vocab 260) trained for a few steps, exported with its parity check and
-    published: (registry, name). ~30 s."""
-    import torch
-
-    from training import export
-    from training.lm import train_token_family
-
-    torch.set_num_threads(1)
-    work = tmp_path_factory.mktemp("char-lm")
-    train_token_family("rnn_lm", "tiny", work / "checkpoint", steps=3, progress=False, block_size=64, vocab_size=260)
-    export.package(work / "checkpoint", work / "package")
-    registry = Registry(work / "registry")
-    registry.publish("char-lm", work / "package")
-    return registry, "char-lm"
+def char_lm(token_registry):
+    """The token registry's character LSTM (vocab 260, exported with its parity check and
+    published; read only here): (registry, name)."""
+    return Registry(token_registry), CHAR_LM
 
 
 def token_engine(char_lm, metrics: Metrics, broken_runtime: bool = False) -> TokenEngine:
@@ -98,8 +88,8 @@ def test_a_runtime_that_raises_on_every_call_answers_everything_503_at_once_and_
     assert "no_such_output" in str(results[0]) and "retry" in str(results[0])
     assert isinstance(again, EngineFault)                   # restarted: it takes requests (and fails them) again
     # both APIs answer it 503
-    assert engine_refusal(results[0], "char-lm").status == 503 and _engine_error(results[0]).status == 503
-    assert restarts(metrics, "char-lm") >= 2
+    assert engine_refusal(results[0], CHAR_LM).status == 503 and _engine_error(results[0]).status == 503
+    assert restarts(metrics, CHAR_LM) >= 2
 
 
 def test_an_engine_thread_that_dies_answers_its_requests_503_and_a_new_thread_serves(char_lm):
@@ -131,7 +121,7 @@ def test_an_engine_thread_that_dies_answers_its_requests_503_and_a_new_thread_se
     assert elapsed < ANSWERED_WITHIN_S
     assert not dead.is_alive() and engine._thread is not dead
     assert sum(e.token is not None for e in served) == 8 and served[-1].finish_reason == "length"
-    assert restarts(metrics, "char-lm") == 1
+    assert restarts(metrics, CHAR_LM) == 1
 
 
 def test_a_request_only_the_engine_thread_refuses_fails_alone_and_the_engine_serves_on(char_lm):
@@ -152,7 +142,7 @@ def test_a_request_only_the_engine_thread_refuses_fails_alone_and_the_engine_ser
     refused, beside, after = asyncio.run(run())
     assert isinstance(refused, ValueError) and "exceeds the context of 12 tokens" in str(refused)
     assert beside[-1].finish_reason == "length" and after[-1].finish_reason == "length"
-    assert restarts(metrics, "char-lm") == 0
+    assert restarts(metrics, CHAR_LM) == 0
 
 
 def test_max_tokens_0_given_to_the_engine_directly_is_refused_at_once(char_lm):
