@@ -63,7 +63,8 @@ class RefusalPacer:
         return max(0.0, entry[1] - (time.monotonic() if now is None else now))
 
     def refused(self, client, retry_after_s: float, now: float | None = None) -> None:
-        """`client` was just sent a 429 with this Retry-After."""
+        """`client` was just sent a 429 with this Retry-After (any client, holding on or off: it
+        also keeps `refusing` on for the next second)."""
         now = time.monotonic() if now is None else now
         self.last_refusal_s = now
         if client is None or self.max_hold_s <= 0:
