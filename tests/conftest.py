@@ -11,7 +11,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 import pytest
@@ -46,26 +46,55 @@ def _one_tls_context_for_every_httpx_client() -> None:
 _one_tls_context_for_every_httpx_client()
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], Path]) -> Path:
+    """`build(folder)` once for the whole run, and its answer (a path).
+
+    Under pytest-xdist (`make test` runs two workers) each worker is a process with its own session
+    fixtures; the registries are read-only for tests, so the first worker to ask builds one into the
+    folder every worker shares and the others wait on its lock and reuse it, instead of training the
+    same models twice on the same two cores. A build that failed leaves no marker: the next asker
+    starts it again from an empty folder and fails in its own test."""
+    from filelock import FileLock
+
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return build(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent / f"shared-{name}"
+    with FileLock(f"{shared}.lock"):
+        done = shared / ".built"
+        if not done.exists():
+            shutil.rmtree(shared, ignore_errors=True)
+            shared.mkdir()
+            answer = build(shared)
+            done.write_text(str(answer))
+        return Path(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def demo_registry(tmp_path_factory) -> Path:
     """`zooserve demo`'s mlp-digits and resnet-digits in a session folder (~20 s). Read-only for tests."""
     from tests.fixture_builds import publish_demo_model, run_two_at_a_time
 
-    root = tmp_path_factory.mktemp("demo") / "registry"
-    # the two at once (a process each; the registry locks per model), as `zooserve demo` would publish them
-    run_two_at_a_time((publish_demo_model, (root, name)) for name in ("resnet-digits", "mlp-digits"))
-    return root
+    def build(work: Path) -> Path:
+        root = work / "registry"
+        # the two at once (a process each; the registry locks per model), as `zooserve demo` would publish them
+        run_two_at_a_time((publish_demo_model, (root, name)) for name in ("resnet-digits", "mlp-digits"))
+        return root
+
+    return built_once(tmp_path_factory, "demo", build)
 
 
 @pytest.fixture(scope="session")
 def token_registry(tmp_path_factory, demo_registry) -> Path:
     """decoder-tiny, decoder-moe-tiny, mamba-tiny and lstm-charlm, briefly trained on the real corpus (a real
     tokenizer, real export and parity), plus mlp-digits; aliases `stable` -> 1. Read-only for tests."""
+    return built_once(tmp_path_factory, "tokens", lambda work: _build_token_registry(work, demo_registry))
+
+
+def _build_token_registry(work: Path, demo_registry: Path) -> Path:
     from model_registry import Registry
 
     from tests.fixture_builds import build_token_model, run_two_at_a_time
 
-    work = tmp_path_factory.mktemp("tokens")
     registry = Registry(work / "registry")
     # decoder-tiny trains long enough (~25 s) to beat the unigram baseline clearly (its final score
     # over every held-out window: tests/serve/test_openai.py reads it); the others only run, scored on
@@ -88,6 +117,10 @@ def token_registry(tmp_path_factory, demo_registry) -> Path:
 def generative_registry(tmp_path_factory) -> Path:
     """gan-digits, vae-digits and diffusion-digits, each trained for a moment (serving is under test,
     not quality), exported in parts with parity and published; alias `stable` -> 1. ~25 s. Read-only."""
+    return built_once(tmp_path_factory, "generative", _build_generative_registry)
+
+
+def _build_generative_registry(work: Path) -> Path:
     import torch
 
     from model_registry import Registry
@@ -95,7 +128,6 @@ def generative_registry(tmp_path_factory) -> Path:
     from training.models.gan import GANTrainConfig
 
     torch.set_num_threads(1)
-    work = tmp_path_factory.mktemp("generative")
     registry = Registry(work / "registry")
     brief = {"gan": GANTrainConfig(steps=20, batch_size=32), "vae": loop.TrainConfig(epochs=1, batch_size=256),
              "diffusion": loop.TrainConfig(epochs=1, batch_size=256)}
