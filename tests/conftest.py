@@ -72,15 +72,16 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], Path]) -> Pa
 @pytest.fixture(scope="session")
 def demo_registry(tmp_path_factory) -> Path:
     """`zooserve demo`'s mlp-digits and resnet-digits in a session folder (~20 s). Read-only for tests."""
+    return built_once(tmp_path_factory, "demo", _build_demo_registry)
+
+
+def _build_demo_registry(work: Path) -> Path:
     from tests.fixture_builds import publish_demo_model, run_two_at_a_time
 
-    def build(work: Path) -> Path:
-        root = work / "registry"
-        # the two at once (a process each; the registry locks per model), as `zooserve demo` would publish them
-        run_two_at_a_time((publish_demo_model, (root, name)) for name in ("resnet-digits", "mlp-digits"))
-        return root
-
-    return built_once(tmp_path_factory, "demo", build)
+    root = work / "registry"
+    # the two at once (a process each; the registry locks per model), as `zooserve demo` would publish them
+    run_two_at_a_time((publish_demo_model, (root, name)) for name in ("resnet-digits", "mlp-digits"))
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -79,10 +79,8 @@ def fresh_connection_requests(url: str, n: int, after_a_kill: bool = False) -> l
     """n requests, each on a new connection (the kernel picks a worker per connection); a connection
     refused while a worker's socket closes is tried again, an answer never is.
 
-    after_a_kill: a connection reset before any answer is tried again too. Linux queues a new
-    connection at one SO_REUSEPORT socket; a worker killed outright closes its socket only once its
-    memory is unmapped (tens of ms on a busy machine), and the connections queued there meanwhile
-    are reset (unless net.ipv4.tcp_migrate_req is 1): no process ever read them."""
+    after_a_kill: a connection reset before any answer is tried again too: it was queued at the
+    killed worker's socket, which no process read (serve/workers.py says why)."""
     answers, body = [], infer_body()
     not_answered = (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError) if after_a_kill \
         else httpx.ConnectError
