@@ -13,11 +13,12 @@ One run (`--family cnn`, the default; `--family tokens` does the same for a toke
      - "retry after" at `--overload`: a refused client sleeps its `Retry-After` (whole seconds)
        plus up to 20 % jitter, as a client library that honours the header does;
      all through, a probe GETs /v2/health/ready every 50 ms on its own connection;
-  4. prints one row per level (goodput = 200 answers/s, accepted p50/p99, refusals, readiness p99)
-     and the four targets of the issue as ratios measured in this one run.
+  4. prints one row per level (goodput = 200 answers/s, accepted p50/p99, refusals, how many of the
+     clients got at least one answer, readiness p99) and the four targets of the issue as ratios
+     measured in this one run.
 
     .venv/bin/python bench/overload.py [--family cnn|tokens] [--workers N] [--duration 15]
-                                       [--max-queue-wait-ms MS] [--out FILE.json]
+                                       [--max-queue-wait-ms MS] [--max-retry-after-s S] [--out FILE.json]
                                        [--server-cpus 0-1 --client-cpus 2-3]
 
 `--family tokens`: bench/tokens.py's random-weight `small` decoder (its own tokenizer, ONNX export
@@ -135,6 +136,7 @@ class Level:
     p50_ms: float                    # accepted (200) answers only
     p99_ms: float
     refused: int                     # 429 answers
+    clients_served: int              # clients with at least one 200 answer in the measured window
     other: dict[str, int]            # any other status, or -1 for a connection error
     ready_p50_ms: float
     ready_p99_ms: float
@@ -162,6 +164,7 @@ async def run_level(server: Server, bodies: list[bytes], clients: str, concurren
     statuses: dict[int, int] = {}
     errors: list[str] = []
     short = [0]                      # 200 answers without every token asked for (token models)
+    served: set[int] = set()         # clients answered 200 at least once while recording
     ready_ms: list[float] = []
     ready_bad = [0]
 
@@ -188,6 +191,7 @@ async def run_level(server: Server, bodies: list[bytes], clients: str, concurren
                     statuses[status] = statuses.get(status, 0) + 1
                     if status == 200:
                         latencies.append(time.perf_counter() - sent)
+                        served.add(index)
                         short[0] += expect is not None and expect not in answer
                 if status == 429 and clients == "retry after":
                     await asyncio.sleep((conn.retry_after or 1.0) * (1 + JITTER * rng.random()))
@@ -232,7 +236,7 @@ async def run_level(server: Server, bodies: list[bytes], clients: str, concurren
     ok = statuses.get(200, 0)
     return Level(
         clients=clients, concurrency=concurrency, seconds=seconds, ok=ok, goodput_rps=ok / seconds,
-        p50_ms=pct(latencies, 50), p99_ms=pct(latencies, 99), refused=statuses.get(429, 0),
+        p50_ms=pct(latencies, 50), p99_ms=pct(latencies, 99), refused=statuses.get(429, 0), clients_served=len(served),
         other={str(k): v for k, v in sorted(statuses.items()) if k not in (200, 429)},
         ready_p50_ms=pct(ready_ms, 50), ready_p99_ms=pct(ready_ms, 99),
         ready_max_ms=max(ready_ms) * 1000 if ready_ms else float("nan"), ready_not_200=ready_bad[0],
@@ -269,14 +273,14 @@ def targets(levels: list[Level]) -> list[tuple[str, float, float, bool]]:
 
 def print_report(levels: list[Level]) -> None:
     print()
-    print("| clients | concurrency | goodput req/s | p50 ms | p99 ms | 429 | other | ready p50 / p99 / max ms "
-          "| server cores | of which the event loop | client cores | other load cores |")
-    print("|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|")
+    print("| clients | concurrency | goodput req/s | p50 ms | p99 ms | 429 | clients served | other "
+          "| ready p50 / p99 / max ms | server cores | of which the event loop | client cores | other load cores |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|")
     for lv in levels:
         other = ", ".join([*(f"{k}: {v}" for k, v in lv.other.items()),
                            *([f"short 200: {lv.short_answers}"] if lv.short_answers else [])]) or "-"
         print(f"| {lv.clients} | {lv.concurrency} | {lv.goodput_rps:,.0f} | {lv.p50_ms:.1f} | {lv.p99_ms:.1f} | "
-              f"{lv.refused:,} | {other} | {lv.ready_p50_ms:.1f} / {lv.ready_p99_ms:.1f} / {lv.ready_max_ms:.1f} | "
+              f"{lv.refused:,} | {lv.clients_served:,} | {other} | {lv.ready_p50_ms:.1f} / {lv.ready_p99_ms:.1f} / {lv.ready_max_ms:.1f} | "
               f"{lv.server_cpu_cores:.2f} | {lv.loop_cpu_cores:.2f} | {lv.client_cpu_cores:.2f} | "
               f"{lv.other_load_cores:.2f} |")
     print()
@@ -321,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue-wait-ms", type=float, default=None,
                    help="model.json batching.max_queue_wait_ms of the served model (default: 50 for the "
                         "CNN, 300 for tokens: about two sequences' time)")
+    p.add_argument("--max-retry-after-s", type=int, default=None,
+                   help="ZOOSERVE_MAX_RETRY_AFTER_S of the server (default: the server's, 4): the longest "
+                        "Retry-After a connection refused again and again is told; 1 turns doubling off")
     p.add_argument("--threads", type=int, default=1, help="server intra-op threads")
     p.add_argument("--workers", type=int, default=1, help="server processes on the one port (zooserve serve --workers)")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs the clients send")
@@ -333,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.client_cpus is not None:
         os.sched_setaffinity(0, args.client_cpus)
+    if args.max_retry_after_s is not None:
+        os.environ["ZOOSERVE_MAX_RETRY_AFTER_S"] = str(args.max_retry_after_s)       # the server inherits it
 
     workdir = Path(tempfile.mkdtemp(prefix="zooserve-overload-"))
     server = None
@@ -370,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                 "command": " ".join([Path(sys.executable).name, *sys.argv]),
                 "environment": {**environment(), "client_loop": loop_name},
                 "family": args.family, "workers": args.workers, "max_queue_wait_ms": wait_ms,
+                "max_retry_after_s": args.max_retry_after_s,
                 "server_cpus": sorted(args.server_cpus or []), "client_cpus": sorted(args.client_cpus or []),
                 "levels": [asdict(lv) for lv in levels],
                 "targets": [{"what": w, "measured": m, "bound": b, "met": ok} for w, m, b, ok in targets(levels)],

@@ -23,7 +23,7 @@ from model_registry import Registry
 from serve import __version__, logs
 from serve.api import admin, images, openai, ops, token_admission, v2
 from serve.api.deps import request_id
-from serve.api.pacing import RefusalPacer
+from serve.api.pacing import RefusalPacer, with_retry_after
 from serve.errors import ServeError, error_body, log_refusal
 from serve.metrics import Metrics
 from serve.registry_watch import RegistryWatcher
@@ -56,7 +56,7 @@ def create_app(settings: ServeSettings | None = None, shared_folder: Path | None
         app.state.draining = False
         app.state.worker_control = None       # a worker of several: serve/worker_control.py
         app.state.shadow = ShadowTraffic(metrics, settings.shadow_max_in_flight)
-        app.state.pacer = RefusalPacer(settings.max_refusal_hold_s)
+        app.state.pacer = RefusalPacer(settings.max_refusal_hold_s, settings.max_retry_after_s)
         watcher = RegistryWatcher(repository, settings.watch_interval_s)
         app.state.watcher = watcher
         loaded = asyncio.Event()
@@ -201,7 +201,9 @@ async def _with_request_id(app, scope, receive, send) -> None:
                 refusal = {"status": message["status"], "body": b"",
                            "version": _header(message["headers"], b"x-model-version")}
             if message["status"] == 429:
-                retry_after_s = float(_header(message["headers"], b"retry-after") or 1)
+                retry_after_s = pacer.retry_after_s(scope.get("client"),
+                                                    float(_header(message["headers"], b"retry-after") or 1))
+                message["headers"] = with_retry_after(message["headers"], retry_after_s)
                 hold = pacer.hold_s(scope.get("client"))
                 if hold > 0:              # a client that did not wait its last Retry-After
                     await asyncio.sleep(hold)

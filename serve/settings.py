@@ -39,6 +39,9 @@ class ServeSettings(BaseSettings):
                                       "before its last Retry-After has passed is held until it has, at most this "
                                       "many seconds, pacing clients that retry at once (serve/api/pacing.py); "
                                       "0 turns it off")
+    max_retry_after_s: int = Field(4, ge=1, description="a connection refused for overload again when it comes "
+                                   "back about when its Retry-After said is told to wait twice as long, up to this "
+                                   "many seconds (serve/api/pacing.py); 1 turns doubling off")
     allow_non_finite: bool = Field(False, description="accept NaN/Inf in float inputs")
     admin_token: str | None = Field(None, min_length=8, description="bearer token for repository load/unload; "
                                     "unset = off")

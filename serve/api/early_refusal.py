@@ -36,9 +36,10 @@ class Refusal:
         self.headers, self.body, self.retry_after_s = headers, body, retry_after_s
 
 
-def refusal(state, path: str, headers: list[tuple[bytes, bytes]]) -> Refusal | None:
-    """The 429 the infer route would answer to this request now, counted and logged; None when this
-    path does not decide it (the ASGI app then does). `headers`: the request's, names lower-case."""
+def refusal(state, path: str, headers: list[tuple[bytes, bytes]], client) -> Refusal | None:
+    """The 429 the infer route would answer to this request now, counted and logged, with the
+    Retry-After the pacer gives `client` (the connection's address); None when this path does not
+    decide it (the ASGI app then does). `headers`: the request's, names lower-case."""
     match = INFER_PATH.fullmatch(path)
     if match is None:
         return None
@@ -49,6 +50,7 @@ def refusal(state, path: str, headers: list[tuple[bytes, bytes]]) -> Refusal | N
         with lv.engine.admit(started + state.settings.request_timeout_s):
             return None             # admitted: the app admits it again, holding its place while it reads
     except QueueFull as exc:
+        exc.retry_after_s = state.pacer.retry_after_s(client, exc.retry_after_s)
         error = engine_refusal(exc, model)
     except Exception:               # noqa: BLE001 - a route that fails, Closed: the app answers those
         return None

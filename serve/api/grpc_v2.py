@@ -91,17 +91,20 @@ class InferenceService(GRPCInferenceServiceServicer):
     async def _refuse(self, context, method: str, error: ServeError, rid: str, model: str | None = None,
                       version: str | None = None) -> None:
         """Answer `error` with its gRPC code and message, its headers as trailing metadata; log it as
-        the HTTP layer logs a refusal; a 429 to a caller that did not wait its last retry-after is held
-        as over HTTP (serve/api/pacing.py)."""
+        the HTTP layer logs a refusal; a 429's retry-after is the one the pacer gives this caller, and it
+        is held when the caller did not wait its last one, as over HTTP (serve/api/pacing.py)."""
         log_refusal("GRPC", _SERVICE + method, error.status, error.message, model,
                     error.headers.get("x-model-version", version), rid)
+        pacer, retry_after_s = self.state.pacer, 0
+        if error.status == 429:           # the retry-after this caller is given
+            retry_after_s = pacer.retry_after_s(context.peer(), float(error.headers.get("Retry-After", 1)))
+            error.headers = {**error.headers, "Retry-After": str(retry_after_s)}
         trailing = [("x-request-id", rid), *((k.lower(), _ascii(v)) for k, v in error.headers.items())]
-        if error.status == 429:
-            retry_after_s = float(error.headers.get("Retry-After", 1))
-            hold = self.state.pacer.hold_s(context.peer())
+        if retry_after_s:
+            hold = pacer.hold_s(context.peer())
             if hold > 0:
                 await asyncio.sleep(hold)
-            self.state.pacer.refused(context.peer(), retry_after_s)
+            pacer.refused(context.peer(), retry_after_s)
         await context.abort(grpc_code(error.status), error.message, trailing_metadata=tuple(trailing))
 
     # ---- health and metadata -------------------------------------------------------------------

@@ -71,7 +71,7 @@ class ZooserveHttpProtocol(HttpToolsProtocol):
         raw_path = httptools.parse_url(self.url).path
         if b"%" in raw_path or any(name in _PROXY_HEADERS for name, _ in self.headers):
             return False
-        answer = refusal(front.state, raw_path.decode("ascii"), self.headers)
+        answer = refusal(front.state, raw_path.decode("ascii"), self.headers, self.client)
         if answer is None:
             return False
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()

@@ -205,3 +205,49 @@ def refused_then_retried(port: int, body: bytes):
         other = raw_infer(other_sock, body)          # a first request on another connection
         retry = raw_infer(sock, body)                # at once, on the first connection
         return first, retry, other
+
+
+@pytest.mark.parametrize("max_retry_after_s", [8, 1])
+def test_a_connection_refused_again_after_waiting_its_retry_after_is_told_to_wait_twice_as_long(
+        slow_registry, start_server, max_retry_after_s):
+    """Under a steady flood, a connection that waits its Retry-After and is refused again is given
+    twice the first (ZOOSERVE_MAX_RETRY_AFTER_S 8; the default is 4), or the queue's own estimate again
+    with doubling off (1); it is not held, since it waited."""
+    import json
+
+    body = json.dumps(BODY).encode()
+    with start_server(slow_registry, env={"ZOOSERVE_MAX_RETRY_AFTER_S": str(max_retry_after_s)}) as server:
+        url = f"{server.url}/v2/models/slow-digits/infer"
+        for _ in range(4):
+            httpx.post(url, json=BODY)                # learn the drain rate
+
+        async def flood_and_probe():
+            stop = asyncio.Event()
+            async with httpx.AsyncClient(timeout=60) as client:
+                async def flooder():              # ~50 ms a request, 12 of them: the queue stays past 200 ms
+                    while not stop.is_set():
+                        await client.post(url, json=BODY)
+                load = [asyncio.ensure_future(flooder()) for _ in range(12)]
+                probe = await asyncio.to_thread(refused_waited_refused, server.port, body)
+                stop.set()
+                await asyncio.gather(*load)
+                return probe
+        first, again = asyncio.run(flood_and_probe())
+    assert first[0] == 429 and again[0] == 429, (first, again)
+    told, told_again = int(first[1]["retry-after"]), int(again[1]["retry-after"])
+    assert again[2] < 0.5, again                      # it waited: answered at once
+    if max_retry_after_s > 1:
+        assert told_again >= min(8, 2 * told), (told, told_again)
+    else:
+        assert told_again < 2 * told, (told, told_again)
+
+
+def refused_waited_refused(port: int, body: bytes):
+    """On one connection: requests until one is refused, then the same again after its Retry-After."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        deadline = time.monotonic() + 10
+        first = raw_infer(sock, body)
+        while first[0] != 429 and time.monotonic() < deadline:
+            first = raw_infer(sock, body)
+        time.sleep(int(first[1].get("retry-after", 1)) * 1.05)
+        return first, raw_infer(sock, body)

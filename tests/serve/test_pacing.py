@@ -65,3 +65,49 @@ def test_refusing_says_whether_a_429_went_out_within_the_last_second_holding_or_
         assert pacer.refusing(now=100.5)
         assert not pacer.refusing(now=101.0)
         assert pacer.refusing(within_s=2.0, now=101.0)
+
+
+def test_a_connection_refused_again_when_it_comes_back_is_told_to_wait_twice_as_long_up_to_the_cap():
+    pacer = RefusalPacer(max_hold_s=1.0, max_retry_after_s=8, spread=0.0)
+    assert pacer.retry_after_s(A, 0.3, now=0.0) == 1        # never refused: the queue's estimate, whole seconds
+    pacer.refused(A, 1, now=0.0)
+    given = []
+    now = 0.0
+    for _ in range(5):                                      # it honours each Retry-After (and a tenth) and is refused again
+        now += pacer._held[A][2] * 1.1
+        given.append(pacer.retry_after_s(A, 0.3, now=now))
+        pacer.refused(A, given[-1], now=now)
+    assert given == [2, 4, 8, 8, 8]
+    assert pacer.retry_after_s(B, 0.3, now=now) == 1        # another connection starts from the estimate
+    assert pacer.retry_after_s(A, 12.2, now=now + 1) == 13  # an estimate longer than the doubling wins
+    assert pacer.retry_after_s(A, 0.3, now=now + 16.5) == 1  # back later than twice its 8 s: a new spell
+    # a client that retries at once is held as before (at most max_hold_s), whatever it was told
+    assert pacer.hold_s(A, now=now + 0.1) == pytest.approx(0.9)
+
+
+def test_doubling_off_keeps_the_estimate_and_doubling_works_with_holding_off():
+    off = RefusalPacer(max_hold_s=1.0, max_retry_after_s=1, spread=0.0)
+    off.refused(A, 1, now=0.0)
+    assert off.retry_after_s(A, 0.3, now=1.1) == 1
+    assert off.retry_after_s(A, 2.5, now=1.1) == 3
+    no_holds = RefusalPacer(max_hold_s=0.0, max_retry_after_s=4)
+    no_holds.refused(A, 1, now=0.0)
+    assert no_holds.hold_s(A, now=0.1) == 0.0                # never held
+    assert no_holds.retry_after_s(A, 0.3, now=1.1) == 2
+
+
+def test_with_doubling_a_connection_is_remembered_twice_the_cap_and_then_forgotten():
+    pacer = RefusalPacer(max_hold_s=1.0, max_retry_after_s=2, spread=0.0)
+    for i in range(1000):                                   # 1000 connections refused over 10 s
+        pacer.refused(("10.0.0.1", i), retry_after_s=1, now=i * 0.01)
+    assert 395 <= len(pacer) <= 410, len(pacer)             # the last 4 s, plus a few not yet swept
+    assert pacer.retry_after_s(("10.0.0.1", 999), 0.3, now=10.0) == 2
+
+
+def test_with_retry_after_replaces_or_adds_the_header():
+    from serve.api.pacing import with_retry_after
+
+    assert with_retry_after([(b"content-type", b"x"), (b"retry-after", b"1")], 4) == [
+        (b"content-type", b"x"), (b"retry-after", b"4")]
+    assert with_retry_after([(b"Retry-After", b"1")], 2) == [(b"Retry-After", b"2")]
+    assert with_retry_after([(b"content-type", b"x")], 3) == [(b"content-type", b"x"), (b"retry-after", b"3")]
