@@ -35,7 +35,7 @@ class ServeSettings(BaseSettings):
                                             "say; default: one per usable core over intra-op threads")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     request_timeout_s: float = Field(30.0, gt=0, description="default deadline of a queued request (504 after)")
-    max_refusal_hold_s: float = Field(1.0, ge=0, description="a 429 for overload to a connection that comes back "
+    max_refusal_hold_s: float = Field(4.0, ge=0, description="a 429 for overload to a connection that comes back "
                                       "before its last Retry-After has passed is held until it has, at most this "
                                       "many seconds, pacing clients that retry at once (serve/api/pacing.py); "
                                       "0 turns it off")

@@ -20,7 +20,7 @@ long as last time (2 s, then 4 s with the default `max_retry_after_s`; the queue
 when that is longer): the Retry-After it honoured was too short to find room. Why: under a flood
 every client that honours a one-second Retry-After comes back each second and is refused ~9 times
 in 10 (those already served go again at once and keep the room); at 1,024 such clients the server
-answered ~870 refusals a second, and with the doubling ~255, with a quarter more goodput
+answered ~870 refusals a second, and with the doubling ~255, with 14 % more goodput on average
 (bench/overload.py, docs/reliability.md). Doubling is what client libraries do with
 repeated 429s (truncated exponential backoff); here a client that only honours the header gets it
 too. What it costs: the clients that wait longer are served later, so fewer distinct clients get an
