@@ -30,7 +30,21 @@ def two_workers(demo_registry):
     with running_server(demo_registry, ["--workers", "2", "--admin-token", TOKEN,
                                         "--grpc-port", str(grpc_port)]) as server:
         server.grpc = f"127.0.0.1:{grpc_port}"
+        both_listening(server.url)
         yield server
+
+
+def both_listening(url: str, timeout_s: float = 120.0) -> None:
+    """Until new connections have reached both workers. The server is ready when one worker is; a
+    worker listens only once its start-up load is done (serve/workers.py), and on a loaded machine
+    the second can take much longer: until then the kernel gives every connection to the first."""
+    prefixes: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(prefixes) < 2 and time.monotonic() < deadline:
+        answer = httpx.get(f"{url}/v2/health/ready", timeout=30)      # a new connection each time
+        prefixes.add(answer.headers["x-request-id"][:16])
+        time.sleep(0.02)
+    assert len(prefixes) == 2, f"only one worker took connections within {timeout_s:.0f} s"
 
 
 def infer_body() -> dict:
