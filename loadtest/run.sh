@@ -117,7 +117,8 @@ else
     echo "run.sh: $USERS users for $DURATION against $HOST from $WORKERS local and $REMOTE remote workers" \
          "(master on $BIND:$MASTER_PORT) -> ${OUT}_*.csv"
     # shellcheck disable=SC2086
-    "$LOCUST" -f loadtest/locustfile.py --headless "${COMMON[@]}" \
+    # the master loads worker.py too: it waits for the workers' last reports (loadtest/worker.py, 4.)
+    "$LOCUST" -f loadtest/locustfile.py,loadtest/worker.py --headless "${COMMON[@]}" \
         --users "$USERS" --spawn-rate "$SPAWN_RATE" --run-time "$DURATION" --stop-timeout 10 \
         --master --master-bind-host "$BIND" --master-bind-port "$MASTER_PORT" \
         --expect-workers "$DISTRIBUTED" --expect-workers-max-wait "$WORKERS_WAIT" ${LOCUST_ARGS:-} &

@@ -74,7 +74,9 @@ def test_a_master_and_two_workers_aggregate_both_workers_requests(demo_registry,
     per_worker = [int(requests) for _, requests, _ in tallies]
     assert all(n > 5 for n in per_worker), per_worker                 # each worker drove load
     assert [failures for _, _, failures in tallies] == ["0", "0"]
-    # the master's stats are exactly the workers' requests, merged
+    # the master's stats are exactly the workers' requests, merged: it waited for their last reports
+    # (locust alone waits a fixed 0.5 s, and a slow worker's last samples were lost: loadtest/worker.py)
+    assert "zooserve master: final reports from 2 of 2 workers" in output, output
     assert sum(per_worker) == total, (per_worker, total)
     # and the server saw them: every counted request was answered; at most one request per user can
     # have been cut at the stop, answered by the server but never counted by locust
