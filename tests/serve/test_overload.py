@@ -223,11 +223,14 @@ def test_a_connection_refused_again_after_waiting_its_retry_after_is_told_to_wai
 
         async def flood_and_probe():
             stop = asyncio.Event()
-            async with httpx.AsyncClient(timeout=60) as client:
-                async def flooder():              # ~50 ms a request, 12 of them: the queue stays past 200 ms
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=40)) as client:
+                async def flooder():              # ~50 ms a request: 4 fill the 200 ms bound
                     while not stop.is_set():
                         await client.post(url, json=BODY)
-                load = [asyncio.ensure_future(flooder()) for _ in range(12)]
+                # 40 of them, since each one refused is held for its Retry-After (up to 4 s): with 12, most
+                # were held at once on a loaded machine, the queue fell below the bound, and the probe
+                # was served for 10 s (a CI failure)
+                load = [asyncio.ensure_future(flooder()) for _ in range(40)]
                 probe = await asyncio.to_thread(refused_waited_refused, server.port, body)
                 stop.set()
                 await asyncio.gather(*load)
@@ -245,7 +248,7 @@ def test_a_connection_refused_again_after_waiting_its_retry_after_is_told_to_wai
 def refused_waited_refused(port: int, body: bytes):
     """On one connection: requests until one is refused, then the same again after its Retry-After."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 20
         first = raw_infer(sock, body)
         while first[0] != 429 and time.monotonic() < deadline:
             first = raw_infer(sock, body)
