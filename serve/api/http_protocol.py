@@ -7,6 +7,10 @@ thousands a second.
    the server's last 429 for overload (the pacer's `refusing`): the first refusal after a quiet
    spell comes from the app, the same answer; with nothing refused, the check was ~6 % of the
    event loop for nothing (py-spy, bench/instances.py's CNN, binary tensors at 32 clients).
+   An OpenAI generate request names its model in the body: under the same conditions, a small one
+   (Content-Length up to 64 KiB, not compressed) is held back here until its body is in, then
+   judged by serve/api/token_admission.py's `refusal`; admitted, it goes to the app as uvicorn
+   would have sent it, its body whole.
 2. **A whole answer in one write**: the ASGI scope carries the extension `zooserve.answer`, an
    awaitable `(send, status, headers, body)` that writes status line, headers and body at once. Through
    ASGI's two `send` messages uvicorn checks every header against two regular expressions and
@@ -26,11 +30,16 @@ from __future__ import annotations
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
+from serve.api import token_admission
 from serve.api.early_refusal import Refusal, refusal
 from serve.api.v2 import ANSWER_EXTENSION
 
 # the client the app sees comes from these when uvicorn trusts the proxy; the pacer keys on it
 _PROXY_HEADERS = (b"x-forwarded-for", b"forwarded")
+_GENERATE_PATHS = frozenset(path.encode() for path in token_admission.GENERATE_PATHS)
+# the largest generate body held back here to be judged (a prompt; larger ones go to the app,
+# which reads them under uvicorn's flow control)
+_BODY_FIRST_LIMIT = 65536
 
 
 def encode_answer(status: int, default_headers, headers, body: bytes, keep_alive: bool) -> bytes:
@@ -48,17 +57,47 @@ def encode_answer(status: int, default_headers, headers, body: bytes, keep_alive
 class ZooserveHttpProtocol(HttpToolsProtocol):
     """The protocol `zooserve serve` runs uvicorn with (serve/cli.py)."""
 
+    # a generate request held back until its body is in (the chunks so far), else None
+    _body_first: list[bytes] | None = None
+
     def on_headers_complete(self) -> None:
-        if self._refused_here():
+        if self._judged_here():
             return
+        self._to_the_app()
+
+    def on_body(self, body: bytes) -> None:
+        if self._body_first is not None:
+            self._body_first.append(body)
+        else:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._body_first is None:
+            super().on_message_complete()
+            return
+        body = b"".join(self._body_first)
+        self._body_first = None
+        front = self.config.app
+        answer = token_admission.refusal(front.state, httptools.parse_url(self.url).path.decode("ascii"),
+                                         self.headers, self.client, body)
+        if answer is not None:
+            self._answer_refusal(answer)
+            return
+        self._to_the_app()                          # admitted: as uvicorn would have sent it, its body whole
+        if self.cycle is not None and self.cycle.scope is self.scope:
+            self.cycle.body = body
+            super().on_message_complete()
+
+    def _to_the_app(self) -> None:
         super().on_headers_complete()
         if self.cycle is not None and self.cycle.scope is self.scope:
             # no closure over the cycle here: cycle -> scope -> closure -> cycle would leave every
             # request's objects to the cyclic collector (measured: worse p99 under 1024 clients)
             self.scope["extensions"] = {ANSWER_EXTENSION: answer_whole}
 
-    # ---- 1. refusals from the headers ----------------------------------------------------------
-    def _refused_here(self) -> bool:
+    # ---- 1. refusals from the headers (or, for a generate request, its small body) ---------------
+    def _judged_here(self) -> bool:
+        """True when this request is answered here (a v2 refusal) or held back for its body."""
         front = self.config.app                     # serve.app.InferFastPath
         if getattr(front, "access_log", True) or self.expect_100_continue:
             return False
@@ -66,23 +105,43 @@ class ZooserveHttpProtocol(HttpToolsProtocol):
             return False                            # nothing refused lately: the app admits, or refuses and arms this
         if self.cycle is not None and not self.cycle.response_complete:
             return False                            # pipelined behind an unanswered request
-        if self.parser.get_method() != b"POST" or not self.url.endswith(b"/infer"):
+        url = self.url
+        if self.parser.get_method() != b"POST" or not (url.endswith(b"/infer") or url.startswith(b"/v1/")):
             return False
-        raw_path = httptools.parse_url(self.url).path
+        raw_path = httptools.parse_url(url).path
         if b"%" in raw_path or any(name in _PROXY_HEADERS for name, _ in self.headers):
             return False
+        if raw_path in _GENERATE_PATHS:
+            if not self._small_plain_body(front.state.settings.max_body_bytes):
+                return False
+            self._body_first = []
+            return True
         answer = refusal(front.state, raw_path.decode("ascii"), self.headers, self.client)
         if answer is None:
             return False
+        self._answer_refusal(answer)
+        return True
+
+    def _small_plain_body(self, max_body_bytes: int) -> bool:
+        """A Content-Length this path reads whole (up to 64 KiB and the server's body limit) and no
+        Content-Encoding (the app decodes and refuses those)."""
+        length = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = value
+            elif name in (b"content-encoding", b"transfer-encoding"):
+                return False
+        return length is not None and length.isdigit() and int(length) <= min(_BODY_FIRST_LIMIT, max_body_bytes)
+
+    def _answer_refusal(self, answer: Refusal) -> None:
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
         self.cycle = cycle = _Answered(keep_alive)
-        pacer = front.state.pacer
+        pacer = self.config.app.state.pacer
         hold = pacer.hold_s(self.client)
         if hold > 0:                                # a client that did not wait its last Retry-After
             self.loop.call_later(hold, self._write_refusal, cycle, answer, pacer)
         else:
             self._write_refusal(cycle, answer, pacer)
-        return True
 
     def _write_refusal(self, cycle: "_Answered", answer: Refusal, pacer) -> None:
         if cycle.disconnected or self.transport.is_closing():

@@ -99,7 +99,7 @@ class Harness:
         return self.app.state.repository.resolve(MODEL, None).engine
 
 
-async def started(registry, **settings) -> tuple[Harness, asyncio.Task, asyncio.Queue]:
+async def started(registry, model: str = MODEL, **settings) -> tuple[Harness, asyncio.Task, asyncio.Queue]:
     app = create_app(ServeSettings(registry=registry, rollout_controller=False, **settings))
     inbox, outbox = asyncio.Queue(), asyncio.Queue()
     await inbox.put({"type": "lifespan.startup"})
@@ -107,12 +107,12 @@ async def started(registry, **settings) -> tuple[Harness, asyncio.Task, asyncio.
     assert (await outbox.get())["type"] == "lifespan.startup.complete"
     for _ in range(600):                    # models load in the background after start-up
         try:
-            app.state.repository.resolve(MODEL, None)
+            app.state.repository.resolve(model, None)
             break
         except ServeError:
             await asyncio.sleep(0.05)
     else:
-        raise AssertionError("mlp-digits did not load")
+        raise AssertionError(f"{model} did not load")
     return Harness(app, settings), lifespan, inbox
 
 
