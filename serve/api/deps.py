@@ -189,6 +189,11 @@ def request_id(given: bytes | str | None) -> str:
         given = given.decode("latin-1")
     if given is not None and _SANE_REQUEST_ID.fullmatch(given):
         return given
+    return new_id()
+
+
+def new_id() -> str:
+    """A new id: 32 hex digits, this process's random prefix and a counter."""
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 

@@ -17,7 +17,6 @@ import difflib
 import functools
 import math
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -26,7 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from serve.api.deps import read_body, repository_of, settings_of, unless_disconnected
+from serve.api.deps import new_id, read_body, repository_of, settings_of, unless_disconnected
 from serve.batching import Closed, QueueFull
 from serve.engines.tokens import GenerationRequest, TokenEngine, TokenEvent
 from serve.errors import ServeError
@@ -410,7 +409,7 @@ async def completions(request: Request) -> Response:
         routed = _engine_for(request, body.model, body.user)
         engine = routed.engine
         prompts, jobs = completion_jobs(engine, body)
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        meta = {"id": f"cmpl-{new_id()}", "object": "text_completion", "created": int(time.time()),
                 "model": routed.model}
         headers = routed.headers
         prompt_tokens = sum(len(p) for p in prompts)
@@ -449,7 +448,7 @@ async def chat_completions(request: Request) -> Response:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         jobs = [GenerationRequest(ids, max_tokens, _sampling(body, i, logprobs), body.stop, body.ignore_eos)
                 for i in range(body.n)]
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": routed.model}
+        meta = {"id": f"chatcmpl-{new_id()}", "created": int(time.time()), "model": routed.model}
         headers = routed.headers
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
