@@ -110,7 +110,8 @@ def final_reports_before_quit(environment, **_kwargs) -> None:
 
 if IN_WORKER:
     if not hasattr(locust.runners, "WORKER_REPORT_INTERVAL") or not hasattr(WorkerRunner, "_send_stats"):
-        raise RuntimeError("this locust has no locust.runners.WORKER_REPORT_INTERVAL: loadtest/worker.py "
-                           "was written for locust 2.47; check how its workers pace and send their reports")
+        raise RuntimeError("this locust has no locust.runners.WORKER_REPORT_INTERVAL or no "
+                           "WorkerRunner._send_stats: loadtest/worker.py was written for locust 2.47; "
+                           "check how its workers pace and send their reports")
     locust.runners.WORKER_REPORT_INTERVAL = REPORT_INTERVAL_S
     prepare_every_user_class()
