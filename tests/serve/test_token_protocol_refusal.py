@@ -19,7 +19,7 @@ import time
 import pytest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from model_registry import Registry
+from tests.serve import test_token_early_shed
 from tests.serve.test_http_protocol import answers, settle, started, stopped
 
 pytestmark = pytest.mark.slow
@@ -34,16 +34,7 @@ def generate(body: bytes, request_id: bytes = b"probe-1") -> bytes:
             b"X-Request-Id: " + request_id + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
-@pytest.fixture
-def one_row_lstm(token_registry, tmp_path):
-    """lstm-charlm alone; its waiting queue holds one sequence, bounded by count only."""
-    reg = Registry(tmp_path / "registry")
-    reg.set_alias(MODEL, "stable", reg.publish(MODEL, token_registry / MODEL / "1"))
-    cfg = reg.model_config(MODEL)
-    cfg.batching.max_queue_size = 1
-    cfg.batching.max_queue_wait_ms = 3_600_000.0
-    reg.write_model_config(cfg)
-    return reg.root
+one_row_lstm = test_token_early_shed.one_row_lstm      # the fixture: lstm-charlm, one waiting place
 
 
 async def until(condition, what: str, seconds: float = 60) -> None:
