@@ -246,11 +246,17 @@ def test_a_connection_refused_again_after_waiting_its_retry_after_is_told_to_wai
 
 
 def refused_waited_refused(port: int, body: bytes):
-    """On one connection: requests until one is refused, then the same again after its Retry-After."""
+    """On one connection: requests until one is refused, then the same again after its Retry-After;
+    a retry that finds room (the flood thins out now and then on a loaded machine) starts over."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        deadline = time.monotonic() + 20
-        first = raw_infer(sock, body)
-        while first[0] != 429 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while True:
             first = raw_infer(sock, body)
-        time.sleep(int(first[1].get("retry-after", 1)) * 1.05)
-        return first, raw_infer(sock, body)
+            if first[0] != 429:
+                if time.monotonic() > deadline:
+                    return first, first
+                continue
+            time.sleep(int(first[1].get("retry-after", 1)) * 1.05)
+            again = raw_infer(sock, body)
+            if again[0] == 429 or time.monotonic() > deadline:
+                return first, again
